@@ -1,0 +1,67 @@
+"""The command line: argv -> Config -> Daemon, and the exit code.
+
+Owns: flags, their help text, and the rule that every usage or config problem is one line on stderr and exit
+code 2 (run-time failures are 1, a clean stop 0). Must not know: HTTP.
+"""
+
+import argparse
+import sys
+
+from . import __version__, logs
+from . import config as config_module
+from .daemon import Daemon
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # argparse prints a usage block and the error; one line is easier to read in a journal.
+        sys.stderr.write(f"sseserver: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="sseserver",
+        description="A Server-Sent Events notification daemon: POST /publish, GET /subscribe.",
+    )
+    parser.add_argument("-c", "--config", metavar="FILE", help="TOML config file (see sseserver.toml)")
+    parser.add_argument("--host", help="address to listen on (overrides the config file)")
+    parser.add_argument("--port", type=_port, help="port to listen on, 0 for any free port")
+    parser.add_argument("--log-level", choices=config_module.LOG_LEVELS, help="log verbosity")
+    parser.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--version", action="version", version=f"sseserver {__version__}")
+    return parser
+
+
+def _port(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+
+
+def load_config(args: argparse.Namespace):
+    """Defaults, then the file, then command-line flags; each layer validated."""
+    config = config_module.load(args.config) if args.config else config_module.from_mapping({})
+    overrides = {name: value for name, value in
+                 (("host", args.host), ("port", args.port), ("log_level", args.log_level)) if value is not None}
+    if overrides:
+        config = config_module.from_mapping(overrides, base=config, source="command line")
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args)
+    except config_module.ConfigError as exc:
+        sys.stderr.write(f"sseserver: bad config: {exc}\n")
+        return 2
+    if args.check_config:
+        print(f"sseserver: config OK ({args.config or 'built-in defaults'})")
+        return 0
+    logs.configure(config.log_level)
+    try:
+        return Daemon(config, args.config).run()
+    except KeyboardInterrupt:
+        return 1  # a Ctrl-C before the handlers were installed

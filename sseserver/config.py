@@ -1,0 +1,194 @@
+"""The configuration: one table of keys, validated into a frozen Config.
+
+Owns: every config key's name, type, default, range check and one-line doc; TOML loading; the text of the
+shipped `sseserver.toml` (rendered from the same table, so the file and the defaults cannot drift apart).
+Pure: no sockets, threads, logging handlers or sys.exit. Errors are ConfigError values naming the key.
+Must not know: how a key is used.
+
+A reload builds a whole new Config and the server swaps one reference, so no request ever sees half of an
+old config and half of a new one.
+"""
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A config value (or file) that cannot be used. `str()` is one line naming the key and why."""
+
+    def __init__(self, key: str | None, problem: str, source: str | None = None):
+        self.key, self.problem, self.source = key, problem, source
+        where = f"{source}: " if source else ""
+        what = f"key {key!r}: " if key else ""
+        super().__init__(f"{where}{what}{problem}")
+
+
+Check = Callable[[Any], str | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    name: str
+    kind: type  # str, int, float, bool or tuple (a list of strings)
+    default: Any
+    doc: str
+    check: Check | None = None
+    restart: bool = False  # a reload cannot change it (the listening socket is already bound)
+
+
+def between(low: float, high: float) -> Check:
+    def check(value):
+        if not low <= value <= high:
+            return f"must be between {low:g} and {high:g}, not {value!r}"
+        return None
+
+    return check
+
+
+def one_of(*choices: str) -> Check:
+    def check(value):
+        if value not in choices:
+            return f"must be one of {', '.join(choices)}, not {value!r}"
+        return None
+
+    return check
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+KEYS: tuple[Key, ...] = (
+    Key("host", str, "127.0.0.1", "Address to listen on; \"0.0.0.0\" or \"::\" for every interface.", restart=True),
+    Key("port", int, 5000, "TCP port to listen on; 0 picks any free port (the log says which).",
+        between(0, 65535), restart=True),
+    Key("queue_size", int, 16,
+        "Events a subscriber may have waiting for its socket; one more and it is dropped (it reconnects and "
+        "catches up from history).", between(1, 1_000_000)),
+    Key("history_size", int, 1000, "Events kept for Last-Event-ID replay.", between(0, 10_000_000)),
+    Key("heartbeat_interval", float, 15.0,
+        "Seconds of silence before a stream gets a `:` comment; keep it below every proxy's idle timeout.",
+        between(0.05, 3600)),
+    Key("retry_ms", int, 3000, "Reconnect delay sent to clients in the `retry:` line, in milliseconds.",
+        between(0, 86_400_000)),
+    Key("max_message_bytes", int, 65536, "Largest publish body accepted, in bytes; larger gets 413.",
+        between(1, 64 * 1024 * 1024)),
+    Key("max_subscribers", int, 10000, "Open streams allowed at once; more get 503 with Retry-After.",
+        between(1, 10_000_000)),
+    Key("request_timeout", float, 10.0, "Seconds a client has to send a request's headers and body.",
+        between(0.05, 3600)),
+    Key("keepalive_timeout", float, 30.0, "Seconds an idle keep-alive connection may wait for its next request.",
+        between(0.05, 3600)),
+    Key("max_header_bytes", int, 16384,
+        "Largest request head (request line plus headers) in bytes; a longer request line gets 414, longer "
+        "headers 431.", between(256, 1024 * 1024)),
+    Key("shutdown_timeout", float, 5.0, "Seconds streams and in-flight requests get to finish on SIGTERM.",
+        between(0, 3600)),
+    Key("writer_threads", int, 1,
+        "Threads that write events to subscriber sockets (each multiplexes many sockets).", between(1, 64),
+        restart=True),
+    Key("log_level", str, "info", "One of debug, info, warning, error.", one_of(*LOG_LEVELS)),
+)
+
+KEYS_BY_NAME = {key.name: key for key in KEYS}
+
+Config = dataclasses.make_dataclass(
+    "Config",
+    [(key.name, key.kind, dataclasses.field(default=key.default)) for key in KEYS],
+    frozen=True,
+)
+Config.__doc__ = "A validated configuration. Build it with from_mapping() or load(); never mutate it."
+
+
+def _convert(key: Key, value: Any) -> Any:
+    """The value as the key's type, or raise ConfigError. TOML's `true` is not a number here."""
+    if key.kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(key.name, f"must be a number of seconds, not {value!r}")
+        return float(value)
+    if key.kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key.name, f"must be a whole number, not {value!r}")
+        return value
+    if key.kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key.name, f"must be true or false, not {value!r}")
+        return value
+    if key.kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(key.name, f"must be a string, not {value!r}")
+        return value
+    if key.kind is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(key.name, f"must be a list of strings, not {value!r}")
+        return tuple(value)
+    raise AssertionError(f"key {key.name} has an unknown kind {key.kind!r}")
+
+
+def from_mapping(values: Mapping[str, Any], base=None, source: str | None = None):
+    """A Config from `values` layered over `base` (the defaults when None). Unknown keys are refused."""
+    merged = dataclasses.asdict(base) if base is not None else {key.name: key.default for key in KEYS}
+    for name, value in values.items():
+        key = KEYS_BY_NAME.get(name)
+        if key is None:
+            raise ConfigError(name, "unknown key", source)
+        try:
+            value = _convert(key, value)
+            problem = key.check(value) if key.check else None
+        except ConfigError as exc:
+            raise ConfigError(name, exc.problem, source) from None
+        if problem:
+            raise ConfigError(name, problem, source)
+        merged[name] = value
+    _check_together(merged, source)
+    return Config(**merged)
+
+
+def _check_together(values: dict, source: str | None) -> None:
+    """Rules that involve more than one key live here, in one place."""
+    # Reserved for cross-key rules; every current key stands on its own.
+    del values, source
+
+
+def load(path: str, base=None):
+    """Read and validate a TOML file. Any problem, including a missing or unreadable file, is a ConfigError."""
+    try:
+        with open(path, "rb") as handle:
+            values = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(None, f"cannot read: {exc.strerror or exc}", path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(None, f"not valid TOML: {exc}", path) from None
+    return from_mapping(values, base, source=path)
+
+
+def restart_keys_changed(old, new) -> list[str]:
+    """Keys whose new value a reload cannot apply."""
+    return [key.name for key in KEYS if key.restart and getattr(old, key.name) != getattr(new, key.name)]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return repr(value)
+
+
+def render_default_toml() -> str:
+    """The text of the shipped sseserver.toml: every key at its default, each under a one-line comment."""
+    lines = [
+        "# sseserver configuration. Every key is shown at its built-in default.",
+        "# Start with: python3 -m sseserver --config sseserver.toml   (SIGHUP reloads it; keys marked",
+        "# 'restart' need a restart to change).",
+        "",
+    ]
+    for key in KEYS:
+        note = " (restart)" if key.restart else ""
+        lines.append(f"# {key.doc}{note}")
+        lines.append(f"{key.name} = {_toml_value(key.default)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,255 @@
+"""The request handler: one connection, its requests one after another, each routed and answered.
+
+Owns: routes, the HTTP responses (and the one place an HTTPError becomes a JSON body), reading publish bodies,
+and starting a stream: its headers, `retry:`, any reset notice, then handing the socket to the delivery layer.
+Must not know: how events reach sockets after that, or how config files are read.
+
+It subclasses BaseHTTPRequestHandler for the shape and its status-phrase table, but replaces its parsing (see
+request.py for why) and its response writing: a response is built as one bytes object and sent with one
+sendall(), because a keep-alive publisher pays for every system call.
+"""
+
+import json
+import logging
+import socket
+from http.server import BaseHTTPRequestHandler
+
+from . import __version__, framing
+from .errors import ClientGone, HTTPError
+from .request import Request, RequestReader, body_length, parse_head
+
+log = logging.getLogger("sseserver.http")
+
+SERVER_HEADER = f"sseserver/{__version__}"
+JSON = "application/json"
+
+ROUTES = {
+    "/subscribe": ("GET",),
+    "/publish": ("POST", "PUT"),
+    "/health": ("GET", "HEAD"),
+}
+
+
+def status_line(status: int) -> bytes:
+    phrase = BaseHTTPRequestHandler.responses.get(status, ("Unknown",))[0]
+    return f"HTTP/1.1 {status} {phrase}\r\n".encode("ascii")
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = SERVER_HEADER
+    protocol_version = "HTTP/1.1"
+
+    # -- socketserver's hooks ----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        # No rfile/wfile: RequestReader reads the socket directly and responses go out with sendall().
+        self.connection = self.request
+        self.detached = False
+        self.busy = False
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (a unix socket from socket activation): nothing to tune
+        self.reader = RequestReader(self.connection)
+
+    def handle(self) -> None:
+        server = self.server
+        server.track(self)
+        try:
+            self._serve_connection()
+        except (ClientGone, ConnectionError, TimeoutError):
+            pass
+        except OSError as exc:
+            log.debug("connection from %s ended: %s", self.client_address[0], exc)
+        finally:
+            server.untrack(self)
+
+    def finish(self) -> None:
+        pass  # nothing buffered to flush; socketserver closes the socket unless it was handed off
+
+    # -- the connection loop -----------------------------------------------------------------------------------
+
+    def _serve_connection(self) -> None:
+        first = True
+        while not self.detached:
+            config = self.server.config
+            wait = config.request_timeout if first else config.keepalive_timeout
+            first = False
+            try:
+                head = self.reader.read_head(wait, config.request_timeout, config.max_header_bytes)
+            except HTTPError as error:
+                self._send_error(error, None)
+                return
+            if head is None:
+                return
+            self.busy = True
+            try:
+                keep_alive = self._serve_request(head, config)
+            finally:
+                self.busy = False
+                self.server.request_finished()
+            if not keep_alive or self.server.stopping:
+                return
+
+    def _serve_request(self, head: bytes, config) -> bool:
+        """Answer one request; False when the connection must close afterwards."""
+        request = None
+        try:
+            request = parse_head(head, config.max_header_bytes)
+            methods = ROUTES.get(request.path)
+            if methods is None:
+                raise HTTPError(404, f"no such path: {request.path}")
+            if request.method not in methods:
+                raise HTTPError(405, f"{request.method} is not allowed here",
+                                headers=(("Allow", ", ".join(methods)),))
+            if request.path == "/publish":
+                return self._publish(request, config)
+            if request.path == "/subscribe":
+                self._subscribe(request, config)
+                return False
+            return self._health(request)
+        except HTTPError as error:
+            self._send_error(error, request)
+            return not error.close and (request is not None and request.keep_alive)
+        except (ClientGone, ConnectionError, TimeoutError):
+            return False
+        except Exception:
+            log.exception("internal error serving %s", request.path if request else "a request")
+            self._send_error(HTTPError(500, "internal error", close=True), request)
+            return False
+
+    # -- routes ------------------------------------------------------------------------------------------------
+
+    def _publish(self, request: Request, config) -> bool:
+        server = self.server
+        if server.stopping:
+            raise HTTPError(503, "shutting down", headers=(("Retry-After", "1"),), close=True)
+        names = request.query_values("event")
+        if len(names) > 1:
+            raise HTTPError(400, "give at most one event name")
+        name = names[0] if names else "message"
+        problem = framing.event_name_error(name)
+        if problem:
+            raise HTTPError(400, problem)
+        length = body_length(request, config.max_message_bytes)
+        if request.headers.get("expect", "").lower() == "100-continue":
+            self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = self.reader.read_body(length, config.max_message_bytes)
+        try:
+            data = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HTTPError(400, "body is not valid UTF-8") from None
+        event, count = server.bouncer.publish(data, name)
+        reply = b'{"id": "%d", "subscribers": %d}' % (event.id, count)
+        self._respond(200, reply, JSON, request.keep_alive)
+        return request.keep_alive
+
+    def _health(self, request: Request) -> bool:
+        server = self.server
+        status = 503 if server.stopping else 200
+        body = json.dumps(server.health()).encode("utf-8")
+        self._respond(status, body, JSON, request.keep_alive, head_only=request.method == "HEAD")
+        return request.keep_alive
+
+    def _subscribe(self, request: Request, config) -> None:
+        server = self.server
+        names = request.query_values("event")
+        for name in names:
+            if not framing.EVENT_NAME.fullmatch(name):
+                raise HTTPError(400, f"bad event name {name!r}: 1-64 characters of A-Z a-z 0-9 _ . : -")
+        last_event_id = request.headers.get("last-event-id")
+        if last_event_id is None:
+            last_event_id = request.query_value("last_event_id")  # first connect only; the header wins after
+        if server.stopping:
+            self._turn_away(request, "shutting down")
+            return
+        replay = server.bouncer.subscribe(
+            frozenset(names) if names else None, last_event_id, self.client_address[0], config.max_subscribers)
+        if replay is None:
+            self._turn_away(request, "too many subscribers")
+            return
+        sub = replay.subscriber
+        preamble = [
+            status_line(200),
+            b"Content-Type: text/event-stream; charset=utf-8\r\n"
+            b"Cache-Control: no-cache\r\n"
+            b"X-Accel-Buffering: no\r\n"
+            b"Connection: close\r\n",
+            self._common_headers(),
+            b"\r\n",
+            framing.encode_retry(config.retry_ms),
+        ]
+        if replay.reset is not None:
+            preamble.append(replay.reset)
+        sock = self.connection
+        try:
+            sock.settimeout(config.request_timeout)
+            sock.sendall(b"".join(preamble))
+            self._tune_stream_socket(sock, config.heartbeat_interval)
+            stream = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        except OSError:
+            server.bouncer.unsubscribe(sub)
+            return
+        self.detached = True
+        server.delivery.add(sub, stream)
+
+    # -- responses ---------------------------------------------------------------------------------------------
+
+    def _turn_away(self, request: Request, why: str) -> None:
+        """No room (or stopping). A browser gets 200, a `retry:` and an end of stream, because any non-200 makes
+        EventSource give up for good; other clients get 503 with Retry-After."""
+        retry_ms = self.server.config.retry_ms
+        if "text/event-stream" in request.headers.get("accept", ""):
+            retry = framing.encode_retry(retry_ms + int(self.server.jitter() * max(retry_ms, 1000)))
+            head = (status_line(200) + b"Content-Type: text/event-stream; charset=utf-8\r\n"
+                    b"Cache-Control: no-cache\r\nConnection: close\r\n" + self._common_headers()
+                    + b"Content-Length: %d\r\n\r\n" % len(retry))
+            self.connection.sendall(head + retry)
+            return
+        seconds = max(1, (retry_ms + 999) // 1000)
+        raise HTTPError(503, why, headers=(("Retry-After", str(seconds)),), close=True)
+
+    def _common_headers(self) -> bytes:
+        return b"Server: %s\r\nDate: %s\r\n" % (SERVER_HEADER.encode(), self.server.http_date())
+
+    def _respond(self, status: int, body: bytes, content_type: str, keep_alive: bool,
+                 extra: tuple[tuple[str, str], ...] = (), head_only: bool = False) -> None:
+        keep_alive = keep_alive and not self.server.stopping
+        lines = [status_line(status), self._common_headers(),
+                 b"Content-Type: %s\r\nContent-Length: %d\r\n" % (content_type.encode(), len(body))]
+        lines.append(b"Connection: keep-alive\r\n" if keep_alive else b"Connection: close\r\n")
+        for name, value in extra:
+            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+        lines.append(b"\r\n")
+        if not head_only:
+            lines.append(body)
+        self.connection.settimeout(self.server.config.request_timeout)
+        self.connection.sendall(b"".join(lines))
+
+    def _send_error(self, error: HTTPError, request: Request | None) -> None:
+        body = json.dumps({"error": error.message}).encode("utf-8")
+        keep_alive = request is not None and request.keep_alive and not error.close
+        try:
+            self._respond(error.status, body, JSON, keep_alive, error.headers,
+                          head_only=request is not None and request.method == "HEAD")
+        except OSError:
+            pass  # the client is gone; nothing to tell it
+
+    @staticmethod
+    def _tune_stream_socket(sock: socket.socket, heartbeat_interval: float) -> None:
+        """Make a dead peer visible: keepalive probes while idle, and TCP_USER_TIMEOUT so that a heartbeat that
+        is never acknowledged (cable pulled) errors the socket after about one more interval."""
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        seconds = max(1, int(heartbeat_interval))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, seconds // 3))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(heartbeat_interval * 1000) + 1000)
+        except (OSError, AttributeError):
+            pass  # a platform without these options still detects closed peers by EVENT_READ
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
+        log.info("%s " + format, self.client_address[0], *args)

@@ -1,0 +1,192 @@
+"""SSEServer: the listening socket and everything shared between threads.
+
+Owns: the Config reference (swapped whole by apply()), the Bouncer, the Delivery writers, the `stopping` flag,
+the open request connections and their threads, and the orderly drain at shutdown.
+Must not know: signals, systemd, argv (daemon.py and cli.py drive it), or how a request is parsed.
+
+Methods for the caller: start(), serve_forever() (on its own thread), apply(config), stop_accepting(),
+drain(deadline), server_close(). Methods a handler uses: track(), untrack(), health(), http_date(), jitter().
+
+Traps in the base classes this class steps around, on purpose:
+- ThreadingHTTPServer's threads are daemon threads it never joins, so draining streams and joining request
+  threads with a deadline is done here.
+- HTTPServer.server_bind() calls socket.getfqdn(), a reverse DNS lookup that can hang on a machine with no DNS;
+  we skip it.
+- shutdown() deadlocks unless serve_forever() runs on another thread: daemon.py runs it on "sseserver-accept".
+"""
+
+import email.utils
+import logging
+import random
+import socket
+import socketserver
+import threading
+import time
+from http.server import ThreadingHTTPServer
+
+from .bouncer import Bouncer
+from .delivery import Delivery
+from .handler import Handler
+
+log = logging.getLogger("sseserver")
+
+
+class SSEServer(ThreadingHTTPServer):
+    allow_reuse_address = True
+    daemon_threads = True  # joined by drain() with a deadline, never by the base class without one
+    # The kernel's accept queue: thousands of subscribers connect at once after a restart.
+    request_queue_size = 4096
+
+    def __init__(self, config, listen_socket: socket.socket | None = None):
+        self.config = config
+        self.bouncer = Bouncer(config.history_size, config.queue_size)
+        self.delivery = Delivery(self.bouncer, config.writer_threads, config.heartbeat_interval)
+        self.stopping = False
+        self.started_wall = time.time()
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._connections: set = set()
+        self._request_threads: set[threading.Thread] = set()
+        self._date = (0, b"")
+        self._random = random.Random()
+        self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        if listen_socket is None:
+            super().__init__((config.host, config.port), Handler)
+        else:
+            super().__init__((config.host, config.port), Handler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = listen_socket
+            self.address_family = listen_socket.family
+            self.server_address = listen_socket.getsockname()
+
+    # -- socketserver's hooks ----------------------------------------------------------------------------------
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # skips HTTPServer's getfqdn() (see the module docstring)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    def process_request(self, request, client_address) -> None:
+        thread = threading.Thread(target=self._process_request_thread, args=(request, client_address),
+                                  name="sseserver-request", daemon=True)
+        with self._lock:
+            self._request_threads.add(thread)
+        thread.start()
+
+    def _process_request_thread(self, request, client_address) -> None:
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                self._request_threads.discard(threading.current_thread())
+
+    def shutdown_request(self, request) -> None:
+        if request.fileno() == -1:
+            return  # handed to a writer thread (detached), which now owns the connection
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        log.exception("unhandled error with a connection from %s", client_address[0] if client_address else "?")
+
+    # -- methods for the caller --------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def start(self) -> None:
+        self.delivery.start()
+
+    def apply(self, config) -> None:
+        """Swap in a new Config (a reload). Requests read `self.config` once each, so none sees a mixture."""
+        old, self.config = self.config, config
+        if (old.history_size, old.queue_size) != (config.history_size, config.queue_size):
+            self.bouncer.resize(config.history_size, config.queue_size)
+        if old.heartbeat_interval != config.heartbeat_interval:
+            self.delivery.set_heartbeat(config.heartbeat_interval)
+
+    def stop_accepting(self) -> None:
+        """Mark the server stopping: /health says 503, publishes and new streams are turned away."""
+        self.stopping = True
+
+    def drain(self, deadline: float) -> bool:
+        """After the accept loop has stopped: let in-flight requests finish, end every stream with a jittered
+        `retry:`, wait for all of it until `deadline` (time.monotonic()), then force what is left. True when
+        nothing had to be forced."""
+        self.stopping = True
+        # 1. Idle keep-alive connections would wait for a next request that must not come: close them now.
+        #    Busy ones finish their request (a publish is answered) and then close, seeing `stopping`.
+        self._close_connections(idle_only=True)
+        with self._idle:
+            self._idle.wait_for(lambda: not self._busy_connections(), max(0.0, deadline - time.monotonic()))
+        # 2. Streams: deliver what was accepted, then `retry:` and a clean end, until the deadline.
+        clean = self.delivery.close_all(self.config.retry_ms, deadline)
+        # 3. Whatever request threads remain are past the deadline: cut their connections and join them.
+        leftover = self._close_connections(idle_only=False)
+        if leftover:
+            log.warning("shutdown: closed %d connection(s) still open at the deadline", leftover)
+        for thread in self._snapshot_threads():
+            thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        stuck = [thread for thread in self._snapshot_threads() if thread.is_alive()]
+        if stuck:
+            log.warning("shutdown: %d request thread(s) did not finish", len(stuck))
+        return clean and not leftover and not stuck
+
+    # -- methods a handler uses --------------------------------------------------------------------------------
+
+    def track(self, handler) -> None:
+        with self._lock:
+            self._connections.add(handler)
+
+    def untrack(self, handler) -> None:
+        with self._lock:
+            self._connections.discard(handler)
+        self.request_finished()
+
+    def request_finished(self) -> None:
+        """A handler went idle or away; drain() may be waiting for exactly that."""
+        if self.stopping:
+            with self._idle:
+                self._idle.notify_all()
+
+    def health(self) -> dict:
+        bouncer = self.bouncer
+        return {
+            "status": "stopping" if self.stopping else "ok",
+            "subscribers": bouncer.subscriber_count,
+            "last_event_id": str(bouncer.last_id) if bouncer.last_id else None,
+            "history_size": bouncer.retained(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+        }
+
+    def http_date(self) -> bytes:
+        """The Date header value, formatted at most once a second."""
+        now = int(time.time())
+        cached_at, text = self._date
+        if cached_at != now:
+            text = email.utils.formatdate(now, usegmt=True).encode("ascii")
+            self._date = (now, text)
+        return text
+
+    def jitter(self) -> float:
+        return self._random.random()
+
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    def _busy_connections(self) -> int:
+        with self._lock:
+            return sum(1 for handler in self._connections if handler.busy)
+
+    def _snapshot_threads(self) -> list[threading.Thread]:
+        with self._lock:
+            return list(self._request_threads)
+
+    def _close_connections(self, idle_only: bool) -> int:
+        with self._lock:
+            handlers = [h for h in self._connections if not (idle_only and h.busy) and not h.detached]
+        for handler in handlers:
+            try:
+                handler.connection.shutdown(socket.SHUT_RDWR)  # wakes its recv(); the thread then exits
+            except OSError:
+                pass
+        return len(handlers)
