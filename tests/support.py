@@ -1,0 +1,365 @@
+"""Test helpers: a real server on 127.0.0.1 port 0, a raw-socket HTTP client, and an SSE reader that follows the
+WHATWG parsing rules on its own (it shares no code with sseserver.framing, so it can catch framing bugs).
+
+Synchronisation is always on something observable (a read with a deadline, a condition polled until a
+deadline), never on a bare sleep. Timeouts are the named constants below: generous, because the CI machine has
+two cores and runs other work.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+from sseserver import config as config_module
+from sseserver.daemon import Daemon
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STARTUP_TIMEOUT = 15.0
+IO_TIMEOUT = 10.0
+STOP_TIMEOUT = 15.0
+
+# In CI a missing prerequisite (curl, nginx, ...) must fail the run instead of skipping the test.
+REQUIRE_ALL = os.environ.get("SSESERVER_TEST_REQUIRE_ALL") == "1"
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed"
+        if REQUIRE_ALL:
+            raise AssertionError(message + " (SSESERVER_TEST_REQUIRE_ALL=1 forbids skipping)")
+        raise unittest.SkipTest(message)
+    return path
+
+
+def wait_until(predicate, timeout: float = IO_TIMEOUT, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def sseserver_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("sseserver-") and t.is_alive()]
+
+
+class RunningServer:
+    """The real daemon (Daemon.run: server, writers, accept thread) on a thread, listening on port 0."""
+
+    def __init__(self, **overrides):
+        values = {"host": "127.0.0.1", "port": 0, "log_level": "warning"}
+        values.update(overrides)
+        self.config = config_module.from_mapping(values)
+        self.daemon = Daemon(self.config, None, environ={})
+        self.exit_code = None
+        self._thread = threading.Thread(target=self._run, name="test-daemon", daemon=True)
+
+    def _run(self):
+        self.exit_code = self.daemon.run()
+
+    def __enter__(self):
+        self._thread.start()
+        if not self.daemon.ready.wait(STARTUP_TIMEOUT):
+            raise AssertionError("server did not start")
+        self.port = self.daemon.server.port
+        self.server = self.daemon.server
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self):
+        if self._thread.is_alive():
+            self.daemon.request_stop()
+            self._thread.join(STOP_TIMEOUT)
+        assert not self._thread.is_alive(), "daemon did not stop"
+        wait_until(lambda: not sseserver_threads(), STOP_TIMEOUT, "sseserver threads to end")
+
+    # conveniences
+    def publish(self, data: str | bytes = "x", event: str | None = None, **kw):
+        path = "/publish" + (f"?event={event}" if event else "")
+        return request(self.port, "POST", path, data, **kw)
+
+    def health(self) -> dict:
+        status, _, body = request(self.port, "GET", "/health")
+        return json.loads(body)
+
+    def subscribe(self, path: str = "/subscribe", headers: dict | None = None) -> "SSEClient":
+        return SSEClient(self.port, path, headers)
+
+
+def connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+    sock.settimeout(IO_TIMEOUT)
+    return sock
+
+
+def read_response(sock: socket.socket, buffer: bytearray | None = None, head_request: bool = False):
+    """Read one HTTP response (Content-Length or close-delimited) -> (status, headers, body)."""
+    data = buffer if buffer is not None else bytearray()
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed before a full response head: {bytes(data)!r}")
+        data += chunk
+    head, _, rest = bytes(data).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if head_request:
+        data[:] = rest
+        return status, headers, b""
+    if "content-length" in headers:
+        length = int(headers["content-length"])
+        body = bytearray(rest)
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("connection closed inside a body")
+            body += chunk
+        data[:] = body[length:]
+        return status, headers, bytes(body[:length])
+    body = bytearray(rest)
+    while chunk := sock.recv(65536):
+        body += chunk
+    data.clear()
+    return status, headers, bytes(body)
+
+
+def request(port: int, method: str, path: str, body: str | bytes | None = None,
+            headers: dict | None = None, version: str = "HTTP/1.1"):
+    """One request on a fresh connection -> (status, headers, body)."""
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    lines = [f"{method} {path} {version}", "Host: test", "Connection: close"]
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    if body is not None and not any(k.lower() in ("content-length", "transfer-encoding") for k in headers or {}):
+        lines.append(f"Content-Length: {len(body)}")
+    raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+    with connect(port) as sock:
+        sock.sendall(raw)
+        return read_response(sock, head_request=method == "HEAD")
+
+
+def raw_exchange(port: int, raw: bytes, shut_write: bool = False) -> bytes:
+    """Send raw bytes, return everything the server sends until it closes."""
+    with connect(port) as sock:
+        sock.sendall(raw)
+        if shut_write:
+            sock.shutdown(socket.SHUT_WR)
+        out = bytearray()
+        while chunk := sock.recv(65536):
+            out += chunk
+        return bytes(out)
+
+
+class SSEEvent:
+    def __init__(self, event_type, data, last_id):
+        self.type, self.data, self.id = event_type, data, last_id
+
+    def __repr__(self):
+        return f"SSEEvent(type={self.type!r}, data={self.data!r}, id={self.id!r})"
+
+
+class SSEClient:
+    """A stream reader following the WHATWG event-stream interpretation rules."""
+
+    def __init__(self, port: int, path: str = "/subscribe", headers: dict | None = None):
+        self.sock = connect(port)
+        lines = [f"GET {path} HTTP/1.1", "Host: test", "Accept: text/event-stream"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
+        self.init_parser()
+        head = bytearray()
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"stream closed before headers: {bytes(head)!r}")
+            head += chunk
+        head_bytes, _, rest = bytes(head).partition(b"\r\n\r\n")
+        lines = head_bytes.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split(" ")[1])
+        self.headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        self._feed(rest)
+
+    def init_parser(self):
+        self.raw = bytearray()
+        self.buffer = bytearray()
+        self.comments = 0
+        self.retry = None
+        self.last_id = ""
+        self._data, self._type, self._data_seen = [], "", False
+        self.pending: list[SSEEvent] = []
+        self.closed = False
+
+    def _feed(self, chunk: bytes):
+        self.raw += chunk
+        self.buffer += chunk
+
+    def _lines(self):
+        """Complete lines from the buffer, split on CRLF, CR or LF."""
+        while True:
+            for index, byte in enumerate(self.buffer):
+                if byte in (10, 13):
+                    if byte == 13 and index + 1 == len(self.buffer):
+                        return  # a CR at the end may be the first half of a CRLF
+                    line = bytes(self.buffer[:index]).decode("utf-8")
+                    skip = 2 if byte == 13 and self.buffer[index + 1] == 10 else 1
+                    del self.buffer[: index + skip]
+                    yield line
+                    break
+            else:
+                return
+
+    def _interpret(self):
+        events = []
+        for line in self._lines():
+            if line == "":
+                if self._data_seen:
+                    data = "\n".join(self._data)
+                    events.append(SSEEvent(self._type or "message", data, self.last_id))
+                self._data, self._type, self._data_seen = [], "", False
+                continue
+            if line.startswith(":"):
+                self.comments += 1
+                continue
+            name, colon, value = line.partition(":")
+            if colon and value.startswith(" "):
+                value = value[1:]
+            if name == "data":
+                self._data.append(value)
+                self._data_seen = True
+            elif name == "event":
+                self._type = value
+            elif name == "id" and "\0" not in value:
+                self.last_id = value
+            elif name == "retry" and value.isascii() and value.isdigit():
+                self.retry = int(value)
+        return events
+
+    def _receive(self, deadline: float, what: str) -> bytes | None:
+        """One recv() until the deadline: bytes, b"" at end of stream, or None when it timed out."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out waiting for {what}")
+        self.sock.settimeout(remaining)
+        try:
+            chunk = self.sock.recv(65536)
+        except TimeoutError:
+            return None
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            self.closed = True
+        return chunk
+
+    def read_events(self, count: int, timeout: float = IO_TIMEOUT) -> list[SSEEvent]:
+        """Exactly `count` events (fails on timeout or end of stream)."""
+        deadline = time.monotonic() + timeout
+        while len(self.pending) < count:
+            self.pending += self._interpret()
+            if len(self.pending) >= count:
+                break
+            chunk = self._receive(deadline, f"{count} events (got {len(self.pending)}: {self.pending!r})")
+            if chunk == b"":
+                raise AssertionError(f"stream ended after {len(self.pending)} of {count} events")
+            if chunk:
+                self._feed(chunk)
+        events, self.pending = self.pending[:count], self.pending[count:]
+        return events
+
+    def read_until_closed(self, timeout: float = IO_TIMEOUT) -> list[SSEEvent]:
+        """Every remaining event until the server ends the stream."""
+        deadline = time.monotonic() + timeout
+        while True:
+            chunk = self._receive(deadline, "the end of the stream")
+            if chunk == b"":
+                self.pending += self._interpret()
+                events, self.pending = self.pending, []
+                return events
+            if chunk:
+                self._feed(chunk)
+
+    def wait_for(self, predicate, timeout: float = IO_TIMEOUT, what: str = "stream condition"):
+        """Read until predicate(self) holds (e.g. a comment arrived)."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            self.pending += self._interpret()
+            if predicate(self):
+                break
+            chunk = self._receive(deadline, what)
+            if chunk == b"":
+                raise AssertionError(f"stream ended while waiting for {what}")
+            if chunk:
+                self._feed(chunk)
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run_cli(*args, env: dict | None = None, timeout: float = 60, input_bytes: bytes | None = None):
+    """`python3 -m sseserver ARGS` to completion -> CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "sseserver", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, timeout=timeout, input=input_bytes)
+
+
+@contextlib.contextmanager
+def daemon_process(*args, env: dict | None = None, pass_fds=()):
+    """The daemon as a real subprocess; yields (process, port) once it logs its `listening on` line."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    process = subprocess.Popen([sys.executable, "-m", "sseserver", *args], cwd=ROOT, env=full_env,
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=pass_fds)
+    log_lines: list[str] = []
+    port_box: list[int] = []
+    listening = threading.Event()
+
+    def pump():
+        for raw in process.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            log_lines.append(line)
+            if "listening on http://" in line and not port_box:
+                port_box.append(int(line.split("listening on http://")[1].split(" ")[0].rsplit(":", 1)[1]))
+                listening.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    process.log_lines = log_lines
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not listening.wait(0.05):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"daemon did not start: {log_lines}")
+        yield process, port_box[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(STOP_TIMEOUT)
+        reader.join(STOP_TIMEOUT)

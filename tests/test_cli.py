@@ -1,0 +1,108 @@
+"""The command line and the process: exit codes, one-line errors, signals. The daemon runs as a subprocess."""
+
+import os
+import signal
+import socket
+import tempfile
+import unittest
+
+from tests.support import (STOP_TIMEOUT, SSEClient, daemon_process, request, run_cli, wait_until)
+
+
+class CommandLineTest(unittest.TestCase):
+    def test_version_and_help(self):
+        result = run_cli("--version")
+        self.assertEqual(result.returncode, 0)
+        self.assertRegex(result.stdout.decode(), r"^sseserver \d+\.\d+\.\d+\n$")
+        self.assertEqual(run_cli("--help").returncode, 0)
+
+    def test_usage_errors_are_one_line_exit_2(self):
+        for args in (["--bogus"], ["--port", "http"], ["--log-level", "loud"], ["--port", "70000"]):
+            with self.subTest(args=args):
+                result = run_cli(*args)
+                self.assertEqual(result.returncode, 2)
+                self.assertEqual(len(result.stderr.decode().strip().splitlines()), 1, result.stderr)
+
+    def test_check_config(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            good = os.path.join(tmp, "good.toml")
+            bad = os.path.join(tmp, "bad.toml")
+            with open(good, "w") as handle:
+                handle.write("queue_size = 32\n")
+            with open(bad, "w") as handle:
+                handle.write("queue_size = true\n")
+            self.assertEqual(run_cli("--check-config", "-c", good).returncode, 0)
+            result = run_cli("--check-config", "--config", bad)
+            self.assertEqual(result.returncode, 2)
+            line = result.stderr.decode().strip()
+            self.assertNotIn("\n", line)
+            self.assertIn("'queue_size'", line)
+            result = run_cli("-c", os.path.join(tmp, "missing.toml"))
+            self.assertEqual(result.returncode, 2)
+            self.assertIn("cannot read", result.stderr.decode())
+
+    def test_address_in_use_is_exit_1_without_traceback(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            result = run_cli("--port", str(taken.getsockname()[1]))
+        self.assertEqual(result.returncode, 1)
+        err = result.stderr.decode()
+        self.assertIn("cannot listen", err)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+
+
+class ProcessTest(unittest.TestCase):
+    def test_sigterm_ends_streams_and_exits_0(self):
+        with daemon_process("--port", "0") as (process, port):
+            clients = [SSEClient(port) for _ in range(3)]
+            wait_until(lambda: '"subscribers": 3' in request(port, "GET", "/health")[2].decode())
+            process.send_signal(signal.SIGTERM)
+            for client in clients:
+                with client:
+                    client.read_until_closed()
+                    self.assertRegex(bytes(client.raw), rb"retry: \d+\n\n$")
+            self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+
+    def test_sigint_also_stops(self):
+        with daemon_process("--port", "0") as (process, port):
+            process.send_signal(signal.SIGINT)
+            self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+
+    def test_sighup_reloads_and_keeps_subscribers(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "sseserver.toml")
+            with open(path, "w") as handle:
+                handle.write("max_message_bytes = 10\n")
+            with daemon_process("--port", "0", "-c", path) as (process, port):
+                with SSEClient(port) as client:
+                    self.assertEqual(request(port, "POST", "/publish", "x" * 20)[0], 413)
+                    with open(path, "w") as handle:
+                        handle.write("max_message_bytes = 100\nport = 1\n")
+                    process.send_signal(signal.SIGHUP)
+                    wait_until(lambda: any("reloaded" in line for line in process.log_lines), what="reload")
+                    self.assertTrue(any("'port'" in line or "port cannot change" in line
+                                        for line in process.log_lines), process.log_lines)
+                    self.assertEqual(request(port, "POST", "/publish", "x" * 20)[0], 200)
+                    # an invalid file keeps the running config and the daemon serving
+                    with open(path, "w") as handle:
+                        handle.write("max_message_bytes = 'lots'\n")
+                    process.send_signal(signal.SIGHUP)
+                    wait_until(lambda: any("reload failed" in line for line in process.log_lines))
+                    self.assertEqual(request(port, "POST", "/publish", "y" * 20)[0], 200)
+                    events = client.read_events(2)
+                    self.assertEqual([e.data for e in events], ["x" * 20, "y" * 20])
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+
+    def test_port_zero_logs_the_bound_port(self):
+        with daemon_process("--port", "0") as (process, port):
+            self.assertNotEqual(port, 0)
+            self.assertEqual(request(port, "GET", "/health")[0], 200)
+            process.send_signal(signal.SIGTERM)
+            process.wait(STOP_TIMEOUT)
+
+
+if __name__ == "__main__":
+    unittest.main()

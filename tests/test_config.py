@@ -1,0 +1,88 @@
+"""config.py: the key table, validation, and the shipped sseserver.toml."""
+
+import dataclasses
+import os
+import tempfile
+import tomllib
+import unittest
+
+from sseserver import config
+from tests.support import ROOT
+
+BAD_VALUES = [
+    ("port", 70000, "between"),
+    ("port", -1, "between"),
+    ("port", "5000", "whole number"),
+    ("port", True, "whole number"),
+    ("queue_size", 0, "between"),
+    ("queue_size", 1.5, "whole number"),
+    ("history_size", -5, "between"),
+    ("heartbeat_interval", True, "number of seconds"),
+    ("heartbeat_interval", "15", "number of seconds"),
+    ("heartbeat_interval", 0, "between"),
+    ("heartbeat_interval", float("nan"), "number of seconds"),
+    ("max_message_bytes", 0, "between"),
+    ("log_level", "loud", "one of"),
+    ("log_level", 3, "string"),
+    ("host", 127, "string"),
+    ("writer_threads", 0, "between"),
+]
+
+
+class ConfigTest(unittest.TestCase):
+    def test_defaults(self):
+        cfg = config.from_mapping({})
+        self.assertEqual((cfg.host, cfg.port, cfg.queue_size, cfg.history_size), ("127.0.0.1", 5000, 16, 1000))
+        self.assertEqual((cfg.heartbeat_interval, cfg.max_message_bytes, cfg.shutdown_timeout), (15.0, 65536, 5.0))
+
+    def test_bad_values_name_the_key(self):
+        for key, value, phrase in BAD_VALUES:
+            with self.subTest(key=key, value=value):
+                with self.assertRaises(config.ConfigError) as caught:
+                    config.from_mapping({key: value})
+                self.assertIn(repr(key), str(caught.exception))
+                self.assertIn(phrase, str(caught.exception))
+                self.assertNotIn("\n", str(caught.exception))
+
+    def test_unknown_key_refused(self):
+        with self.assertRaisesRegex(config.ConfigError, "'queue_sise': unknown key"):
+            config.from_mapping({"queue_sise": 3})
+
+    def test_ints_are_accepted_as_seconds(self):
+        self.assertEqual(config.from_mapping({"heartbeat_interval": 2}).heartbeat_interval, 2.0)
+
+    def test_config_is_frozen(self):
+        with self.assertRaises(dataclasses.FrozenInstanceError):
+            config.from_mapping({}).port = 1
+
+    def test_file_errors(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            broken = os.path.join(tmp, "broken.toml")
+            with open(broken, "w") as handle:
+                handle.write("port = \n")
+            with self.assertRaisesRegex(config.ConfigError, "not valid TOML"):
+                config.load(broken)
+            with self.assertRaisesRegex(config.ConfigError, "cannot read"):
+                config.load(os.path.join(tmp, "missing.toml"))
+
+    def test_shipped_file_is_every_key_at_its_default(self):
+        path = os.path.join(ROOT, "sseserver.toml")
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        self.assertEqual(text, config.render_default_toml(), "regenerate with config.render_default_toml()")
+        with open(path, "rb") as handle:
+            values = tomllib.load(handle)
+        defaults = {key.name: key.default for key in config.KEYS}
+        self.assertEqual({k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}, defaults)
+        self.assertEqual(config.load(path), config.from_mapping({}))
+        for key in config.KEYS:  # each key has its one-line comment right above it
+            self.assertIn(f"# {key.doc}", text)
+
+    def test_restart_keys(self):
+        old = config.from_mapping({})
+        new = config.from_mapping({"port": 6000, "queue_size": 5})
+        self.assertEqual(config.restart_keys_changed(old, new), ["port"])
+
+
+if __name__ == "__main__":
+    unittest.main()
