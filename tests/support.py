@@ -141,9 +141,10 @@ def read_response(sock: socket.socket, buffer: bytearray | None = None, head_req
     return status, headers, bytes(body)
 
 
-def request(port: int, method: str, path: str, body: str | bytes | None = None,
+def request(port, method: str, path: str, body: str | bytes | None = None,
             headers: dict | None = None, version: str = "HTTP/1.1"):
-    """One request on a fresh connection -> (status, headers, body)."""
+    """One request on a fresh connection -> (status, headers, body). `port` is a port on 127.0.0.1, or a
+    callable returning a connected socket (e.g. TLS to nginx)."""
     if isinstance(body, str):
         body = body.encode("utf-8")
     lines = [f"{method} {path} {version}", "Host: test", "Connection: close"]
@@ -152,7 +153,7 @@ def request(port: int, method: str, path: str, body: str | bytes | None = None,
     if body is not None and not any(k.lower() in ("content-length", "transfer-encoding") for k in headers or {}):
         lines.append(f"Content-Length: {len(body)}")
     raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
-    with connect(port) as sock:
+    with (port() if callable(port) else connect(port)) as sock:
         sock.sendall(raw)
         return read_response(sock, head_request=method == "HEAD")
 
@@ -180,8 +181,8 @@ class SSEEvent:
 class SSEClient:
     """A stream reader following the WHATWG event-stream interpretation rules."""
 
-    def __init__(self, port: int, path: str = "/subscribe", headers: dict | None = None):
-        self.sock = connect(port)
+    def __init__(self, port, path: str = "/subscribe", headers: dict | None = None):
+        self.sock = port() if callable(port) else connect(port)
         lines = [f"GET {path} HTTP/1.1", "Host: test", "Accept: text/event-stream"]
         lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
@@ -199,6 +200,7 @@ class SSEClient:
         for line in lines[1:]:
             name, _, value = line.partition(":")
             self.headers[name.strip().lower()] = value.strip()
+        self._chunked = "chunked" in self.headers.get("transfer-encoding", "")
         self._feed(rest)
 
     def init_parser(self):
@@ -210,10 +212,31 @@ class SSEClient:
         self._data, self._type, self._data_seen = [], "", False
         self.pending: list[SSEEvent] = []
         self.closed = False
+        self.ended = False  # the response body is complete (close, or a chunked body's last chunk)
+        self._chunked = False
+        self._wire = bytearray()  # chunked framing not yet decoded
 
     def _feed(self, chunk: bytes):
-        self.raw += chunk
-        self.buffer += chunk
+        """Body bytes in; `raw` and the line buffer get the decoded stream (through nginx it is chunked)."""
+        if not self._chunked:
+            self.raw += chunk
+            self.buffer += chunk
+            return
+        self._wire += chunk
+        while not self.ended:
+            line_end = self._wire.find(b"\r\n")
+            if line_end < 0:
+                return
+            size = int(bytes(self._wire[:line_end]).split(b";")[0], 16)
+            if size == 0:
+                self.ended = True
+                return
+            if len(self._wire) < line_end + 2 + size + 2:
+                return
+            data = bytes(self._wire[line_end + 2:line_end + 2 + size])
+            del self._wire[:line_end + 2 + size + 2]
+            self.raw += data
+            self.buffer += data
 
     def _lines(self):
         """Complete lines from the buffer, split on CRLF, CR or LF."""
@@ -256,61 +279,57 @@ class SSEClient:
                 self.retry = int(value)
         return events
 
-    def _receive(self, deadline: float, what: str) -> bytes | None:
-        """One recv() until the deadline: bytes, b"" at end of stream, or None when it timed out."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"timed out waiting for {what}")
-        self.sock.settimeout(remaining)
-        try:
-            chunk = self.sock.recv(65536)
-        except TimeoutError:
-            return None
-        except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            self.closed = True
-        return chunk
+    def _receive(self, deadline: float, what: str) -> bool:
+        """Wait for more of the body until the deadline. False once the body has ended (connection closed, or a
+        chunked body's last chunk); raises on timeout."""
+        while not self.ended:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out waiting for {what}")
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                self.closed = self.ended = True
+                break
+            self._feed(chunk)
+            return True
+        self.pending += self._interpret()
+        return False
 
     def read_events(self, count: int, timeout: float = IO_TIMEOUT) -> list[SSEEvent]:
         """Exactly `count` events (fails on timeout or end of stream)."""
         deadline = time.monotonic() + timeout
+        self.pending += self._interpret()
         while len(self.pending) < count:
+            if not self._receive(deadline, f"{count} events (got {len(self.pending)}: {self.pending!r})"):
+                if len(self.pending) < count:
+                    raise AssertionError(f"stream ended after {len(self.pending)} of {count} events")
             self.pending += self._interpret()
-            if len(self.pending) >= count:
-                break
-            chunk = self._receive(deadline, f"{count} events (got {len(self.pending)}: {self.pending!r})")
-            if chunk == b"":
-                raise AssertionError(f"stream ended after {len(self.pending)} of {count} events")
-            if chunk:
-                self._feed(chunk)
         events, self.pending = self.pending[:count], self.pending[count:]
         return events
 
     def read_until_closed(self, timeout: float = IO_TIMEOUT) -> list[SSEEvent]:
         """Every remaining event until the server ends the stream."""
         deadline = time.monotonic() + timeout
-        while True:
-            chunk = self._receive(deadline, "the end of the stream")
-            if chunk == b"":
-                self.pending += self._interpret()
-                events, self.pending = self.pending, []
-                return events
-            if chunk:
-                self._feed(chunk)
+        while self._receive(deadline, "the end of the stream"):
+            pass
+        self.pending += self._interpret()
+        events, self.pending = self.pending, []
+        return events
 
     def wait_for(self, predicate, timeout: float = IO_TIMEOUT, what: str = "stream condition"):
         """Read until predicate(self) holds (e.g. a comment arrived)."""
         deadline = time.monotonic() + timeout
+        self.pending += self._interpret()
         while not predicate(self):
-            self.pending += self._interpret()
-            if predicate(self):
-                break
-            chunk = self._receive(deadline, what)
-            if chunk == b"":
+            if not self._receive(deadline, what) and not predicate(self):
                 raise AssertionError(f"stream ended while waiting for {what}")
-            if chunk:
-                self._feed(chunk)
+            self.pending += self._interpret()
 
     def close(self):
         self.sock.close()
@@ -330,12 +349,28 @@ def run_cli(*args, env: dict | None = None, timeout: float = 60, input_bytes: by
                           capture_output=True, timeout=timeout, input=input_bytes)
 
 
+def listening_socket() -> socket.socket:
+    """A listening TCP socket on 127.0.0.1, port 0, owned by the test (the daemon can inherit it)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    return sock
+
+
 @contextlib.contextmanager
-def daemon_process(*args, env: dict | None = None, pass_fds=()):
-    """The daemon as a real subprocess; yields (process, port) once it logs its `listening on` line."""
+def daemon_process(*args, env: dict | None = None, listen_socket: socket.socket | None = None):
+    """The daemon as a real subprocess; yields (process, port) once it logs its `listening on` line. With
+    `listen_socket` it inherits that socket as fd 3 through LISTEN_FDS, as under systemd socket activation."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    process = subprocess.Popen([sys.executable, "-m", "sseserver", *args], cwd=ROOT, env=full_env,
+    command = [sys.executable, "-m", "sseserver", *args]
+    pass_fds = ()
+    if listen_socket is not None:
+        fd = listen_socket.fileno()
+        pass_fds = (fd,)
+        # fd 3 in the child, and LISTEN_PID = the shell's pid, which exec keeps for the daemon.
+        command = ["sh", "-c", f'exec 3<&{fd}; LISTEN_FDS=1 LISTEN_PID=$$ exec "$@"', "sh", *command]
+    process = subprocess.Popen(command, cwd=ROOT, env=full_env,
                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=pass_fds)
     log_lines: list[str] = []
     port_box: list[int] = []

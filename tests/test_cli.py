@@ -96,6 +96,17 @@ class ProcessTest(unittest.TestCase):
                 process.send_signal(signal.SIGTERM)
                 self.assertEqual(process.wait(STOP_TIMEOUT), 0)
 
+    def test_log_format_under_journald_and_elsewhere(self):
+        with daemon_process("--port", "0", env={"JOURNAL_STREAM": "8:12345"}) as (process, port):
+            process.send_signal(signal.SIGTERM)
+            process.wait(STOP_TIMEOUT)
+        self.assertRegex(process.log_lines[0], r"^<6>listening on http://127\.0\.0\.1:\d+ ")
+        self.assertTrue(all(line.startswith("<") for line in process.log_lines), process.log_lines)
+        with daemon_process("--port", "0", env={"JOURNAL_STREAM": ""}) as (process, port):
+            process.send_signal(signal.SIGTERM)
+            process.wait(STOP_TIMEOUT)
+        self.assertRegex(process.log_lines[0], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z info listening on ")
+
     def test_port_zero_logs_the_bound_port(self):
         with daemon_process("--port", "0") as (process, port):
             self.assertNotEqual(port, 0)

@@ -1,0 +1,178 @@
+"""A real nginx running README.md's `server` block in front of a real daemon.
+
+Only three things in the block are substituted, each checked to occur exactly once: the listen address (a unix
+socket in the test's directory, so no TCP port is picked and released), the upstream's port (the daemon's), and
+the certificate paths (a throwaway self-signed pair). The daemon listens on a socket the test owns and passes
+down through LISTEN_FDS, so a restart keeps the port nginx points at, as sseserver.socket does in production.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import unittest
+
+from tests.support import (IO_TIMEOUT, ROOT, STOP_TIMEOUT, SSEClient, daemon_process, listening_socket,
+                           request, require_binary, wait_until)
+
+# Issue requirement: an event must cross nginx within this long of its publish, i.e. unbuffered.
+UNBUFFERED_MS = 200
+
+
+def readme_nginx_block() -> str:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    blocks = re.findall(r"```nginx\n(.*?)```", readme, re.S)
+    assert len(blocks) == 1, "README.md must hold exactly one ```nginx block"
+    return blocks[0]
+
+
+def substitute(block: str, old: str, new: str) -> str:
+    assert block.count(old) == 1, f"README's nginx block no longer contains {old!r} exactly once"
+    return block.replace(old, new)
+
+
+class Nginx:
+    def __init__(self, upstream_port: int):
+        self.nginx = require_binary("nginx")
+        openssl = require_binary("openssl")
+        self.dir = tempfile.mkdtemp(prefix="sseserver-nginx-")
+        os.chmod(self.dir, 0o755)
+        self.socket_path = os.path.join(self.dir, "nginx.sock")
+        cert, key = os.path.join(self.dir, "cert.pem"), os.path.join(self.dir, "key.pem")
+        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                        "/CN=localhost", "-keyout", key, "-out", cert], check=True, capture_output=True,
+                       timeout=60)
+        block = readme_nginx_block()
+        block = substitute(block, "listen 443 ssl http2;", f"listen unix:{self.socket_path} ssl http2;")
+        block = substitute(block, "server 127.0.0.1:5000;", f"server 127.0.0.1:{upstream_port};")
+        block = substitute(block, "/etc/ssl/certs/events.example.com.pem", cert)
+        block = substitute(block, "/etc/ssl/private/events.example.com.key", key)
+        temp = os.path.join(self.dir, "temp")
+        os.mkdir(temp)
+        os.chmod(temp, 0o777)
+        self.conf = os.path.join(self.dir, "nginx.conf")
+        with open(self.conf, "w") as handle:
+            handle.write(f"""
+daemon off;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log info;
+worker_processes 1;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {self.dir}/access.log;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+{block}
+}}
+""")
+        self.context = ssl.create_default_context()
+        self.context.check_hostname = False
+        self.context.verify_mode = ssl.CERT_NONE
+
+    def __enter__(self):
+        self.process = subprocess.Popen([self.nginx, "-c", self.conf, "-p", self.dir, "-e",
+                                         os.path.join(self.dir, "error.log")],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(lambda: os.path.exists(self.socket_path) or self.process.poll() is not None,
+                   what="nginx to listen")
+        if self.process.poll() is not None:
+            raise AssertionError(f"nginx failed: {self.process.stderr.read().decode()}")
+        return self
+
+    def __exit__(self, *exc):
+        self.process.send_signal(signal.SIGQUIT)
+        try:
+            self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(STOP_TIMEOUT)
+        self.process.stderr.close()
+        subprocess.run(["rm", "-rf", self.dir], check=False)
+
+    def connect(self) -> socket.socket:
+        """A TLS connection to nginx (HTTP/1.1 over TLS)."""
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.settimeout(IO_TIMEOUT)
+        raw.connect(self.socket_path)
+        return self.context.wrap_socket(raw, server_hostname="localhost")
+
+
+class NginxTest(unittest.TestCase):
+    def setUp(self):
+        self.listener = listening_socket()
+        self.addCleanup(self.listener.close)
+        self.port = self.listener.getsockname()[1]
+
+    def daemon(self, *args):
+        """The daemon on the test's listening socket, so every restart keeps nginx's upstream port."""
+        return daemon_process(*args, listen_socket=self.listener)
+
+    def test_events_publish_and_replay_through_nginx(self):
+        with self.daemon() as (_, __), Nginx(self.port) as nginx:
+            with SSEClient(nginx.connect) as client:
+                self.assertEqual(client.status, 200)
+                self.assertEqual(client.headers["content-type"], "text/event-stream; charset=utf-8")
+                wait_until(lambda: json.loads(request(self.port, "GET", "/health")[2])["subscribers"] == 1)
+                ids = []
+                for index in range(10):
+                    sent = time.monotonic()
+                    status, _, body = request(nginx.connect, "POST", "/publish", f"event {index}")
+                    self.assertEqual(status, 200)
+                    ids.append(json.loads(body)["id"])
+                    (event,) = client.read_events(1)
+                    elapsed_ms = (time.monotonic() - sent) * 1000
+                    self.assertEqual(event.data, f"event {index}")
+                    self.assertLess(elapsed_ms, UNBUFFERED_MS, "nginx buffered the stream")
+            with SSEClient(nginx.connect, headers={"Last-Event-ID": ids[6]}) as replay:
+                self.assertEqual([e.data for e in replay.read_events(3)], ["event 7", "event 8", "event 9"])
+
+    def test_http2_towards_the_client(self):
+        curl = require_binary("curl")
+        with self.daemon() as (_, __), Nginx(self.port) as nginx:
+            result = subprocess.run([curl, "-sk", "--http2", "--unix-socket", nginx.socket_path,
+                                     "-o", "/dev/null", "-w", "%{http_version}", "https://localhost/health"],
+                                    capture_output=True, text=True, timeout=IO_TIMEOUT)
+            self.assertEqual(result.stdout, "2", result.stderr)
+            result = subprocess.run([curl, "-sk", "--http2", "--unix-socket", nginx.socket_path, "-X", "POST",
+                                     "https://localhost/publish", "-d", "over h2"],
+                                    capture_output=True, text=True, timeout=IO_TIMEOUT)
+            self.assertIn('"id"', result.stdout)
+
+    def test_client_survives_a_daemon_restart_without_losing_an_event(self):
+        with Nginx(self.port) as nginx:
+            received, acknowledged = [], []
+            with self.daemon("--log-level", "info") as (first, _):
+                client = SSEClient(nginx.connect)
+                wait_until(lambda: json.loads(request(self.port, "GET", "/health")[2])["subscribers"] == 1)
+                for index in range(3):
+                    acknowledged.append(f"before {index}")
+                    self.assertEqual(request(nginx.connect, "POST", "/publish", acknowledged[-1])[0], 200)
+                first.send_signal(signal.SIGTERM)
+                received += [e.data for e in client.read_until_closed()]  # a graceful end: nothing undelivered
+                self.assertEqual(first.wait(STOP_TIMEOUT), 0)
+                last_id = client.last_id
+                client.close()
+            with self.daemon() as (_, __):
+                # What a browser does next: reconnect with its Last-Event-ID.
+                with SSEClient(nginx.connect, headers={"Last-Event-ID": last_id}) as again:
+                    wait_until(lambda: json.loads(request(self.port, "GET", "/health")[2])["subscribers"] == 1)
+                    for index in range(3):
+                        acknowledged.append(f"after {index}")
+                        self.assertEqual(request(nginx.connect, "POST", "/publish", acknowledged[-1])[0], 200)
+                    events = again.read_events(3 + 1)  # the reset notice (history did not survive) and 3 events
+                    self.assertEqual(events[0].type, "sseserver.reset")
+                    received += [e.data for e in events[1:]]
+            self.assertEqual(received, acknowledged)
+
+
+if __name__ == "__main__":
+    unittest.main()
