@@ -1,12 +1,16 @@
 """The command line and the process: exit codes, one-line errors, signals. The daemon runs as a subprocess."""
 
 import os
+import resource
+import selectors
 import signal
 import socket
 import tempfile
+import time
 import unittest
 
-from tests.support import (STOP_TIMEOUT, SSEClient, daemon_process, request, run_cli, wait_until)
+from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, SSEClient, connect, daemon_process, read_response, request,
+                           run_cli, wait_until)
 
 
 class CommandLineTest(unittest.TestCase):
@@ -63,6 +67,65 @@ class ProcessTest(unittest.TestCase):
                 with client:
                     client.read_until_closed()
                     self.assertRegex(bytes(client.raw), rb"retry: \d+\n\n$")
+            self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+
+    def test_sigterm_with_1000_subscribers_exits_0_within_shutdown_timeout(self):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 1200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+        with daemon_process("--port", "0") as (process, port):  # shutdown_timeout defaults to 5 s
+            streams = [socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) for _ in range(1000)]
+            try:
+                for sock in streams:
+                    sock.sendall(b"GET /subscribe HTTP/1.1\r\nAccept: text/event-stream\r\n\r\n")
+                wait_until(lambda: '"subscribers": 1000' in request(port, "GET", "/health")[2].decode(),
+                           timeout=60, what="1000 subscribers")
+                started = time.monotonic()
+                process.send_signal(signal.SIGTERM)
+                received = {sock: bytearray() for sock in streams}
+                with selectors.DefaultSelector() as selector:
+                    for sock in streams:
+                        sock.setblocking(False)
+                        selector.register(sock, selectors.EVENT_READ)
+                    open_streams = len(streams)
+                    deadline = started + 30
+                    while open_streams and time.monotonic() < deadline:
+                        for key, _ in selector.select(1):
+                            chunk = key.fileobj.recv(65536)
+                            if chunk:
+                                received[key.fileobj] += chunk
+                            else:
+                                selector.unregister(key.fileobj)
+                                open_streams -= 1
+                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                elapsed = time.monotonic() - started
+                self.assertEqual(open_streams, 0, "some streams were never ended")
+                self.assertLess(elapsed, 5.0 + 1.0, "exit took longer than shutdown_timeout")
+                retries = set()
+                for data in received.values():
+                    tail = bytes(data).rsplit(b"retry: ", 1)[1]
+                    self.assertRegex(tail, rb"^\d+\n\n$")
+                    retries.add(int(tail))
+                self.assertGreater(len(retries), 100, "retry delays are not jittered per stream")
+            finally:
+                for sock in streams:
+                    sock.close()
+
+    def test_an_in_flight_publish_finishes_during_shutdown(self):
+        with daemon_process("--port", "0") as (process, port):
+            with connect(port) as publisher, SSEClient(port) as subscriber:
+                wait_until(lambda: '"subscribers": 1' in request(port, "GET", "/health")[2].decode())
+                # "100 Continue" comes back only once a request thread has parsed the head: from then on the
+                # publish is in flight, and the stop must let it finish.
+                publisher.sendall(b"POST /publish HTTP/1.1\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n")
+                self.assertEqual(publisher.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+                publisher.sendall(b"half ")
+                process.send_signal(signal.SIGTERM)
+                wait_until(lambda: any("stopping" in line for line in process.log_lines), what="stop to begin")
+                publisher.sendall(b"done!")
+                status, headers, body = read_response(publisher)
+                self.assertEqual((status, headers["connection"]), (200, "close"))
+                self.assertEqual([e.data for e in subscriber.read_until_closed()], ["half done!"])
             self.assertEqual(process.wait(STOP_TIMEOUT), 0)
 
     def test_sigint_also_stops(self):
