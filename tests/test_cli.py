@@ -128,6 +128,27 @@ class ProcessTest(unittest.TestCase):
                 self.assertEqual([e.data for e in subscriber.read_until_closed()], ["half done!"])
             self.assertEqual(process.wait(STOP_TIMEOUT), 0)
 
+    def test_a_second_signal_exits_at_once(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "slow.toml")
+            with open(path, "w") as handle:
+                handle.write("shutdown_timeout = 60\nqueue_size = 100000\nhistory_size = 10\n")
+            with daemon_process("--port", "0", "-c", path) as (process, port):
+                stalled = socket.create_connection(("127.0.0.1", port))
+                stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                stalled.sendall(b"GET /subscribe HTTP/1.1\r\n\r\n")  # and never reads
+                wait_until(lambda: '"subscribers": 1' in request(port, "GET", "/health")[2].decode())
+                for _ in range(100):  # far more than its socket buffers hold
+                    self.assertEqual(request(port, "POST", "/publish", "x" * 60000)[0], 200)
+                process.send_signal(signal.SIGTERM)
+                wait_until(lambda: any("stopping" in line for line in process.log_lines))
+                started = time.monotonic()
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(STOP_TIMEOUT), 1)
+                self.assertLess(time.monotonic() - started, STOP_TIMEOUT)
+                self.assertTrue(any("second stop signal" in line for line in process.log_lines))
+                stalled.close()
+
     def test_sigint_also_stops(self):
         with daemon_process("--port", "0") as (process, port):
             process.send_signal(signal.SIGINT)

@@ -303,6 +303,18 @@ class BouncerBehaviourTest(unittest.TestCase):
             self.assertEqual((status, headers["content-type"]), (200, "text/event-stream; charset=utf-8"))
             self.assertRegex(body, rb"^retry: \d+\n\n$")
 
+    def test_while_stopping_health_is_503_and_work_is_turned_away(self):
+        with RunningServer() as server:
+            server.server.stop_accepting()  # what SIGTERM does first; the listener is still open in this test
+            status, _, body = request(server.port, "GET", "/health")
+            self.assertEqual((status, json.loads(body)["status"]), (503, "stopping"))
+            status, headers, body = server.publish("late")
+            self.assertEqual((status, json.loads(body)["error"]), (503, "shutting down"))
+            self.assertIn("retry-after", headers)
+            status, _, body = request(server.port, "GET", "/subscribe", headers={"Accept": "text/event-stream"})
+            self.assertEqual(status, 200)
+            self.assertRegex(body, rb"^retry: \d+\n\n$")
+
     def test_stop_ends_streams_with_retry_and_delivers_what_was_accepted(self):
         server = RunningServer(retry_ms=1000)
         with server:
