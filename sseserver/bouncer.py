@@ -87,6 +87,15 @@ class Replay:
         self.reset = reset
 
 
+def _bump(counts: dict, key, delta: int) -> None:
+    """Add delta to counts[key], deleting keys that reach 0 so the dicts only hold live entries."""
+    left = counts.get(key, 0) + delta
+    if left:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
 def parse_event_id(text: str) -> int | None:
     """A Last-Event-ID as an integer, or None when it is not one of our ids (ASCII digits only)."""
     if text and len(text) <= 20 and text.isascii() and text.isdigit():
@@ -105,6 +114,8 @@ class Bouncer:
         self._total = 0
         self._unfiltered = 0
         self._by_name: dict[str, int] = {}
+        self._by_peer: dict[str, int] = {}
+        self._pattern_filters: dict = {}
         self._listeners: list[Callable[[], None]] = []
 
     # -- methods for the caller ---------------------------------------------------------------------------
@@ -153,18 +164,25 @@ class Bouncer:
             self.ring.slots[pos % self.ring.capacity] = event
             self.head = pos + 1
             count = self._unfiltered + self._by_name.get(name, 0)
+            for pattern_filter, subscribers in self._pattern_filters.items():  # token scopes: few distinct ones
+                if name in pattern_filter:
+                    count += subscribers
         for listener in self._listeners:
             listener()
         return event, count
 
-    def subscribe(self, names: frozenset | None, last_event_id: str | None, peer: str = "",
-                  limit: int | None = None) -> Replay | None:
-        """Register a subscriber, or return None when `limit` subscribers are already registered. With a
-        Last-Event-ID its cursor starts just after that id, so replay and live events come from the same ring in
-        one pass; an id we cannot place gets a reset notice and everything retained."""
+    def subscribe(self, names, last_event_id: str | None, peer: str = "", limit: int | None = None,
+                  per_peer_limit: int = 0) -> Replay | str:
+        """Register a subscriber, or say why not ("full", or "peer full" when `peer` already has
+        `per_peer_limit` streams). `names` is None (every event), a frozenset of names, or any other object
+        supporting `in` and hashing (a pattern filter). With a Last-Event-ID the cursor starts just after that
+        id, so replay and live events come from the same ring in one pass; an id we cannot place gets a reset
+        notice and everything retained."""
         with self._lock:
             if limit is not None and self._total >= limit:
-                return None
+                return "full"
+            if per_peer_limit and self._by_peer.get(peer, 0) >= per_peer_limit:
+                return "peer full"
             head = self.head
             oldest = self._oldest_pos(head)
             reset = None
@@ -177,25 +195,28 @@ class Bouncer:
                     cursor = oldest
             subscriber = Subscriber(names, cursor, head, peer)
             self._total += 1
+            _bump(self._by_peer, peer, 1)
             if names is None:
                 self._unfiltered += 1
-            else:
+            elif isinstance(names, frozenset):
                 for name in names:
-                    self._by_name[name] = self._by_name.get(name, 0) + 1
+                    _bump(self._by_name, name, 1)
+            else:
+                _bump(self._pattern_filters, names, 1)
         return Replay(subscriber, reset)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         with self._lock:
             self._total -= 1
-            if subscriber.names is None:
+            _bump(self._by_peer, subscriber.peer, -1)
+            names = subscriber.names
+            if names is None:
                 self._unfiltered -= 1
+            elif isinstance(names, frozenset):
+                for name in names:
+                    _bump(self._by_name, name, -1)
             else:
-                for name in subscriber.names:
-                    left = self._by_name[name] - 1
-                    if left:
-                        self._by_name[name] = left
-                    else:
-                        del self._by_name[name]
+                _bump(self._pattern_filters, names, -1)
 
     def history(self, after_pos: int = 0) -> list[Event]:
         """The replayable events, oldest first."""

@@ -9,6 +9,7 @@ import sys
 
 from . import __version__, logs
 from . import config as config_module
+from .access import Policy
 from .daemon import Daemon
 
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args)
+        Policy(config)  # reads the token files, so a bad one is a config error now, not at start
     except config_module.ConfigError as exc:
         sys.stderr.write(f"sseserver: bad config: {exc}\n")
         return 2

@@ -10,7 +10,9 @@ old config and half of a new one.
 """
 
 import dataclasses
+import ipaddress
 import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,6 +39,7 @@ class Key:
     doc: str
     check: Check | None = None
     restart: bool = False  # a reload cannot change it (the listening socket is already bound)
+    secret: bool = False  # never shown in a repr or a log line
 
 
 def between(low: float, high: float) -> Check:
@@ -55,6 +58,22 @@ def one_of(*choices: str) -> Check:
         return None
 
     return check
+
+
+def networks(values) -> str | None:
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            return f"{value!r} is not an IP address or network"
+    return None
+
+
+def origins(values) -> str | None:
+    for value in values:
+        if value != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", value):
+            return f"{value!r} is not an origin like \"https://app.example.com\" (scheme://host[:port]) or \"*\""
+    return None
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -89,13 +108,38 @@ KEYS: tuple[Key, ...] = (
         "Threads that write events to subscriber sockets (each multiplexes many sockets).", between(1, 64),
         restart=True),
     Key("log_level", str, "info", "One of debug, info, warning, error.", one_of(*LOG_LEVELS)),
+    Key("publish_tokens", tuple, (),
+        "Publish tokens: \"TOKEN\", or \"TOKEN PATTERN ...\" to allow only event names matching the globs "
+        "(e.g. \"k3y-0f-32-chars orders.*\"). Empty (and no file) = anyone may publish.", secret=True),
+    Key("publish_tokens_file", str, "",
+        "A file with one publish token entry per line, as above (for systemd LoadCredential=); \"\" = none."),
+    Key("subscribe_tokens", tuple, (),
+        "Subscribe tokens, same form; sent as `Authorization: Bearer` or `?token=`. Empty = open.", secret=True),
+    Key("subscribe_tokens_file", str, "", "A file with one subscribe token entry per line; \"\" = none."),
+    Key("cors_origins", tuple, (),
+        "Browser origins allowed to call the API cross-origin, e.g. [\"https://app.example.com\"], or [\"*\"].",
+        origins),
+    Key("cors_credentials", bool, False,
+        "Answer CORS with Access-Control-Allow-Credentials (cookies, EventSource withCredentials); the exact "
+        "origin is echoed, never \"*\"."),
+    Key("trusted_proxies", tuple, (),
+        "Proxies whose X-Forwarded-For names the client, e.g. [\"127.0.0.1\"] behind a local nginx.", networks),
+    Key("max_subscribers_per_ip", int, 0, "Open streams allowed per client address; 0 = no limit.",
+        between(0, 10_000_000)),
+    Key("publish_rate", float, 0.0,
+        "Publishes per second allowed per token (per client address when publishing is open); 0 = no limit.",
+        between(0, 1_000_000)),
+    Key("publish_burst", int, 20, "Publishes allowed at once before publish_rate applies.", between(1, 1_000_000)),
+    Key("max_connections", int, 0,
+        "Open connections (streams and requests) allowed; more are answered 503 and closed. 0 = the open-file "
+        "limit minus 64.", between(0, 10_000_000)),
 )
 
 KEYS_BY_NAME = {key.name: key for key in KEYS}
 
 Config = dataclasses.make_dataclass(
     "Config",
-    [(key.name, key.kind, dataclasses.field(default=key.default)) for key in KEYS],
+    [(key.name, key.kind, dataclasses.field(default=key.default, repr=not key.secret)) for key in KEYS],
     frozen=True,
 )
 Config.__doc__ = "A validated configuration. Build it with from_mapping() or load(); never mutate it."

@@ -19,6 +19,7 @@ import time
 
 from . import config as config_module
 from . import logs, systemd
+from .access import Policy
 from .server import SSEServer
 
 log = logging.getLogger("sseserver")
@@ -55,9 +56,14 @@ class Daemon:
     def run(self) -> int:
         """Serve until stopped. Returns the process exit code."""
         soft, _ = raise_open_file_limit()
+        try:
+            policy = Policy(self.config)
+        except config_module.ConfigError as exc:
+            log.error("bad config: %s", exc)
+            return 2
         inherited = systemd.listen_sockets(self.environ)
         try:
-            self.server = SSEServer(self.config, inherited[0] if inherited else None)
+            self.server = SSEServer(policy, inherited[0] if inherited else None)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", self.config.host, self.config.port, exc.strerror or exc)
             return 1
@@ -145,17 +151,19 @@ class Daemon:
                        self.environ)
         try:
             new = config_module.load(self.config_path)
+            ignored = config_module.restart_keys_changed(self.config, new)
+            if ignored:
+                keep = {name: getattr(self.config, name) for name in ignored}
+                new = config_module.from_mapping(keep, base=new)
+            policy = Policy(new, previous=self.server.policy)  # reads token files: may fail, before any swap
         except config_module.ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             systemd.notify("READY=1", self.environ)
             return
-        ignored = config_module.restart_keys_changed(self.config, new)
         if ignored:
             log.warning("reload: %s cannot change without a restart; ignored", ", ".join(ignored))
-            keep = {name: getattr(self.config, name) for name in ignored}
-            new = config_module.from_mapping(keep, base=new)
         self.config = new
-        self.server.apply(new)
+        self.server.apply(policy)
         logs.set_level(new.log_level)
         log.info("reloaded %s", self.config_path)
         systemd.notify(f"READY=1\nSTATUS={self._status()}", self.environ)

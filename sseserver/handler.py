@@ -1,8 +1,9 @@
 """The request handler: one connection, its requests one after another, each routed and answered.
 
 Owns: routes, the HTTP responses (and the one place an HTTPError becomes a JSON body), reading publish bodies,
-and starting a stream: its headers, `retry:`, any reset notice, then handing the socket to the delivery layer.
-Must not know: how events reach sockets after that, or how config files are read.
+applying the access Policy to each request, and starting a stream: its headers, `retry:`, any reset notice, then
+handing the socket to the delivery layer.
+Must not know: how events reach sockets after that, how tokens are stored, or how config files are read.
 
 It subclasses BaseHTTPRequestHandler for the shape and its status-phrase table, but replaces its parsing (see
 request.py for why) and its response writing: a response is built as one bytes object and sent with one
@@ -14,7 +15,7 @@ import logging
 import socket
 from http.server import BaseHTTPRequestHandler
 
-from . import __version__, framing
+from . import __version__, access, framing
 from .errors import ClientGone, HTTPError
 from .request import Request, RequestReader, body_length, parse_head
 
@@ -24,9 +25,9 @@ SERVER_HEADER = f"sseserver/{__version__}"
 JSON = "application/json"
 
 ROUTES = {
-    "/subscribe": ("GET",),
-    "/publish": ("POST", "PUT"),
-    "/health": ("GET", "HEAD"),
+    "/subscribe": ("GET", "OPTIONS"),
+    "/publish": ("POST", "PUT", "OPTIONS"),
+    "/health": ("GET", "HEAD", "OPTIONS"),
 }
 
 
@@ -46,11 +47,15 @@ class Handler(BaseHTTPRequestHandler):
         self.connection = self.request
         self.detached = False
         self.busy = False
+        self.cors = ()
+        self.body_pending = False
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass  # not TCP (a unix socket from socket activation): nothing to tune
         self.reader = RequestReader(self.connection)
+        peer = self.client_address
+        self.peer = peer[0] if isinstance(peer, tuple) and peer else "local"
 
     def handle(self) -> None:
         server = self.server
@@ -60,7 +65,7 @@ class Handler(BaseHTTPRequestHandler):
         except (ClientGone, ConnectionError, TimeoutError):
             pass
         except OSError as exc:
-            log.debug("connection from %s ended: %s", self.client_address[0], exc)
+            log.debug("connection from %s ended: %s", self.peer, exc)
         finally:
             server.untrack(self)
 
@@ -84,31 +89,44 @@ class Handler(BaseHTTPRequestHandler):
                 return
             self.busy = True
             try:
-                keep_alive = self._serve_request(head, config)
+                keep_alive = self._serve_request(head)
             finally:
                 self.busy = False
                 self.server.request_finished()
             if not keep_alive or self.server.stopping:
                 return
 
-    def _serve_request(self, head: bytes, config) -> bool:
+    def _serve_request(self, head: bytes) -> bool:
         """Answer one request; False when the connection must close afterwards."""
+        policy = self.server.policy  # read once: a reload mid-request cannot mix two configs
+        config = policy.config
         request = None
+        self.cors = ()
+        self.body_pending = False
         try:
             request = parse_head(head, config.max_header_bytes)
+            headers = request.headers
+            # A body we never read would be parsed as the next request: such a connection must close.
+            self.body_pending = "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
+            self.cors = policy.cors(headers.get("origin"))
             methods = ROUTES.get(request.path)
             if methods is None:
                 raise HTTPError(404, f"no such path: {request.path}")
             if request.method not in methods:
                 raise HTTPError(405, f"{request.method} is not allowed here",
                                 headers=(("Allow", ", ".join(methods)),))
+            client = access.client_address(self.peer, request.headers, policy.trusted)
+            if request.method == "OPTIONS":
+                return self._preflight(request, methods) and not self.body_pending
             if request.path == "/publish":
-                return self._publish(request, config)
+                return self._publish(request, policy, client)
             if request.path == "/subscribe":
-                self._subscribe(request, config)
+                self._subscribe(request, policy, client)
                 return False
-            return self._health(request)
+            return self._health(request) and not self.body_pending
         except HTTPError as error:
+            if self.body_pending:
+                error.close = True
             self._send_error(error, request)
             return not error.close and (request is not None and request.keep_alive)
         except (ClientGone, ConnectionError, TimeoutError):
@@ -120,10 +138,20 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- routes ------------------------------------------------------------------------------------------------
 
-    def _publish(self, request: Request, config) -> bool:
+    def _preflight(self, request: Request, methods: tuple[str, ...]) -> bool:
+        """A CORS preflight. An origin not on the list gets a 204 without CORS headers, which the browser
+        treats as a refusal."""
+        headers = access.preflight_headers(self.cors, methods) + (("Allow", ", ".join(methods)),)
+        self.cors = ()  # already part of `headers`
+        self._respond(204, b"", None, request.keep_alive, headers)
+        return request.keep_alive
+
+    def _publish(self, request: Request, policy, client: str) -> bool:
         server = self.server
+        config = policy.config
         if server.stopping:
             raise HTTPError(503, "shutting down", headers=(("Retry-After", "1"),), close=True)
+        grant = access.authorize(policy.publish_tokens, access.bearer_token(request.headers), client, "publish")
         names = request.query_values("event")
         if len(names) > 1:
             raise HTTPError(400, "give at most one event name")
@@ -131,10 +159,17 @@ class Handler(BaseHTTPRequestHandler):
         problem = framing.event_name_error(name)
         if problem:
             raise HTTPError(400, problem)
+        if not access.scope_allows(grant.scope, name):
+            raise HTTPError(403, f"token does not allow event {name!r}")
         length = body_length(request, config.max_message_bytes)
         if request.headers.get("expect", "").lower() == "100-continue":
             self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = self.reader.read_body(length, config.max_message_bytes)
+        self.body_pending = False
+        # Limited after the body is read, so a throttled keep-alive publisher keeps its connection.
+        wait = policy.limiter.allow(grant.key)
+        if wait:
+            raise HTTPError(429, "publish rate limit exceeded", headers=(("Retry-After", access.retry_after(wait)),))
         try:
             data = body.decode("utf-8")
         except UnicodeDecodeError:
@@ -151,24 +186,34 @@ class Handler(BaseHTTPRequestHandler):
         self._respond(status, body, JSON, request.keep_alive, head_only=request.method == "HEAD")
         return request.keep_alive
 
-    def _subscribe(self, request: Request, config) -> None:
+    def _subscribe(self, request: Request, policy, client: str) -> None:
         server = self.server
+        config = policy.config
         names = request.query_values("event")
         for name in names:
             if not framing.EVENT_NAME.fullmatch(name):
                 raise HTTPError(400, f"bad event name {name!r}: 1-64 characters of A-Z a-z 0-9 _ . : -")
+        token = access.bearer_token(request.headers)
+        if token is None:
+            token = request.query_value("token")  # EventSource cannot set headers
+        grant = access.authorize(policy.subscribe_tokens, token, client, "subscribe")
+        wanted = access.stream_filter(names, grant.scope)
         last_event_id = request.headers.get("last-event-id")
         if last_event_id is None:
             last_event_id = request.query_value("last_event_id")  # first connect only; the header wins after
         if server.stopping:
             self._turn_away(request, "shutting down")
             return
-        replay = server.bouncer.subscribe(
-            frozenset(names) if names else None, last_event_id, self.client_address[0], config.max_subscribers)
-        if replay is None:
+        replay = server.bouncer.subscribe(server.intern_filter(wanted), last_event_id, client,
+                                          config.max_subscribers, config.max_subscribers_per_ip)
+        if replay == "full":
             self._turn_away(request, "too many subscribers")
             return
+        if replay == "peer full":
+            self._turn_away(request, "too many streams from this address")
+            return
         sub = replay.subscriber
+        server.hand_over(self)  # counted as a stream from here on, never as both a stream and a request
         preamble = [
             status_line(200),
             b"Content-Type: text/event-stream; charset=utf-8\r\n"
@@ -183,7 +228,7 @@ class Handler(BaseHTTPRequestHandler):
             preamble.append(replay.reset)
         sock = self.connection
         try:
-            sock.settimeout(config.request_timeout)
+            self.reader.set_timeout(config.request_timeout)
             sock.sendall(b"".join(preamble))
             self._tune_stream_socket(sock, config.heartbeat_interval)
             stream = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
@@ -196,8 +241,8 @@ class Handler(BaseHTTPRequestHandler):
     # -- responses ---------------------------------------------------------------------------------------------
 
     def _turn_away(self, request: Request, why: str) -> None:
-        """No room (or stopping). A browser gets 200, a `retry:` and an end of stream, because any non-200 makes
-        EventSource give up for good; other clients get 503 with Retry-After."""
+        """No room (or stopping). A browser gets 200, a jittered `retry:` and an end of stream, because any
+        non-200 makes EventSource give up for good; other clients get 503 with Retry-After."""
         retry_ms = self.server.config.retry_ms
         if "text/event-stream" in request.headers.get("accept", ""):
             retry = framing.encode_retry(retry_ms + int(self.server.jitter() * max(retry_ms, 1000)))
@@ -210,20 +255,23 @@ class Handler(BaseHTTPRequestHandler):
         raise HTTPError(503, why, headers=(("Retry-After", str(seconds)),), close=True)
 
     def _common_headers(self) -> bytes:
-        return b"Server: %s\r\nDate: %s\r\n" % (SERVER_HEADER.encode(), self.server.http_date())
+        extra = "".join(f"{name}: {value}\r\n" for name, value in self.cors).encode("latin-1")
+        return b"Server: %s\r\nDate: %s\r\n%s" % (SERVER_HEADER.encode(), self.server.http_date(), extra)
 
-    def _respond(self, status: int, body: bytes, content_type: str, keep_alive: bool,
+    def _respond(self, status: int, body: bytes, content_type: str | None, keep_alive: bool,
                  extra: tuple[tuple[str, str], ...] = (), head_only: bool = False) -> None:
         keep_alive = keep_alive and not self.server.stopping
-        lines = [status_line(status), self._common_headers(),
-                 b"Content-Type: %s\r\nContent-Length: %d\r\n" % (content_type.encode(), len(body))]
+        lines = [status_line(status), self._common_headers()]
+        if content_type:
+            lines.append(b"Content-Type: %s\r\n" % content_type.encode())
+        lines.append(b"Content-Length: %d\r\n" % len(body))
         lines.append(b"Connection: keep-alive\r\n" if keep_alive else b"Connection: close\r\n")
         for name, value in extra:
             lines.append(f"{name}: {value}\r\n".encode("latin-1"))
         lines.append(b"\r\n")
         if not head_only:
             lines.append(body)
-        self.connection.settimeout(self.server.config.request_timeout)
+        # The reader keeps a timeout on the socket (at most keepalive_timeout); sendall() reuses it.
         self.connection.sendall(b"".join(lines))
 
     def _send_error(self, error: HTTPError, request: Request | None) -> None:
@@ -252,4 +300,4 @@ class Handler(BaseHTTPRequestHandler):
             pass  # a platform without these options still detects closed peers by EVENT_READ
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
-        log.info("%s " + format, self.client_address[0], *args)
+        log.info("%s " + format, self.peer, *args)

@@ -18,17 +18,34 @@ Traps in the base classes this class steps around, on purpose:
 import email.utils
 import logging
 import random
+import resource
 import socket
 import socketserver
 import threading
 import time
 from http.server import ThreadingHTTPServer
 
+from .access import Policy
 from .bouncer import Bouncer
 from .delivery import Delivery
 from .handler import Handler
 
 log = logging.getLogger("sseserver")
+
+# File descriptors kept free for everything that is not a connection: the listener, epoll, eventfds, config
+# and token files, the notify socket, logging.
+FD_RESERVE = 64
+_TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 35\r\n"
+             b"Retry-After: 5\r\nConnection: close\r\n\r\n{\"error\": \"too many open connections\"}")
+
+
+def connection_limit(configured: int) -> int:
+    """max_connections, or (0) the open-file limit minus a reserve, so accept() never meets EMFILE (at which
+    point socketserver's accept loop would spin on a listener it cannot drain)."""
+    if configured:
+        return configured
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, soft - FD_RESERVE)
 
 
 class SSEServer(ThreadingHTTPServer):
@@ -37,8 +54,11 @@ class SSEServer(ThreadingHTTPServer):
     # The kernel's accept queue: thousands of subscribers connect at once after a restart.
     request_queue_size = 4096
 
-    def __init__(self, config, listen_socket: socket.socket | None = None):
-        self.config = config
+    def __init__(self, policy: Policy, listen_socket: socket.socket | None = None):
+        config = policy.config
+        self.policy = policy
+        self.max_connections = connection_limit(config.max_connections)
+        self._filters: dict = {}
         self.bouncer = Bouncer(config.history_size, config.queue_size)
         self.delivery = Delivery(self.bouncer, config.writer_threads, config.heartbeat_interval)
         self.stopping = False
@@ -67,6 +87,15 @@ class SSEServer(ThreadingHTTPServer):
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
     def process_request(self, request, client_address) -> None:
+        if len(self._connections) + self.bouncer.subscriber_count >= self.max_connections:
+            # At the limit: answer at once from the accept thread, without a thread or a read, and close.
+            try:
+                request.setblocking(False)
+                request.send(_TOO_MANY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
         thread = threading.Thread(target=self._process_request_thread, args=(request, client_address),
                                   name="sseserver-request", daemon=True)
         with self._lock:
@@ -97,9 +126,16 @@ class SSEServer(ThreadingHTTPServer):
     def start(self) -> None:
         self.delivery.start()
 
-    def apply(self, config) -> None:
-        """Swap in a new Config (a reload). Requests read `self.config` once each, so none sees a mixture."""
-        old, self.config = self.config, config
+    @property
+    def config(self):
+        return self.policy.config
+
+    def apply(self, policy: Policy) -> None:
+        """Swap in a new Policy and its Config (a reload). A request reads `self.policy` once, so none sees a
+        mixture of old and new."""
+        old, config = self.config, policy.config
+        self.policy = policy
+        self.max_connections = connection_limit(config.max_connections)
         if (old.history_size, old.queue_size) != (config.history_size, config.queue_size):
             self.bouncer.resize(config.history_size, config.queue_size)
         if old.heartbeat_interval != config.heartbeat_interval:
@@ -138,6 +174,11 @@ class SSEServer(ThreadingHTTPServer):
         with self._lock:
             self._connections.add(handler)
 
+    def hand_over(self, handler) -> None:
+        """The handler's socket became a stream: from now on it counts as a subscriber, not a connection."""
+        with self._lock:
+            self._connections.discard(handler)
+
     def untrack(self, handler) -> None:
         with self._lock:
             self._connections.discard(handler)
@@ -148,6 +189,13 @@ class SSEServer(ThreadingHTTPServer):
         if self.stopping:
             with self._idle:
                 self._idle.notify_all()
+
+    def intern_filter(self, wanted):
+        """One shared object per distinct stream filter, so the delivery layer joins bytes once per filter."""
+        if wanted is None:
+            return None
+        with self._lock:
+            return self._filters.setdefault(wanted, wanted)
 
     def health(self) -> dict:
         bouncer = self.bouncer

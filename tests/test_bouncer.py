@@ -28,8 +28,10 @@ class BouncerTest(unittest.TestCase):
 
     def test_limit(self):
         bouncer = Bouncer(10, 4)
-        self.assertIsNotNone(bouncer.subscribe(None, None, limit=1))
-        self.assertIsNone(bouncer.subscribe(None, None, limit=1))
+        self.assertNotIsInstance(bouncer.subscribe(None, None, limit=1), str)
+        self.assertEqual(bouncer.subscribe(None, None, limit=1), "full")
+        self.assertNotIsInstance(bouncer.subscribe(None, None, peer="b", per_peer_limit=1), str)
+        self.assertEqual(bouncer.subscribe(None, None, peer="b", per_peer_limit=1), "peer full")
 
     def test_replay_from_a_known_id(self):
         bouncer = Bouncer(history_size=5, queue_size=2)
