@@ -11,6 +11,7 @@ most until the request's deadline.
 """
 
 import socket
+import struct
 import time
 from urllib.parse import parse_qsl, unquote
 
@@ -19,6 +20,7 @@ from .errors import ClientGone, HTTPError
 _METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 _RECV_SIZE = 65536
+_TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
 
 
 class Request:
@@ -122,14 +124,31 @@ class RequestReader:
         self.sock = sock
         self.buffer = bytearray()
         self.deadline = 0.0
+        self.timeout = None  # what SO_RCVTIMEO/SO_SNDTIMEO are set to
+        # Timeouts are the kernel's (SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket), not Python's: a socket with
+        # a Python timeout poll()s before every recv() and send(), two extra system calls per request.
+        sock.settimeout(None)
+
+    def set_timeout(self, seconds: float) -> None:
+        """Bound every later recv()/send() on this socket to `seconds`. Changed only when it must grow or shrink
+        by more than 10% (each change is two setsockopt() calls), so a deadline may be overshot by a tenth."""
+        if self.timeout is None or seconds > self.timeout or seconds < 0.9 * self.timeout:
+            seconds = max(seconds, 0.001)  # a zero timeval would mean "wait forever"
+            timeval = _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1_000_000))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            self.timeout = seconds
 
     def _fill(self) -> None:
-        """One recv() into the buffer, waiting no later than the deadline."""
+        """One recv() into the buffer, waiting no later than (about) the deadline."""
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError
-        self.sock.settimeout(remaining)
-        chunk = self.sock.recv(_RECV_SIZE)
+        self.set_timeout(remaining)
+        try:
+            chunk = self.sock.recv(_RECV_SIZE)
+        except BlockingIOError:  # EAGAIN from a blocking socket: SO_RCVTIMEO expired
+            raise TimeoutError from None
         if not chunk:
             raise ClientGone
         self.buffer += chunk
