@@ -103,8 +103,12 @@ def parse_event_id(text: str) -> int | None:
     return None
 
 
+class StoreError(Exception):
+    """The durable history could not store an event: it must not be acknowledged."""
+
+
 class Bouncer:
-    def __init__(self, history_size: int, queue_size: int, first_id: int = 1):
+    def __init__(self, history_size: int, queue_size: int, first_id: int = 1, store=None):
         self._lock = threading.Lock()
         self._history_size = history_size
         self._queue_size = queue_size
@@ -117,6 +121,9 @@ class Bouncer:
         self._by_peer: dict[str, int] = {}
         self._pattern_filters: dict = {}
         self._listeners: list[Callable[[], None]] = []
+        self._store = store  # a history.HistoryFile, or None: history lives in memory only
+        if store is not None:
+            store.on_compact(self._compact)
 
     # -- methods for the caller ---------------------------------------------------------------------------
 
@@ -151,13 +158,34 @@ class Bouncer:
             self.ring = ring
             self._history_size, self._queue_size = history_size, queue_size
 
+    def restore(self, stored) -> None:
+        """Load events read back from durable history (oldest first): the newest become replayable and ids
+        continue after the last one."""
+        with self._lock:
+            for item in stored[-self._history_size:] if self._history_size else []:
+                body = framing.encode_event(item.data, None, item.name)
+                pos = self.head
+                self.ring.slots[pos % self.ring.capacity] = Event(
+                    pos, item.id, item.name, item.data, b"id: %d\n" % item.id + body, time.monotonic_ns())
+                self.head = pos + 1
+            if stored:
+                self._next_id = max(self._next_id, stored[-1].id + 1)
+
     def publish(self, data: str, name: str = "message") -> tuple[Event, int]:
         """Append an event and return it with the number of subscribers it was queued for. Never blocks on a
-        subscriber: delivery happens elsewhere, after the listeners are told."""
+        subscriber: delivery happens elsewhere, after the listeners are told. With durable history the record
+        is written under the lock (file order is id order) and fsynced after it, before anyone hears of the
+        event; StoreError means it was not stored and must not be acknowledged."""
         body = framing.encode_event(data, None, name)  # encode outside the lock; only the id goes in under it
         now = time.monotonic_ns()
+        ticket = 0
         with self._lock:
             event_id = self._next_id
+            if self._store is not None:
+                try:
+                    ticket = self._store.append(event_id, name, data)
+                except OSError as exc:
+                    raise StoreError(f"could not write the history file: {exc.strerror or exc}") from None
             self._next_id += 1
             pos = self.head
             event = Event(pos, event_id, name, data, b"id: %d\n" % event_id + body, now)
@@ -167,6 +195,11 @@ class Bouncer:
             for pattern_filter, subscribers in self._pattern_filters.items():  # token scopes: few distinct ones
                 if name in pattern_filter:
                     count += subscribers
+        if ticket:
+            try:
+                self._store.sync(ticket)
+            except OSError as exc:
+                raise StoreError(f"could not fsync the history file: {exc.strerror or exc}") from None
         for listener in self._listeners:
             listener()
         return event, count
@@ -224,6 +257,20 @@ class Bouncer:
             head = self.head
             oldest = max(self._oldest_pos(head), after_pos)
             return [event for pos in range(oldest, head) if (event := self.ring.get(pos)) is not None]
+
+    def _compact(self) -> None:
+        """Rewrite the history file to the retained events (called on the history thread). The bulk is written
+        without the lock; only events published meanwhile are appended under it, with the file swap."""
+        with self._lock:
+            head = self.head
+            oldest = self._oldest_pos(head)
+            kept = [event for pos in range(oldest, head) if (event := self.ring.get(pos)) is not None]
+
+        def finish(write_rest) -> None:
+            with self._lock:
+                write_rest([event for pos in range(head, self.head) if (event := self.ring.get(pos)) is not None])
+
+        self._store.compact(lambda: kept, finish)
 
     # -- used by the delivery layer (lock-free: it reads a ring reference and immutable events) ---------------
 

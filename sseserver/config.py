@@ -108,6 +108,16 @@ KEYS: tuple[Key, ...] = (
         "Threads that write events to subscriber sockets (each multiplexes many sockets).", between(1, 64),
         restart=True),
     Key("log_level", str, "info", "One of debug, info, warning, error.", one_of(*LOG_LEVELS)),
+    Key("history_file", str, "",
+        "File that keeps history across restarts, e.g. \"/var/lib/sseserver/history.log\"; \"\" = memory only.",
+        restart=True),
+    Key("history_fsync", str, "interval",
+        "When history reaches the disk: \"always\" (before each 200; survives power loss), \"interval\" "
+        "(every history_fsync_interval; survives a process crash, loses at most that much on power loss), "
+        "\"never\" (the kernel decides). \"interval\" is the default because it keeps every acknowledged event "
+        "through kill -9 at no cost per publish.", one_of("always", "interval", "never"), restart=True),
+    Key("history_fsync_interval", float, 1.0, "Seconds between fsyncs with history_fsync = \"interval\".",
+        between(0.01, 3600), restart=True),
     Key("publish_tokens", tuple, (),
         "Publish tokens: \"TOKEN\", or \"TOKEN PATTERN ...\" to allow only event names matching the globs "
         "(e.g. \"k3y-0f-32-chars orders.*\"). Empty (and no file) = anyone may publish.", secret=True),

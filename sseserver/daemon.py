@@ -64,6 +64,9 @@ class Daemon:
         inherited = systemd.listen_sockets(self.environ)
         try:
             self.server = SSEServer(policy, inherited[0] if inherited else None)
+        except config_module.ConfigError as exc:  # the history file is unreadable or corrupt
+            log.error("%s", exc)
+            return 2
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", self.config.host, self.config.port, exc.strerror or exc)
             return 1

@@ -16,6 +16,7 @@ import socket
 from http.server import BaseHTTPRequestHandler
 
 from . import __version__, access, framing
+from .bouncer import StoreError
 from .errors import ClientGone, HTTPError
 from .request import Request, RequestReader, body_length, parse_head
 
@@ -174,7 +175,12 @@ class Handler(BaseHTTPRequestHandler):
             data = body.decode("utf-8")
         except UnicodeDecodeError:
             raise HTTPError(400, "body is not valid UTF-8") from None
-        event, count = server.bouncer.publish(data, name)
+        try:
+            event, count = server.bouncer.publish(data, name)
+        except StoreError as exc:
+            log.error("publish refused: %s", exc)
+            raise HTTPError(503, "could not store the event; it was not published",
+                            headers=(("Retry-After", "1"),)) from None
         reply = b'{"id": "%d", "subscribers": %d}' % (event.id, count)
         self._respond(200, reply, JSON, request.keep_alive)
         return request.keep_alive

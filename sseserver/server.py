@@ -29,6 +29,7 @@ from .access import Policy
 from .bouncer import Bouncer
 from .delivery import Delivery
 from .handler import Handler
+from .history import HistoryFile
 
 log = logging.getLogger("sseserver")
 
@@ -59,7 +60,17 @@ class SSEServer(ThreadingHTTPServer):
         self.policy = policy
         self.max_connections = connection_limit(config.max_connections)
         self._filters: dict = {}
-        self.bouncer = Bouncer(config.history_size, config.queue_size)
+        self.history = None
+        stored = []
+        if config.history_file:  # read before binding, so a bad file never holds the port (ConfigError)
+            self.history = HistoryFile(config.history_file, config.history_fsync, config.history_fsync_interval,
+                                       config.history_size)
+            stored = self.history.load()
+        self.bouncer = Bouncer(config.history_size, config.queue_size, store=self.history)
+        self.bouncer.restore(stored)
+        if stored:
+            log.info("history: %d events read from %s; ids continue after %d", len(stored), config.history_file,
+                     stored[-1].id)
         self.delivery = Delivery(self.bouncer, config.writer_threads, config.heartbeat_interval)
         self.stopping = False
         self.started_wall = time.time()
@@ -125,6 +136,14 @@ class SSEServer(ThreadingHTTPServer):
 
     def start(self) -> None:
         self.delivery.start()
+        if self.history is not None:
+            self.history.start()
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self.history is not None:
+            self.history.close()  # after the drain: every accepted event is written and fsynced
+            self.history = None
 
     @property
     def config(self):
