@@ -121,6 +121,8 @@ class Bouncer:
         self._by_peer: dict[str, int] = {}
         self._pattern_filters: dict = {}
         self._listeners: list[Callable[[], None]] = []
+        self.published = 0  # events published by this process (metrics)
+        self.resets = 0  # replays that began with a reset notice (metrics)
         self._store = store  # a history.HistoryFile, or None: history lives in memory only
         if store is not None:
             store.on_compact(self._compact)
@@ -187,6 +189,7 @@ class Bouncer:
                 except OSError as exc:
                     raise StoreError(f"could not write the history file: {exc.strerror or exc}") from None
             self._next_id += 1
+            self.published += 1
             pos = self.head
             event = Event(pos, event_id, name, data, b"id: %d\n" % event_id + body, now)
             self.ring.slots[pos % self.ring.capacity] = event
@@ -224,6 +227,7 @@ class Bouncer:
             else:
                 cursor = self._replay_start(last_event_id, oldest, head)
                 if cursor is None:
+                    self.resets += 1
                     reset = self._reset_notice(last_event_id, oldest, head)
                     cursor = oldest
             subscriber = Subscriber(names, cursor, head, peer)

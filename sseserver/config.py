@@ -108,6 +108,11 @@ KEYS: tuple[Key, ...] = (
         "Threads that write events to subscriber sockets (each multiplexes many sockets).", between(1, 64),
         restart=True),
     Key("log_level", str, "info", "One of debug, info, warning, error.", one_of(*LOG_LEVELS)),
+    Key("access_log", bool, False,
+        "Log one line per request, and one per stream when it ends. Off by default: a proxy in front usually logs "
+        "requests already, and a line per publish costs publish throughput."),
+    Key("demo_page", bool, True, "Serve the live demo page at GET /."),
+    Key("metrics_token", str, "", "Bearer token GET /metrics requires; \"\" = open.", secret=True),
     Key("history_file", str, "",
         "File that keeps history across restarts, e.g. \"/var/lib/sseserver/history.log\"; \"\" = memory only.",
         restart=True),

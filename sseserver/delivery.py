@@ -37,8 +37,11 @@ import time
 
 from . import framing
 from .bouncer import Bouncer, Subscriber
+from .metrics import Histogram
 
 log = logging.getLogger("sseserver.delivery")
+access_log = logging.getLogger("sseserver.access")
+_END_REASONS = {"disconnected": "client gone", "slow": "dropped as slow", "shutdown": "server shutdown"}
 
 _EVICTED = object()  # cache marker: the events for this cursor have left the ring
 # A closing stream's cursor: past any head, so sweeps skip it with the ordinary `cursor >= head` test.
@@ -48,11 +51,12 @@ _CLOSING = sys.maxsize
 class WriterStats:
     """Counters owned by one writer thread (so += never races); Delivery sums them."""
 
-    __slots__ = ("delivered", "dropped")
+    __slots__ = ("delivered", "dropped", "latency")
 
     def __init__(self):
         self.delivered = 0
         self.dropped: dict[str, int] = collections.Counter()
+        self.latency = Histogram()  # publish -> first handed to a socket, once per event
 
 
 class Writer(threading.Thread):
@@ -68,6 +72,8 @@ class Writer(threading.Thread):
         self._inbox: collections.deque = collections.deque()  # (kind, payload) from other threads
         self._subs: dict[int, Subscriber] = {}
         self._swept_head = bouncer.head
+        self._observed = bouncer.head  # events below this pos are in the latency histogram
+        self.access_log = False
         self._closing_deadline: float | None = None
         self._retry_ms = 0
         self._stopped = threading.Event()
@@ -201,6 +207,7 @@ class Writer(threading.Thread):
     def _sweep(self, head: int, now: float) -> None:
         ring = self.bouncer.ring  # read after head: the ring holds every event below that head
         self._swept_head = head
+        self._observe(ring, head)
         cache: dict = {}
         failed = []
         bouncer = self.bouncer
@@ -225,6 +232,17 @@ class Writer(threading.Thread):
                 failed.append((sub, "disconnected"))
         for sub, reason in failed:
             self._drop(sub, reason)
+
+    def _observe(self, ring, head: int) -> None:
+        """Publish-to-write latency, once per event (not per subscriber: that would cost as much as the
+        delivery itself), measured as the sweep that first writes it begins."""
+        now_ns = time.monotonic_ns()
+        latency = self.stats.latency
+        for pos in range(max(self._observed, head - ring.capacity), head):
+            event = ring.get(pos)
+            if event is not None:
+                latency.observe((now_ns - event.published_ns) / 1e9)
+        self._observed = head
 
     def _send(self, sub: Subscriber, data: bytes, count: int, last_id: int, now: float) -> bool:
         """Hand `data` to the socket; keep what it does not take. False when the peer is gone (the caller
@@ -347,10 +365,9 @@ class Writer(threading.Thread):
         except OSError:
             pass
         self.bouncer.unsubscribe(sub)
-        log.debug(
-            "stream end peer=%s reason=%s events=%d duration=%.1fs",
-            sub.peer, sub.reason, sub.events_sent, time.monotonic() - sub.started,
-        )
+        if self.access_log:
+            access_log.info("%s stream end: %d events in %.1fs, %s", sub.peer, sub.events_sent,
+                            time.monotonic() - sub.started, _END_REASONS.get(sub.reason, sub.reason))
 
 
 class Delivery:
@@ -377,6 +394,13 @@ class Delivery:
     def set_heartbeat(self, interval: float) -> None:
         for writer in self.writers:
             writer.set_heartbeat(interval)
+
+    def set_access_log(self, enabled: bool) -> None:
+        for writer in self.writers:
+            writer.access_log = enabled
+
+    def latency(self) -> Histogram:
+        return Histogram.merged([writer.stats.latency for writer in self.writers])
 
     def delivered(self) -> int:
         return sum(writer.stats.delivered for writer in self.writers)

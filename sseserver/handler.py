@@ -10,17 +10,21 @@ request.py for why) and its response writing: a response is built as one bytes o
 sendall(), because a keep-alive publisher pays for every system call.
 """
 
+import hmac
 import json
 import logging
 import socket
+import time
 from http.server import BaseHTTPRequestHandler
+from urllib.parse import urlencode
 
-from . import __version__, access, framing
+from . import __version__, access, framing, metrics, page
 from .bouncer import StoreError
 from .errors import ClientGone, HTTPError
 from .request import Request, RequestReader, body_length, parse_head
 
 log = logging.getLogger("sseserver.http")
+access_log = logging.getLogger("sseserver.access")
 
 SERVER_HEADER = f"sseserver/{__version__}"
 JSON = "application/json"
@@ -29,6 +33,8 @@ ROUTES = {
     "/subscribe": ("GET", "OPTIONS"),
     "/publish": ("POST", "PUT", "OPTIONS"),
     "/health": ("GET", "HEAD", "OPTIONS"),
+    "/metrics": ("GET", "HEAD"),
+    "/": ("GET", "HEAD"),
 }
 
 
@@ -50,6 +56,8 @@ class Handler(BaseHTTPRequestHandler):
         self.busy = False
         self.cors = ()
         self.body_pending = False
+        self.started = time.monotonic()
+        self.current_request = None  # the Request being answered, for the access log
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -88,6 +96,8 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if head is None:
                 return
+            self.started = time.monotonic()
+            self.current_request = None
             self.busy = True
             try:
                 keep_alive = self._serve_request(head)
@@ -106,12 +116,13 @@ class Handler(BaseHTTPRequestHandler):
         self.body_pending = False
         try:
             request = parse_head(head, config.max_header_bytes)
+            self.current_request = request
             headers = request.headers
             # A body we never read would be parsed as the next request: such a connection must close.
             self.body_pending = "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
             self.cors = policy.cors(headers.get("origin"))
             methods = ROUTES.get(request.path)
-            if methods is None:
+            if methods is None or (request.path == "/" and not config.demo_page):
                 raise HTTPError(404, f"no such path: {request.path}")
             if request.method not in methods:
                 raise HTTPError(405, f"{request.method} is not allowed here",
@@ -124,6 +135,12 @@ class Handler(BaseHTTPRequestHandler):
             if request.path == "/subscribe":
                 self._subscribe(request, policy, client)
                 return False
+            if request.path == "/metrics":
+                return self._metrics(request, policy) and not self.body_pending
+            if request.path == "/":
+                self._respond(200, page.HTML, "text/html; charset=utf-8", request.keep_alive, page.HEADERS,
+                              head_only=request.method == "HEAD")
+                return request.keep_alive and not self.body_pending
             return self._health(request) and not self.body_pending
         except HTTPError as error:
             if self.body_pending:
@@ -192,6 +209,18 @@ class Handler(BaseHTTPRequestHandler):
         self._respond(status, body, JSON, request.keep_alive, head_only=request.method == "HEAD")
         return request.keep_alive
 
+    def _metrics(self, request: Request, policy) -> bool:
+        expected = policy.config.metrics_token
+        if expected:
+            presented = access.bearer_token(request.headers)
+            if presented is None:
+                raise HTTPError(401, "metrics needs a token", headers=(("WWW-Authenticate", "Bearer"),))
+            if not hmac.compare_digest(presented.encode(), expected.encode()):
+                raise HTTPError(403, "invalid token")
+        body = metrics.render(self.server.metric_families()).encode("utf-8")
+        self._respond(200, body, metrics.CONTENT_TYPE, request.keep_alive, head_only=request.method == "HEAD")
+        return request.keep_alive
+
     def _subscribe(self, request: Request, policy, client: str) -> None:
         server = self.server
         config = policy.config
@@ -233,6 +262,7 @@ class Handler(BaseHTTPRequestHandler):
         if replay.reset is not None:
             preamble.append(replay.reset)
         sock = self.connection
+        self._account(request, 200, 0)
         try:
             self.reader.set_timeout(config.request_timeout)
             sock.sendall(b"".join(preamble))
@@ -255,6 +285,7 @@ class Handler(BaseHTTPRequestHandler):
             head = (status_line(200) + b"Content-Type: text/event-stream; charset=utf-8\r\n"
                     b"Cache-Control: no-cache\r\nConnection: close\r\n" + self._common_headers()
                     + b"Content-Length: %d\r\n\r\n" % len(retry))
+            self._account(request, 200, len(retry))
             self.connection.sendall(head + retry)
             return
         seconds = max(1, (retry_ms + 999) // 1000)
@@ -277,10 +308,24 @@ class Handler(BaseHTTPRequestHandler):
         lines.append(b"\r\n")
         if not head_only:
             lines.append(body)
+        self._account(self.current_request, status, 0 if head_only else len(body))
         # The reader keeps a timeout on the socket (at most keepalive_timeout); sendall() reuses it.
         self.connection.sendall(b"".join(lines))
 
+    def _account(self, request, status: int, size: int) -> None:
+        """Every response passes here once: the status counter, and the access log line if it is on."""
+        server = self.server
+        server.statuses.add(status)
+        if server.config.access_log:
+            if isinstance(request, Request):
+                what = f"{request.method} {_without_token(request)}"
+            else:
+                what = "-"  # the request could not be parsed
+            access_log.info("%s \"%s\" %d %dB %.1fms", self.peer, what, status, size,
+                            (time.monotonic() - self.started) * 1000)
+
     def _send_error(self, error: HTTPError, request: Request | None) -> None:
+        self.current_request = request
         body = json.dumps({"error": error.message}).encode("utf-8")
         keep_alive = request is not None and request.keep_alive and not error.close
         try:
@@ -307,3 +352,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
         log.info("%s " + format, self.peer, *args)
+
+
+def _without_token(request: Request) -> str:
+    """The request target with any `token` query parameter removed: tokens never reach a log."""
+    if "token" not in request.target:
+        return request.target
+    kept = [(key, value) for key, value in request.query if key != "token"]
+    return request.target.partition("?")[0] + ("?" + urlencode(kept) if kept else "")

@@ -17,6 +17,7 @@ Traps in the base classes this class steps around, on purpose:
 
 import email.utils
 import logging
+import platform
 import random
 import resource
 import socket
@@ -25,11 +26,13 @@ import threading
 import time
 from http.server import ThreadingHTTPServer
 
+from . import __version__
 from .access import Policy
 from .bouncer import Bouncer
 from .delivery import Delivery
 from .handler import Handler
 from .history import HistoryFile
+from .metrics import Family, StatusCounter
 
 log = logging.getLogger("sseserver")
 
@@ -66,12 +69,14 @@ class SSEServer(ThreadingHTTPServer):
             self.history = HistoryFile(config.history_file, config.history_fsync, config.history_fsync_interval,
                                        config.history_size)
             stored = self.history.load()
+        self.statuses = StatusCounter()
         self.bouncer = Bouncer(config.history_size, config.queue_size, store=self.history)
         self.bouncer.restore(stored)
         if stored:
             log.info("history: %d events read from %s; ids continue after %d", len(stored), config.history_file,
                      stored[-1].id)
         self.delivery = Delivery(self.bouncer, config.writer_threads, config.heartbeat_interval)
+        self.delivery.set_access_log(config.access_log)
         self.stopping = False
         self.started_wall = time.time()
         self.started = time.monotonic()
@@ -100,6 +105,7 @@ class SSEServer(ThreadingHTTPServer):
     def process_request(self, request, client_address) -> None:
         if len(self._connections) + self.bouncer.subscriber_count >= self.max_connections:
             # At the limit: answer at once from the accept thread, without a thread or a read, and close.
+            self.statuses.add(503)
             try:
                 request.setblocking(False)
                 request.send(_TOO_MANY)
@@ -159,6 +165,7 @@ class SSEServer(ThreadingHTTPServer):
             self.bouncer.resize(config.history_size, config.queue_size)
         if old.heartbeat_interval != config.heartbeat_interval:
             self.delivery.set_heartbeat(config.heartbeat_interval)
+        self.delivery.set_access_log(config.access_log)
 
     def stop_accepting(self) -> None:
         """Mark the server stopping: /health says 503, publishes and new streams are turned away."""
@@ -225,6 +232,38 @@ class SSEServer(ThreadingHTTPServer):
             "history_size": bouncer.retained(),
             "uptime_s": round(time.monotonic() - self.started, 3),
         }
+
+    def metric_families(self) -> list[Family]:
+        """Everything /metrics shows, read from where it is kept (bouncer, writers, the status counter)."""
+        bouncer, delivery = self.bouncer, self.delivery
+        dropped = delivery.dropped()
+        return [
+            Family("sseserver_subscribers", "gauge", "Open event streams.", [({}, bouncer.subscriber_count)]),
+            Family("sseserver_connections", "gauge", "Open connections still reading a request.",
+                   [({}, len(self._connections))]),
+            Family("sseserver_events_published_total", "counter", "Events published since the process started.",
+                   [({}, bouncer.published)]),
+            Family("sseserver_events_delivered_total", "counter",
+                   "Event deliveries handed to subscriber sockets (one per event per subscriber).",
+                   [({}, delivery.delivered())]),
+            Family("sseserver_subscribers_dropped_total", "counter", "Streams ended by the server, by reason.",
+                   [({"reason": reason}, dropped.get(reason, 0))
+                    for reason in sorted(set(dropped) | {"slow", "disconnected", "shutdown"})]),
+            Family("sseserver_replay_resets_total", "counter",
+                   "Streams that began with sseserver.reset because their Last-Event-ID could not be honoured.",
+                   [({}, bouncer.resets)]),
+            Family("sseserver_http_requests_total", "counter", "HTTP responses, by status code.",
+                   [({"code": str(code)}, count) for code, count in sorted(self.statuses.snapshot().items())]),
+            Family("sseserver_publish_to_write_seconds", "histogram",
+                   "Time from a publish to the first write of the event to a subscriber socket.",
+                   histogram=delivery.latency()),
+            Family("sseserver_history_events", "gauge", "Events retained for replay.", [({}, bouncer.retained())]),
+            Family("sseserver_last_event_id", "gauge", "The id of the newest event.", [({}, bouncer.last_id)]),
+            Family("process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch.",
+                   [({}, self.started_wall)]),
+            Family("sseserver_build_info", "gauge", "Version information; the value is always 1.",
+                   [({"version": __version__, "python": platform.python_version()}, 1)]),
+        ]
 
     def http_date(self) -> bytes:
         """The Date header value, formatted at most once a second."""
