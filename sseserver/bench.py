@@ -61,15 +61,18 @@ class Target:
 
 # -- subscriber workers (separate processes) ------------------------------------------------------------------
 
-def subscriber_worker(target: Target, count: int, connect_timeout: float, phase, counters, results, index: int):
-    """Open `count` streams, count every event, and report a histogram when told to stop.
-    counters[index*3 + 0/1/2]: streams with headers, streams that got any event, measured deliveries."""
+def subscriber_worker(targets: list[Target], count: int, connect_timeout: float, phase, counters, results,
+                      index: int):
+    """Open `count` streams (spread over `targets`, round robin), count every event, and report a histogram
+    when told to stop. counters[index*3 + 0/1/2]: streams with headers, streams that got any event, measured
+    deliveries."""
     selector = selectors.DefaultSelector()
-    request = (f"GET {target.subscribe_path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
-               f"Accept: text/event-stream\r\n{target.auth}\r\n").encode()
     streams = {}
     deadline = time.monotonic() + connect_timeout
-    for _ in range(count):
+    for number in range(count):
+        target = targets[(number + index) % len(targets)]
+        request = (f"GET {target.subscribe_path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
+                   f"Accept: text/event-stream\r\n{target.auth}\r\n").encode()
         while True:
             try:
                 sock = socket.create_connection((target.host, target.port), timeout=max(0.1, deadline - time.monotonic()))
@@ -269,7 +272,9 @@ def machine_busy_seconds() -> float | None:
 # -- the run ------------------------------------------------------------------------------------------------
 
 def run(args) -> dict:
-    target = Target(args.url, args.subscribe_path, args.publish_path, args.token)
+    urls = args.url or ["http://127.0.0.1:5000"]
+    targets = [Target(url, args.subscribe_path, args.publish_path, args.token) for url in urls]
+    target = targets[0]  # publishes go to the first URL; subscribers are spread over all of them
     procs = max(1, min(args.procs, args.subs)) if args.subs else 0
     context = multiprocessing.get_context("fork")
     phase = context.Value("i", 0)
@@ -277,7 +282,7 @@ def run(args) -> dict:
     results = context.Queue()
     shares = [args.subs // procs + (1 if i < args.subs % procs else 0) for i in range(procs)]
     workers = [context.Process(target=subscriber_worker, daemon=True,
-                               args=(target, share, args.connect_timeout, phase, counters, results, i))
+                               args=(targets, share, args.connect_timeout, phase, counters, results, i))
                for i, share in enumerate(shares)]
     for worker in workers:
         worker.start()
@@ -343,7 +348,7 @@ def run(args) -> dict:
         return None if value is None else round(value / 1000, 3)
 
     return {
-        "url": args.url, "subs": args.subs, "subs_connected": connected, "subs_ready": ready,
+        "url": urls[0] if len(urls) == 1 else urls, "subs": args.subs, "subs_connected": connected, "subs_ready": ready,
         "msgs": args.msgs, "rate": args.rate, "pub_conns": args.pub_conns, "size": args.size,
         "published": publisher.ok, "publish_errors": publisher.errors,
         "expected": expected, "delivered": delivered, "lost": expected - delivered,
@@ -364,7 +369,9 @@ def run(args) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python3 -m sseserver.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:5000", help="base URL of the server or proxy")
+    parser.add_argument("--url", action="append",
+                        help="base URL of the server or proxy (default http://127.0.0.1:5000). Repeat it for a "
+                             "cluster: subscribers are spread over every URL, publishes go to the first")
     parser.add_argument("--subscribe-path", default="/subscribe")
     parser.add_argument("--publish-path", default="/publish")
     parser.add_argument("--token", help="bearer token for publish and subscribe, if the server requires one")

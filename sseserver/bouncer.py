@@ -110,6 +110,7 @@ class StoreError(Exception):
 class Bouncer:
     def __init__(self, history_size: int, queue_size: int, first_id: int = 1, store=None):
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)  # ingest() -> wait_for_id()
         self._history_size = history_size
         self._queue_size = queue_size
         self.ring = Ring(history_size + queue_size)
@@ -160,6 +161,34 @@ class Bouncer:
             self.ring = ring
             self._history_size, self._queue_size = history_size, queue_size
 
+    def ingest(self, event_id: int, name: str, data: str) -> bool:
+        """Append an event whose id was assigned elsewhere (the shared Redis stream), in that stream's order.
+        An id not above the last one is a repeat (a follower resuming) and is ignored: False."""
+        body = framing.encode_event(data, None, name)
+        with self._lock:
+            if event_id < self._next_id:
+                return False
+            pos = self.head
+            self.ring.slots[pos % self.ring.capacity] = Event(
+                pos, event_id, name, data, b"id: %d\n" % event_id + body, time.monotonic_ns())
+            self.head = pos + 1
+            self._next_id = event_id + 1
+            self.published += 1
+            self._arrived.notify_all()
+        for listener in self._listeners:
+            listener()
+        return True
+
+    def wait_for_id(self, event_id: int, timeout: float) -> bool:
+        """Wait until the event with this id (or a later one) is here; False on timeout."""
+        with self._lock:
+            return self._arrived.wait_for(lambda: self._next_id > event_id, timeout)
+
+    def queued_for(self, name: str) -> int:
+        """How many streams here would receive an event of this name."""
+        with self._lock:
+            return self._count_locked(name)
+
     def restore(self, stored) -> None:
         """Load events read back from durable history (oldest first): the newest become replayable and ids
         continue after the last one."""
@@ -194,10 +223,7 @@ class Bouncer:
             event = Event(pos, event_id, name, data, b"id: %d\n" % event_id + body, now)
             self.ring.slots[pos % self.ring.capacity] = event
             self.head = pos + 1
-            count = self._unfiltered + self._by_name.get(name, 0)
-            for pattern_filter, subscribers in self._pattern_filters.items():  # token scopes: few distinct ones
-                if name in pattern_filter:
-                    count += subscribers
+            count = self._count_locked(name)
         if ticket:
             try:
                 self._store.sync(ticket)
@@ -311,6 +337,13 @@ class Bouncer:
         return sub.backlog > self._queue_size
 
     # -- internals ------------------------------------------------------------------------------------------
+
+    def _count_locked(self, name: str) -> int:
+        count = self._unfiltered + self._by_name.get(name, 0)
+        for pattern_filter, subscribers in self._pattern_filters.items():  # token scopes: few distinct ones
+            if name in pattern_filter:
+                count += subscribers
+        return count
 
     def _oldest_pos(self, head: int) -> int:
         return max(0, head - self._history_size, head - self.ring.capacity)

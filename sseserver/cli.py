@@ -7,7 +7,7 @@ code 2 (run-time failures are 1, a clean stop 0). Must not know: HTTP.
 import argparse
 import sys
 
-from . import __version__, logs
+from . import __version__, logs, resp
 from . import config as config_module
 from .access import Policy
 from .daemon import Daemon
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args)
         Policy(config)  # reads the token files, so a bad one is a config error now, not at start
+        if config.redis_url:
+            resp.parse_url(config.redis_url)
     except config_module.ConfigError as exc:
         sys.stderr.write(f"sseserver: bad config: {exc}\n")
         return 2

@@ -123,6 +123,14 @@ KEYS: tuple[Key, ...] = (
         "through kill -9 at no cost per publish.", one_of("always", "interval", "never"), restart=True),
     Key("history_fsync_interval", float, 1.0, "Seconds between fsyncs with history_fsync = \"interval\".",
         between(0.01, 3600), restart=True),
+    Key("redis_url", str, "",
+        "Share one event stream between instances through Redis: redis://[[user]:password@]host:port/db, "
+        "rediss://... (TLS) or unix:///path/redis.sock; \"\" = a single instance, no Redis.", restart=True,
+        secret=True),
+    Key("redis_key_prefix", str, "sseserver",
+        "Prefix of the Redis keys (<prefix>:events, <prefix>:last-id); instances sharing a stream share it.",
+        lambda value: None if value and " " not in value else "must be non-empty and without spaces",
+        restart=True),
     Key("publish_tokens", tuple, (),
         "Publish tokens: \"TOKEN\", or \"TOKEN PATTERN ...\" to allow only event names matching the globs "
         "(e.g. \"k3y-0f-32-chars orders.*\"). Empty (and no file) = anyone may publish.", secret=True),
@@ -206,8 +214,9 @@ def from_mapping(values: Mapping[str, Any], base=None, source: str | None = None
 
 def _check_together(values: dict, source: str | None) -> None:
     """Rules that involve more than one key live here, in one place."""
-    # Reserved for cross-key rules; every current key stands on its own.
-    del values, source
+    if values["history_file"] and values["redis_url"]:
+        raise ConfigError("history_file", "cannot be used with redis_url: with Redis the history lives in the "
+                          "shared stream (make Redis itself durable with appendonly)", source)
 
 
 def load(path: str, base=None):

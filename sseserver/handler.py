@@ -193,12 +193,12 @@ class Handler(BaseHTTPRequestHandler):
         except UnicodeDecodeError:
             raise HTTPError(400, "body is not valid UTF-8") from None
         try:
-            event, count = server.bouncer.publish(data, name)
+            event_id, count = server.publish(data, name)
         except StoreError as exc:
             log.error("publish refused: %s", exc)
             raise HTTPError(503, "could not store the event; it was not published",
                             headers=(("Retry-After", "1"),)) from None
-        reply = b'{"id": "%d", "subscribers": %d}' % (event.id, count)
+        reply = b'{"id": "%d", "subscribers": %d}' % (event_id, count)
         self._respond(200, reply, JSON, request.keep_alive)
         return request.keep_alive
 
@@ -239,6 +239,7 @@ class Handler(BaseHTTPRequestHandler):
         if server.stopping:
             self._turn_away(request, "shutting down")
             return
+        server.prepare_replay(last_event_id)
         replay = server.bouncer.subscribe(server.intern_filter(wanted), last_event_id, client,
                                           config.max_subscribers, config.max_subscribers_per_ip)
         if replay == "full":

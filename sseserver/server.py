@@ -28,7 +28,8 @@ from http.server import ThreadingHTTPServer
 
 from . import __version__
 from .access import Policy
-from .bouncer import Bouncer
+from .bouncer import Bouncer, parse_event_id
+from .cluster import RedisBridge, wait_for_replay
 from .delivery import Delivery
 from .handler import Handler
 from .history import HistoryFile
@@ -72,6 +73,9 @@ class SSEServer(ThreadingHTTPServer):
         self.statuses = StatusCounter()
         self.bouncer = Bouncer(config.history_size, config.queue_size, store=self.history)
         self.bouncer.restore(stored)
+        self.cluster = None
+        if config.redis_url:  # a bad URL is a ConfigError before anything is bound
+            self.cluster = RedisBridge(config.redis_url, config.redis_key_prefix, config.history_size, self.bouncer)
         if stored:
             log.info("history: %d events read from %s; ids continue after %d", len(stored), config.history_file,
                      stored[-1].id)
@@ -144,8 +148,28 @@ class SSEServer(ThreadingHTTPServer):
         self.delivery.start()
         if self.history is not None:
             self.history.start()
+        if self.cluster is not None:
+            self.cluster.start()
+
+    def publish(self, data: str, name: str) -> tuple[int, int]:
+        """(id, streams here it is queued for). With Redis the id comes from the shared stream and the event
+        reaches local streams through the follower, like everyone else's. StoreError: not published."""
+        if self.cluster is None:
+            event, count = self.bouncer.publish(data, name)
+            return event.id, count
+        return self.cluster.publish(data, name), self.bouncer.queued_for(name)
+
+    def prepare_replay(self, last_event_id: str | None) -> None:
+        """With Redis, a Last-Event-ID from another instance may be ahead of this one's follower: wait for it."""
+        if self.cluster is not None and last_event_id is not None:
+            wanted = parse_event_id(last_event_id)
+            if wanted is not None:
+                wait_for_replay(self.cluster, self.bouncer, wanted)
 
     def server_close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
         super().server_close()
         if self.history is not None:
             self.history.close()  # after the drain: every accepted event is written and fsynced
@@ -231,6 +255,7 @@ class SSEServer(ThreadingHTTPServer):
             "last_event_id": str(bouncer.last_id) if bouncer.last_id else None,
             "history_size": bouncer.retained(),
             "uptime_s": round(time.monotonic() - self.started, 3),
+            **({"redis": "up" if self.cluster.up else "down"} if self.cluster is not None else {}),
         }
 
     def metric_families(self) -> list[Family]:
@@ -259,6 +284,10 @@ class SSEServer(ThreadingHTTPServer):
                    histogram=delivery.latency()),
             Family("sseserver_history_events", "gauge", "Events retained for replay.", [({}, bouncer.retained())]),
             Family("sseserver_last_event_id", "gauge", "The id of the newest event.", [({}, bouncer.last_id)]),
+            *([Family("sseserver_redis_up", "gauge", "1 while the Redis link is up.",
+                      [({}, int(self.cluster.up))]),
+               Family("sseserver_redis_reconnects_total", "counter", "Times the Redis follower lost its link.",
+                      [({}, self.cluster.reconnects)])] if self.cluster is not None else []),
             Family("process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch.",
                    [({}, self.started_wall)]),
             Family("sseserver_build_info", "gauge", "Version information; the value is always 1.",

@@ -64,6 +64,7 @@ class RunningServer:
         self.config = config_module.from_mapping(values)
         self.daemon = Daemon(self.config, None, environ={})
         self.exit_code = None
+        self._stop_requested = False
         self._thread = threading.Thread(target=self._run, name="test-daemon", daemon=True)
 
     def _run(self):
@@ -80,9 +81,15 @@ class RunningServer:
     def __exit__(self, *exc):
         self.stop()
 
+    def request_stop(self):
+        """What SIGTERM does. Only once: a second request would force an immediate exit (code 1)."""
+        if not self._stop_requested:
+            self._stop_requested = True
+            self.daemon.request_stop()
+
     def stop(self):
         if self._thread.is_alive():
-            self.daemon.request_stop()
+            self.request_stop()
             self._thread.join(STOP_TIMEOUT)
         assert not self._thread.is_alive(), "daemon did not stop"
         wait_until(lambda: not sseserver_threads(), STOP_TIMEOUT, "sseserver threads to end")

@@ -321,7 +321,7 @@ class BouncerBehaviourTest(unittest.TestCase):
             clients = [server.subscribe() for _ in range(3)]
             wait_until(lambda: server.health()["subscribers"] == 3)
             server.publish("last words")
-            server.daemon.request_stop()
+            server.request_stop()
             for client in clients:
                 with client:
                     events = client.read_until_closed()

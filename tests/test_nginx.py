@@ -28,8 +28,8 @@ UNBUFFERED_MS = 200
 def readme_nginx_block() -> str:
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
         readme = handle.read()
-    blocks = re.findall(r"```nginx\n(.*?)```", readme, re.S)
-    assert len(blocks) == 1, "README.md must hold exactly one ```nginx block"
+    blocks = [block for block in re.findall(r"```nginx\n(.*?)```", readme, re.S) if "listen 443" in block]
+    assert len(blocks) == 1, "README.md must hold exactly one ```nginx block with the full server setup"
     return blocks[0]
 
 
@@ -39,7 +39,7 @@ def substitute(block: str, old: str, new: str) -> str:
 
 
 class Nginx:
-    def __init__(self, upstream_port: int):
+    def __init__(self, upstream_port: int | list[int]):
         self.nginx = require_binary("nginx")
         openssl = require_binary("openssl")
         self.dir = tempfile.mkdtemp(prefix="sseserver-nginx-")
@@ -51,7 +51,8 @@ class Nginx:
                        timeout=60)
         block = readme_nginx_block()
         block = substitute(block, "listen 443 ssl http2;", f"listen unix:{self.socket_path} ssl http2;")
-        block = substitute(block, "server 127.0.0.1:5000;", f"server 127.0.0.1:{upstream_port};")
+        ports = upstream_port if isinstance(upstream_port, list) else [upstream_port]
+        block = substitute(block, "server 127.0.0.1:5000;", " ".join(f"server 127.0.0.1:{p};" for p in ports))
         block = substitute(block, "/etc/ssl/certs/events.example.com.pem", cert)
         block = substitute(block, "/etc/ssl/private/events.example.com.key", key)
         temp = os.path.join(self.dir, "temp")
