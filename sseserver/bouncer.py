@@ -304,11 +304,13 @@ class Bouncer:
 
     # -- used by the delivery layer (lock-free: it reads a ring reference and immutable events) ---------------
 
-    def collect(self, ring: Ring, cursor: int, head: int, names: frozenset | None) -> tuple[bytes, int, int] | None:
-        """The wire bytes of events [cursor, head) that `names` accepts, how many there are and the id of the
-        last one (0 if none). None when an event in that range has already been evicted."""
+    def collect(self, ring: Ring, cursor: int, head: int, names, limit: int = 1 << 20):
+        """The wire bytes of events from `cursor` that `names` accepts, stopping at `head` or once `limit`
+        bytes are gathered (so a long replay of large events never becomes one huge buffer). Returns
+        (bytes, how many events, id of the last one or 0, the pos to continue from), or None when an event in
+        that range has already been evicted."""
         chunks = []
-        last_id = 0
+        last_id = size = 0
         for pos in range(cursor, head):
             event = ring.slots[pos % ring.capacity]
             if event is None or event.pos != pos:
@@ -316,7 +318,10 @@ class Bouncer:
             if names is None or event.name in names:
                 chunks.append(event.wire)
                 last_id = event.id
-        return b"".join(chunks), len(chunks), last_id
+                size += len(event.wire)
+                if size >= limit:
+                    return b"".join(chunks), len(chunks), last_id, pos + 1
+        return b"".join(chunks), len(chunks), last_id, head
 
     def is_slow(self, ring: Ring, sub: Subscriber, head: int) -> bool:
         """True when a blocked subscriber has more than queue_size live events waiting, or when events it still

@@ -93,6 +93,10 @@ class Writer(threading.Thread):
     def add(self, sub: Subscriber, sock: socket.socket) -> None:
         sub.sock = sock
         sub.writer = self
+        if self._stopped.is_set():  # the writer already ended (shutdown): nobody would ever close this stream
+            sub.reason = "shutdown"
+            self._finish(sub)
+            return
         self._inbox.append(("add", sub))
         self.wake_pending = False  # force a write: the inbox must be seen even if a wake is pending
         self.wake()
@@ -199,10 +203,11 @@ class Writer(threading.Thread):
         if got is None:
             self._drop(sub, "slow")
             return
-        sub.cursor = head
-        data, count, last_id = got
-        if count:
-            self._send(sub, data, count, last_id, now)
+        data, count, last_id, sub.cursor = got
+        if count and not self._send(sub, data, count, last_id, now):
+            self._drop(sub, "disconnected")
+        elif sub.cursor < head and sub.out is None:
+            self._arm(sub)
 
     def _sweep(self, head: int, now: float) -> None:
         ring = self.bouncer.ring  # read after head: the ring holds every event below that head
@@ -226,10 +231,11 @@ class Writer(threading.Thread):
             if got is _EVICTED:
                 failed.append((sub, "slow"))
                 continue
-            sub.cursor = head
-            data, count, last_id = got
+            data, count, last_id, sub.cursor = got
             if count and not self._send(sub, data, count, last_id, now):
                 failed.append((sub, "disconnected"))
+            elif sub.cursor < head and sub.out is None:
+                self._arm(sub)  # a batch hit the size cap: continue as soon as the socket can take more
         for sub, reason in failed:
             self._drop(sub, reason)
 
@@ -259,11 +265,16 @@ class Writer(threading.Thread):
         sub.events_sent += count
         self.stats.delivered += count
         if sent < len(data):
-            sub.out = memoryview(data)[sent:]
-            sub.scan = sub.cursor
-            sub.backlog = 0
-            self._selector.modify(sub.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, sub)
+            self._arm(sub, memoryview(data)[sent:])
         return True
+
+    def _arm(self, sub: Subscriber, rest: memoryview = memoryview(b"")) -> None:
+        """Wait for the socket to take more: `rest` is what it has not taken yet (empty when a batch only hit the
+        size cap). Until then the subscriber is "blocked", and its backlog counts toward the slow rule."""
+        sub.out = rest
+        sub.scan = sub.cursor
+        sub.backlog = 0
+        self._selector.modify(sub.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, sub)
 
     def _writable(self, sub: Subscriber, now: float) -> None:
         try:

@@ -8,7 +8,8 @@ from tests.test_framing import FeedReader
 
 
 def ids_of(bouncer, sub):
-    data, count, _ = bouncer.collect(bouncer.ring, sub.cursor, bouncer.head, sub.names)
+    data, count, _, end = bouncer.collect(bouncer.ring, sub.cursor, bouncer.head, sub.names)
+    assert end == bouncer.head
     return [int(event.id) for event in FeedReader().feed(data)]
 
 
@@ -91,6 +92,15 @@ class BouncerTest(unittest.TestCase):
             bouncer.publish("x")
         self.assertIsNone(bouncer.collect(bouncer.ring, sub.cursor, bouncer.head, None))
         self.assertTrue(bouncer.is_slow(bouncer.ring, sub, bouncer.head))
+
+    def test_collect_stops_at_the_byte_limit(self):
+        bouncer = Bouncer(history_size=10, queue_size=1)
+        for _ in range(5):
+            bouncer.publish("x" * 100)
+        data, count, last_id, end = bouncer.collect(bouncer.ring, 0, bouncer.head, None, limit=250)
+        self.assertEqual((count, last_id, end), (3, 3, 3))  # stops with the event that crossed the limit
+        data, count, last_id, end = bouncer.collect(bouncer.ring, end, bouncer.head, None, limit=250)
+        self.assertEqual((count, last_id, end), (2, 5, 5))
 
     def test_resize_keeps_what_fits(self):
         bouncer = Bouncer(history_size=5, queue_size=1)

@@ -207,6 +207,17 @@ class ReplayTest(unittest.TestCase):
             with server.subscribe(f"/subscribe?last_event_id={ids[0]}", {"Last-Event-ID": ids[3]}) as client:
                 self.assertEqual([e.data for e in client.read_events(2)], ["e4", "live"])
 
+    def test_a_replay_larger_than_one_batch_arrives_whole_and_in_order(self):
+        with RunningServer(history_size=100, max_message_bytes=65536) as server:
+            payloads = [f"{index:03d}" + "x" * 60000 for index in range(40)]  # ~2.4 MB: several 1 MiB batches
+            for payload in payloads:
+                self.assertEqual(server.publish(payload)[0], 200)
+            with server.subscribe(headers={"Last-Event-ID": "0"}) as client:
+                events = client.read_events(40)
+                self.assertEqual([e.data for e in events], payloads)
+                server.publish("live after the replay")
+                self.assertEqual(client.read_events(1)[0].data, "live after the replay")
+
     def test_reset_for_an_id_older_than_history_or_not_an_integer(self):
         with RunningServer(history_size=3) as server:
             for i in range(6):
