@@ -56,7 +56,7 @@ class Subscriber:
 
     __slots__ = (
         "names", "cursor", "live_from", "scan", "backlog", "sock", "out", "last_write", "last_id_sent",
-        "peer", "started", "events_sent", "reason", "writer",
+        "peer", "started", "events_sent", "reason",
     )
 
     def __init__(self, names: frozenset | None, cursor: int, live_from: int, peer: str = ""):
@@ -73,7 +73,6 @@ class Subscriber:
         self.started = time.monotonic()
         self.events_sent = 0
         self.reason = None  # why the stream ended
-        self.writer = None
 
 
 class Replay:
@@ -281,20 +280,17 @@ class Bouncer:
             else:
                 _bump(self._pattern_filters, names, -1)
 
-    def history(self, after_pos: int = 0) -> list[Event]:
+    def history(self) -> list[Event]:
         """The replayable events, oldest first."""
         with self._lock:
             head = self.head
-            oldest = max(self._oldest_pos(head), after_pos)
-            return [event for pos in range(oldest, head) if (event := self.ring.get(pos)) is not None]
+            return [event for pos in range(self._oldest_pos(head), head) if (event := self.ring.get(pos)) is not None]
 
     def _compact(self) -> None:
         """Rewrite the history file to the retained events (called on the history thread). The bulk is written
         without the lock; only events published meanwhile are appended under it, with the file swap."""
-        with self._lock:
-            head = self.head
-            oldest = self._oldest_pos(head)
-            kept = [event for pos in range(oldest, head) if (event := self.ring.get(pos)) is not None]
+        kept = self.history()
+        head = kept[-1].pos + 1 if kept else self.head  # finish() appends everything from here on
 
         def finish(write_rest) -> None:
             with self._lock:

@@ -88,9 +88,6 @@ class Daemon:
         """Ask for a graceful stop from any thread (what SIGTERM does)."""
         self.events.put(_STOP)
 
-    def request_reload(self) -> None:
-        self.events.put(signal.SIGHUP)
-
     # -- the control loop ------------------------------------------------------------------------------------
 
     def _control_loop(self) -> int:

@@ -92,7 +92,6 @@ class Writer(threading.Thread):
 
     def add(self, sub: Subscriber, sock: socket.socket) -> None:
         sub.sock = sock
-        sub.writer = self
         if self._stopped.is_set():  # the writer already ended (shutdown): nobody would ever close this stream
             sub.reason = "shutdown"
             self._finish(sub)

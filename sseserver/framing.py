@@ -39,7 +39,7 @@ def encode_event(data: str, event_id: int | str | None = None, name: str | None 
         parts.append(f"id: {event_id}\n")
     if name and name != "message":
         parts.append(f"event: {name}\n")
-    for line in _LINE_END.split(data):
+    for line in split_lines(data):
         parts.append(f"data: {line}\n")
     parts.append("\n")
     return "".join(parts).encode("utf-8")
@@ -47,7 +47,7 @@ def encode_event(data: str, event_id: int | str | None = None, name: str | None 
 
 def encode_comment(text: str = "") -> bytes:
     """A comment block; each line of `text` becomes its own `:` line so no line can turn into a field."""
-    lines = _LINE_END.split(text) if text else [""]
+    lines = split_lines(text)
     return ("".join(f":{(' ' + line) if line else ''}\n" for line in lines) + "\n").encode("utf-8")
 
 
