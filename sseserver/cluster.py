@@ -18,7 +18,6 @@ import hashlib
 import logging
 import queue
 import threading
-import time
 
 from .bouncer import StoreError
 from .resp import Connection, RedisError, RedisUnavailable, parse_url
@@ -170,9 +169,8 @@ def wait_for_replay(bridge: RedisBridge, bouncer, wanted: int, timeout: float = 
     """Before replaying for a Last-Event-ID this instance has not seen yet: if Redis has handed that id out,
     give the follower a moment to bring it here, so a client that moves between instances is not sent a reset
     for an event that exists."""
-    if wanted < bouncer.last_id + 1:
+    if wanted <= bouncer.last_id:
         return
     newest = bridge.newest_id()
     if newest is not None and wanted <= newest:
-        deadline = time.monotonic() + timeout
-        bouncer.wait_for_id(wanted, max(0.0, deadline - time.monotonic()))
+        bouncer.wait_for_id(wanted, timeout)

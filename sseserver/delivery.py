@@ -338,10 +338,8 @@ class Writer(threading.Thread):
                 self._close_gracefully(sub)
 
     def _close_gracefully(self, sub: Subscriber) -> None:
-        # Jitter spreads the reconnects of thousands of browsers over a window instead of one second.
-        retry = self._retry_ms + random.randrange(0, max(self._retry_ms, 1000) * 2)
         sub.cursor = _CLOSING  # no more events; finish once the retry line is out
-        farewell = framing.encode_retry(retry)
+        farewell = framing.encode_jittered_retry(self._retry_ms, random.random())
         if sub.out is not None:
             sub.out = memoryview(bytes(sub.out) + farewell)
             return

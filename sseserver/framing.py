@@ -58,6 +58,13 @@ def encode_retry(ms: int) -> bytes:
     return f"retry: {ms}\n\n".encode("ascii")
 
 
+def encode_jittered_retry(retry_ms: int, fraction: float) -> bytes:
+    """A `retry:` spread over [retry_ms, retry_ms + 2 * max(retry_ms, 1 s)] by `fraction` in [0, 1), so
+    thousands of browsers sent away at once (a shutdown, a full server) do not all come back in the same second.
+    The caller supplies the randomness; this stays pure."""
+    return encode_retry(retry_ms + int(fraction * 2 * max(retry_ms, 1000)))
+
+
 def encode_id_only(event_id: int | str) -> bytes:
     """A block that moves the browser's last event id without firing an event (the spec applies `id` even when
     no data follows). Used so a filtered subscriber's cursor keeps up with events it did not want."""

@@ -13,6 +13,7 @@ sendall(), because a keep-alive publisher pays for every system call.
 import hmac
 import json
 import logging
+import random
 import socket
 import time
 from http.server import BaseHTTPRequestHandler
@@ -41,6 +42,12 @@ ROUTES = {
 def status_line(status: int) -> bytes:
     phrase = BaseHTTPRequestHandler.responses.get(status, ("Unknown",))[0]
     return f"HTTP/1.1 {status} {phrase}\r\n".encode("ascii")
+
+
+# The start of every event-stream response, a real stream or a turn-away. A stream's body ends when the
+# connection closes (no chunked encoding, which the SSE spec warns about), for HTTP/1.0 and 1.1 alike.
+STREAM_HEAD = (status_line(200) + b"Content-Type: text/event-stream; charset=utf-8\r\nCache-Control: no-cache\r\n"
+               b"X-Accel-Buffering: no\r\nConnection: close\r\n")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -100,20 +107,21 @@ class Handler(BaseHTTPRequestHandler):
             self.current_request = None
             self.busy = True
             try:
-                keep_alive = self._serve_request(head)
+                keep_open = self._serve_request(head)
             finally:
                 self.busy = False
                 self.server.request_finished()
-            if not keep_alive or self.server.stopping:
+            if not keep_open:
                 return
 
     def _serve_request(self, head: bytes) -> bool:
-        """Answer one request; False when the connection must close afterwards."""
+        """Answer one request; False when the connection must close afterwards (as the response said)."""
         policy = self.server.policy  # read once: a reload mid-request cannot mix two configs
         config = policy.config
         request = None
         self.cors = ()
         self.body_pending = False
+        self.keep_open = False  # set by _respond(), the one place that writes the Connection header
         try:
             request = parse_head(head, config.max_header_bytes)
             self.current_request = request
@@ -129,42 +137,36 @@ class Handler(BaseHTTPRequestHandler):
                                 headers=(("Allow", ", ".join(methods)),))
             client = access.client_address(self.peer, request.headers, policy.trusted)
             if request.method == "OPTIONS":
-                return self._preflight(request, methods) and not self.body_pending
-            if request.path == "/publish":
-                return self._publish(request, policy, client)
-            if request.path == "/subscribe":
+                self._preflight(methods)
+            elif request.path == "/publish":
+                self._publish(request, policy, client)
+            elif request.path == "/subscribe":
                 self._subscribe(request, policy, client)
-                return False
-            if request.path == "/metrics":
-                return self._metrics(request, policy) and not self.body_pending
-            if request.path == "/":
-                self._respond(200, page.HTML, "text/html; charset=utf-8", request.keep_alive, page.HEADERS,
-                              head_only=request.method == "HEAD")
-                return request.keep_alive and not self.body_pending
-            return self._health(request) and not self.body_pending
+            elif request.path == "/metrics":
+                self._metrics(request, policy)
+            elif request.path == "/":
+                self._respond(200, page.HTML, "text/html; charset=utf-8", page.HEADERS)
+            else:
+                self._health()
         except HTTPError as error:
-            if self.body_pending:
-                error.close = True
             self._send_error(error, request)
-            return not error.close and (request is not None and request.keep_alive)
         except (ClientGone, ConnectionError, TimeoutError):
             return False
         except Exception:
             log.exception("internal error serving %s", request.path if request else "a request")
             self._send_error(HTTPError(500, "internal error", close=True), request)
-            return False
+        return self.keep_open
 
     # -- routes ------------------------------------------------------------------------------------------------
 
-    def _preflight(self, request: Request, methods: tuple[str, ...]) -> bool:
+    def _preflight(self, methods: tuple[str, ...]) -> None:
         """A CORS preflight. An origin not on the list gets a 204 without CORS headers, which the browser
         treats as a refusal."""
         headers = access.preflight_headers(self.cors, methods) + (("Allow", ", ".join(methods)),)
         self.cors = ()  # already part of `headers`
-        self._respond(204, b"", None, request.keep_alive, headers)
-        return request.keep_alive
+        self._respond(204, b"", None, headers)
 
-    def _publish(self, request: Request, policy, client: str) -> bool:
+    def _publish(self, request: Request, policy, client: str) -> None:
         server = self.server
         config = policy.config
         if server.stopping:
@@ -199,17 +201,14 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(503, "could not store the event; it was not published",
                             headers=(("Retry-After", "1"),)) from None
         reply = b'{"id": "%d", "subscribers": %d}' % (event_id, count)
-        self._respond(200, reply, JSON, request.keep_alive)
-        return request.keep_alive
+        self._respond(200, reply, JSON)
 
-    def _health(self, request: Request) -> bool:
+    def _health(self) -> None:
         server = self.server
         status = 503 if server.stopping else 200
-        body = json.dumps(server.health()).encode("utf-8")
-        self._respond(status, body, JSON, request.keep_alive, head_only=request.method == "HEAD")
-        return request.keep_alive
+        self._respond(status, json.dumps(server.health()).encode("utf-8"), JSON)
 
-    def _metrics(self, request: Request, policy) -> bool:
+    def _metrics(self, request: Request, policy) -> None:
         expected = policy.config.metrics_token
         if expected:
             presented = access.bearer_token(request.headers)
@@ -217,9 +216,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise HTTPError(401, "metrics needs a token", headers=(("WWW-Authenticate", "Bearer"),))
             if not hmac.compare_digest(presented.encode(), expected.encode()):
                 raise HTTPError(403, "invalid token")
-        body = metrics.render(self.server.metric_families()).encode("utf-8")
-        self._respond(200, body, metrics.CONTENT_TYPE, request.keep_alive, head_only=request.method == "HEAD")
-        return request.keep_alive
+        self._respond(200, metrics.render(self.server.metric_families()).encode("utf-8"), metrics.CONTENT_TYPE)
 
     def _subscribe(self, request: Request, policy, client: str) -> None:
         server = self.server
@@ -250,16 +247,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         sub = replay.subscriber
         server.hand_over(self)  # counted as a stream from here on, never as both a stream and a request
-        preamble = [
-            status_line(200),
-            b"Content-Type: text/event-stream; charset=utf-8\r\n"
-            b"Cache-Control: no-cache\r\n"
-            b"X-Accel-Buffering: no\r\n"
-            b"Connection: close\r\n",
-            self._common_headers(),
-            b"\r\n",
-            framing.encode_retry(config.retry_ms),
-        ]
+        preamble = [STREAM_HEAD, self._common_headers(), b"\r\n", framing.encode_retry(config.retry_ms)]
         if replay.reset is not None:
             preamble.append(replay.reset)
         sock = self.connection
@@ -282,10 +270,8 @@ class Handler(BaseHTTPRequestHandler):
         non-200 makes EventSource give up for good; other clients get 503 with Retry-After."""
         retry_ms = self.server.config.retry_ms
         if "text/event-stream" in request.headers.get("accept", ""):
-            retry = framing.encode_retry(retry_ms + int(self.server.jitter() * max(retry_ms, 1000)))
-            head = (status_line(200) + b"Content-Type: text/event-stream; charset=utf-8\r\n"
-                    b"Cache-Control: no-cache\r\nConnection: close\r\n" + self._common_headers()
-                    + b"Content-Length: %d\r\n\r\n" % len(retry))
+            retry = framing.encode_jittered_retry(retry_ms, random.random())
+            head = STREAM_HEAD + self._common_headers() + b"Content-Length: %d\r\n\r\n" % len(retry)
             self._account(request, 200, len(retry))
             self.connection.sendall(head + retry)
             return
@@ -296,9 +282,16 @@ class Handler(BaseHTTPRequestHandler):
         extra = "".join(f"{name}: {value}\r\n" for name, value in self.cors).encode("latin-1")
         return b"Server: %s\r\nDate: %s\r\n%s" % (SERVER_HEADER.encode(), self.server.http_date(), extra)
 
-    def _respond(self, status: int, body: bytes, content_type: str | None, keep_alive: bool,
-                 extra: tuple[tuple[str, str], ...] = (), head_only: bool = False) -> None:
-        keep_alive = keep_alive and not self.server.stopping
+    def _respond(self, status: int, body: bytes, content_type: str | None,
+                 extra: tuple[tuple[str, str], ...] = (), close: bool = False) -> None:
+        """Send a whole response to the current request. Whether the connection stays open is decided here,
+        once, and both the Connection header and the connection loop follow it: not when the client or the
+        error asks to close, not while stopping, and not when a body was left unread (it would be taken for
+        the next request)."""
+        request = self.current_request
+        keep_alive = self.keep_open = (not close and request is not None and request.keep_alive
+                                       and not self.body_pending and not self.server.stopping)
+        head_only = request is not None and request.method == "HEAD"
         lines = [status_line(status), self._common_headers()]
         if content_type:
             lines.append(b"Content-Type: %s\r\n" % content_type.encode())
@@ -328,10 +321,8 @@ class Handler(BaseHTTPRequestHandler):
     def _send_error(self, error: HTTPError, request: Request | None) -> None:
         self.current_request = request
         body = json.dumps({"error": error.message}).encode("utf-8")
-        keep_alive = request is not None and request.keep_alive and not error.close
         try:
-            self._respond(error.status, body, JSON, keep_alive, error.headers,
-                          head_only=request is not None and request.method == "HEAD")
+            self._respond(error.status, body, JSON, error.headers, close=error.close)
         except OSError:
             pass  # the client is gone; nothing to tell it
 

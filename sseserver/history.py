@@ -121,6 +121,7 @@ class HistoryFile:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.compact_requested = threading.Event()
+        self._on_compact = None  # set by the bouncer: it knows which events to keep
 
     # -- start ---------------------------------------------------------------------------------------------------
 
@@ -240,8 +241,6 @@ class HistoryFile:
                         self._synced = target
                     except OSError as exc:
                         log.error("history fsync failed: %s", exc)
-
-    _on_compact = None
 
     def on_compact(self, callback) -> None:
         self._on_compact = callback

@@ -5,7 +5,7 @@ the open request connections and their threads, and the orderly drain at shutdow
 Must not know: signals, systemd, argv (daemon.py and cli.py drive it), or how a request is parsed.
 
 Methods for the caller: start(), serve_forever() (on its own thread), apply(config), stop_accepting(),
-drain(deadline), server_close(). Methods a handler uses: track(), untrack(), health(), http_date(), jitter().
+drain(deadline), server_close(). Methods a handler uses: track(), untrack(), hand_over(), health(), http_date().
 
 Traps in the base classes this class steps around, on purpose:
 - ThreadingHTTPServer's threads are daemon threads it never joins, so draining streams and joining request
@@ -18,7 +18,6 @@ Traps in the base classes this class steps around, on purpose:
 import email.utils
 import logging
 import platform
-import random
 import resource
 import socket
 import socketserver
@@ -89,7 +88,6 @@ class SSEServer(ThreadingHTTPServer):
         self._connections: set = set()
         self._request_threads: set[threading.Thread] = set()
         self._date = (0, b"")
-        self._random = random.Random()
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         if listen_socket is None:
             super().__init__((config.host, config.port), Handler)
@@ -302,9 +300,6 @@ class SSEServer(ThreadingHTTPServer):
             text = email.utils.formatdate(now, usegmt=True).encode("ascii")
             self._date = (now, text)
         return text
-
-    def jitter(self) -> float:
-        return self._random.random()
 
     # -- internals ---------------------------------------------------------------------------------------------
 

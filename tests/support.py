@@ -356,6 +356,15 @@ def run_cli(*args, env: dict | None = None, timeout: float = 60, input_bytes: by
                           capture_output=True, timeout=timeout, input=input_bytes)
 
 
+def write_config(directory: str, name: str = "sseserver.toml", **values) -> str:
+    """A TOML config file with these keys (JSON literals are valid TOML for strings, numbers and booleans)."""
+    path = os.path.join(directory, name)
+    with open(path, "w") as handle:
+        for key, value in values.items():
+            handle.write(f"{key} = {json.dumps(value)}\n")
+    return path
+
+
 def listening_socket() -> socket.socket:
     """A listening TCP socket on 127.0.0.1, port 0, owned by the test (the daemon can inherit it)."""
     sock = socket.socket()

@@ -10,7 +10,7 @@ import time
 import unittest
 
 from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, SSEClient, connect, daemon_process, read_response, request,
-                           run_cli, wait_until)
+                           run_cli, wait_until, write_config)
 
 
 class CommandLineTest(unittest.TestCase):
@@ -130,9 +130,7 @@ class ProcessTest(unittest.TestCase):
 
     def test_a_second_signal_exits_at_once(self):
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "slow.toml")
-            with open(path, "w") as handle:
-                handle.write("shutdown_timeout = 60\nqueue_size = 100000\nhistory_size = 10\n")
+            path = write_config(tmp, shutdown_timeout=60, queue_size=100000, history_size=10)
             with daemon_process("--port", "0", "-c", path) as (process, port):
                 stalled = socket.create_connection(("127.0.0.1", port))
                 stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -156,9 +154,7 @@ class ProcessTest(unittest.TestCase):
 
     def test_sighup_reloads_and_keeps_subscribers(self):
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "sseserver.toml")
-            with open(path, "w") as handle:
-                handle.write("max_message_bytes = 10\n")
+            path = write_config(tmp, max_message_bytes=10)
             with daemon_process("--port", "0", "-c", path) as (process, port):
                 with SSEClient(port) as client:
                     self.assertEqual(request(port, "POST", "/publish", "x" * 20)[0], 413)

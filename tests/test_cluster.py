@@ -7,13 +7,12 @@ import signal
 import subprocess
 import tempfile
 import threading
-import time
 import unittest
 
 from sseserver import resp
 from sseserver.config import ConfigError
 from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, SSEClient, daemon_process, request, require_binary,
-                           run_cli, wait_until)
+                           run_cli, wait_until, write_config)
 
 
 class RedisServer:
@@ -59,14 +58,6 @@ class RedisServer:
     def cleanup(self):
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def write_config(directory, name, **values):
-    path = os.path.join(directory, name)
-    with open(path, "w") as handle:
-        for key, value in values.items():
-            handle.write(f"{key} = {json.dumps(value)}\n")
-    return path
 
 
 def health(port):

@@ -77,6 +77,11 @@ class FramingTest(unittest.TestCase):
             with self.subTest(bad=bad), self.assertRaises(ValueError):
                 framing.encode_retry(bad)
 
+    def test_jittered_retry_spread(self):
+        self.assertEqual(framing.encode_jittered_retry(3000, 0.0), b"retry: 3000\n\n")
+        self.assertEqual(framing.encode_jittered_retry(3000, 0.5), b"retry: 6000\n\n")
+        self.assertEqual(framing.encode_jittered_retry(200, 0.999999), b"retry: 2199\n\n")  # spread >= 2 s
+
     def test_id_only_block_moves_the_id_without_an_event(self):
         reader = FeedReader()
         self.assertEqual(reader.feed(b":\n" + framing.encode_id_only(42)), [])

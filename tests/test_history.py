@@ -11,15 +11,7 @@ import unittest
 from sseserver import history
 from sseserver.config import ConfigError
 from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, RunningServer, SSEClient, connect, daemon_process,
-                           read_response, request, run_cli, wait_until)
-
-
-def write_config(directory: str, **values) -> str:
-    path = os.path.join(directory, "sseserver.toml")
-    with open(path, "w") as handle:
-        for key, value in values.items():
-            handle.write(f"{key} = {json.dumps(value)}\n")
-    return path
+                           read_response, request, run_cli, wait_until, write_config)
 
 
 def publish_ids(port, count, prefix="e"):

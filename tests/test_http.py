@@ -178,6 +178,13 @@ class ErrorTest(unittest.TestCase):
             status, headers, body = read_response(sock)
         self.assertEqual((status, headers["connection"]), (413, "close"))
 
+    def test_an_unread_body_closes_the_connection_and_says_so(self):
+        with connect(self.server.port) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nContent-Length: 26\r\n\r\nGET /health HTTP/1.1\r\n\r\n")
+            status, headers, _ = read_response(sock)
+            self.assertEqual((status, headers["connection"]), (200, "close"))
+            self.assertEqual(sock.recv(100), b"")  # the body was not taken for a second request
+
     def test_garbage_request_line(self):
         out = raw_exchange(self.server.port, b"\x00\x01garbage\r\n\r\n")
         self.assertTrue(out.startswith(b"HTTP/1.1 400 "))

@@ -1,9 +1,7 @@
 """/metrics parsed by a strict parser of the Prometheus text format 0.0.4; the access log; /health; the page."""
 
 import io
-import json
 import logging
-import math
 import re
 import unittest
 
