@@ -12,8 +12,20 @@ live events has no window in which an event could be missed or sent twice. The r
 `history_size + queue_size` events: the newest `history_size` are replayable, and a subscriber can fall at most
 `queue_size` events behind before it is dropped, so nothing a live subscriber still needs is ever evicted.
 
-Positions (`pos`) count events appended to this process's ring, from 0. Ids are what clients see; they are
+Positions (`pos`) count entries appended to this process's ring, from 0. Ids are what clients see; they are
 strictly increasing but need not be contiguous (a shared id sequence may skip), so replay finds positions by id.
+
+Ids are unique across the daemon's lifetimes, not only within one process: a lifetime's first id is
+max(the last stored id + 1, the wall clock in microseconds), so an in-memory daemon that restarts never hands out
+an id a client may still hold from before (at the ~20,000 publishes/s a process sustains, ids trail the clock by
+far more than any restart takes). Every event also knows its predecessor (`prev_id`, the id of the event just
+before it in the sequence, or the lifetime's origin `first id - 1`), and replay is exact-match: a Last-Event-ID
+is honoured only when it is an id this ring holds or the predecessor of the oldest entry. Anything else (an id
+from an earlier lifetime, one between two ids we hold, one from the future, garbage) gets a reset notice.
+
+A gap in the sequence (events that never reached this ring: a shared stream that lost entries) is an entry of
+its own, a notice: a ready-made `sseserver.reset` block that every stream receives whatever its filter, and that
+replay across the spot includes, so no stream crosses a gap in silence.
 """
 
 import json
@@ -24,16 +36,26 @@ from collections.abc import Callable
 from . import framing
 
 
-class Event:
-    __slots__ = ("pos", "id", "name", "data", "wire", "published_ns")
+RESET_EVENT = "sseserver.reset"
 
-    def __init__(self, pos: int, event_id: int, name: str, data: str, wire: bytes, published_ns: int):
+
+class Event:
+    """One ring entry: an event, or (notice=True) a gap notice that stands between two events."""
+
+    __slots__ = ("pos", "id", "prev_id", "name", "data", "wire", "published_ns", "notice")
+
+    def __init__(self, pos: int, event_id: int, prev_id: int, name: str, data: str, wire: bytes, published_ns: int,
+                 notice: bool = False):
         self.pos = pos
+        # A notice carries the id of the event before the gap: a stream that has passed it has still seen no
+        # later id, and replay from that id starts at the notice (the binary search finds the event first).
         self.id = event_id
+        self.prev_id = prev_id  # the id just before this entry in the sequence
         self.name = name  # "message" for unnamed events, as a browser sees them
         self.data = data
-        self.wire = wire  # the complete event block, encoded once for every subscriber
+        self.wire = wire  # the complete block, encoded once for every subscriber
         self.published_ns = published_ns
+        self.notice = notice
 
 
 class Ring:
@@ -106,26 +128,40 @@ class StoreError(Exception):
     """The durable history could not store an event: it must not be acknowledged."""
 
 
+def lifetime_first_id() -> int:
+    """The first id of a process lifetime with nothing stored before it: the wall clock in microseconds."""
+    return time.time_ns() // 1000
+
+
 class Bouncer:
-    def __init__(self, history_size: int, queue_size: int, first_id: int = 1, store=None):
+    def __init__(self, history_size: int, queue_size: int, first_id: int | None = None, store=None):
+        """`first_id` None: ids start from the clock (lifetime_first_id); a shared sequence (Redis) passes 1 and
+        ingests ids assigned elsewhere."""
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)  # ingest() -> wait_for_id()
         self._history_size = history_size
         self._queue_size = queue_size
         self.ring = Ring(history_size + queue_size)
-        self.head = 0  # pos the next event will take; read without the lock by the delivery layer
-        self._next_id = first_id
-        self._total = 0
+        self.head = 0  # pos the next entry will take; read without the lock by the delivery layer
+        self._first_pos = 0  # no entry below this pos exists (a ring resized larger holds nothing older)
+        self._next_id = lifetime_first_id() if first_id is None else first_id
+        self._origin = self._next_id - 1  # the predecessor of this lifetime's first event: an id no event has
+        self._last_id = self._origin  # the newest id in the sequence
+        self._has_events = False
         self._unfiltered = 0
+        self._total = 0
         self._by_name: dict[str, int] = {}
         self._by_peer: dict[str, int] = {}
         self._pattern_filters: dict = {}
         self._listeners: list[Callable[[], None]] = []
+        # With fsync "always", events written but not yet on disk wait here (id order) until their fsync
+        # succeeds; only then do they enter the ring, so a failed fsync leaves nothing to deliver or replay.
+        self._unsynced: list[tuple[int, Event]] = []
         self.published = 0  # events published by this process (metrics)
         self.resets = 0  # replays that began with a reset notice (metrics)
         self._store = store  # a history.HistoryFile, or None: history lives in memory only
         if store is not None:
-            store.on_compact(self._compact)
+            store.on_compact(self.compact_store)
 
     # -- methods for the caller ---------------------------------------------------------------------------
 
@@ -139,10 +175,16 @@ class Bouncer:
 
     @property
     def last_id(self) -> int:
-        return self._next_id - 1
+        """The newest id in the sequence (before any event: the lifetime's origin, which no event has)."""
+        return self._last_id
+
+    @property
+    def newest_event_id(self) -> int | None:
+        """The newest event's id, or None when there has been none."""
+        return self._last_id if self._has_events else None
 
     def retained(self) -> int:
-        """How many events replay can reach right now."""
+        """How many entries replay can reach right now."""
         return self.head - self._oldest_pos(self.head)
 
     def on_publish(self, listener: Callable[[], None]) -> None:
@@ -150,28 +192,39 @@ class Bouncer:
         self._listeners.append(listener)
 
     def resize(self, history_size: int, queue_size: int) -> None:
-        """Apply new history/queue sizes (a reload). Keeps every event the new ring has room for."""
+        """Apply new history/queue sizes (a reload). Keeps every entry the new ring has room for; a larger ring
+        starts with only what the old one held, and replay knows it (_first_pos)."""
         with self._lock:
             ring = Ring(history_size + queue_size)
-            for pos in range(max(0, self.head - ring.capacity), self.head):
-                event = self.ring.get(pos)
-                if event is not None:
-                    ring.slots[pos % ring.capacity] = event
+            first = max(self._first_pos, self.head - self.ring.capacity, self.head - ring.capacity, 0)
+            for pos in range(first, self.head):
+                ring.slots[pos % ring.capacity] = self.ring.get(pos)
             self.ring = ring
+            self._first_pos = first
             self._history_size, self._queue_size = history_size, queue_size
+            if self._store is not None:
+                self._store.keep = history_size
 
-    def ingest(self, event_id: int, name: str, data: str) -> bool:
+    def ingest(self, event_id: int, name: str, data: str, prev_id: int | None = None) -> bool:
         """Append an event whose id was assigned elsewhere (the shared Redis stream), in that stream's order.
-        An id not above the last one is a repeat (a follower resuming) and is ignored: False."""
+        `prev_id` is the id the stream had before it (None: assume no gap). An id not above the last one is a
+        repeat (a follower resuming) and is ignored: False. When prev_id says events are missing between the
+        newest event here and this one, a gap notice goes into the ring first."""
         body = framing.encode_event(data, None, name)
+        now = time.monotonic_ns()
         with self._lock:
-            if event_id < self._next_id:
+            if event_id <= self._last_id and self._has_events:
                 return False
-            pos = self.head
-            self.ring.slots[pos % self.ring.capacity] = Event(
-                pos, event_id, name, data, b"id: %d\n" % event_id + body, time.monotonic_ns())
-            self.head = pos + 1
+            if prev_id is None:
+                prev_id = self._last_id
+            if self._has_events and prev_id != self._last_id:
+                notice = _gap_notice(self._last_id, event_id)
+                self._append_locked(Event(self.head, self._last_id, self._last_id, RESET_EVENT, "", notice, now,
+                                          notice=True))
+            self._append_locked(Event(self.head, event_id, prev_id, name, data, b"id: %d\n" % event_id + body, now))
+            self._last_id = event_id
             self._next_id = event_id + 1
+            self._has_events = True
             self.published += 1
             self._arrived.notify_all()
         for listener in self._listeners:
@@ -181,7 +234,7 @@ class Bouncer:
     def wait_for_id(self, event_id: int, timeout: float) -> bool:
         """Wait until the event with this id (or a later one) is here; False on timeout."""
         with self._lock:
-            return self._arrived.wait_for(lambda: self._next_id > event_id, timeout)
+            return self._arrived.wait_for(lambda: self._has_events and self._last_id >= event_id, timeout)
 
     def queued_for(self, name: str) -> int:
         """How many streams here would receive an event of this name."""
@@ -189,45 +242,60 @@ class Bouncer:
             return self._count_locked(name)
 
     def restore(self, stored) -> None:
-        """Load events read back from durable history (oldest first): the newest become replayable and ids
-        continue after the last one."""
+        """Load events read back from durable history (oldest first, each with its predecessor's id): the newest
+        become replayable, and ids continue after the last one (or from the clock, whichever is higher)."""
         with self._lock:
+            now = time.monotonic_ns()
             for item in stored[-self._history_size:] if self._history_size else []:
                 body = framing.encode_event(item.data, None, item.name)
-                pos = self.head
-                self.ring.slots[pos % self.ring.capacity] = Event(
-                    pos, item.id, item.name, item.data, b"id: %d\n" % item.id + body, time.monotonic_ns())
-                self.head = pos + 1
+                self._append_locked(Event(self.head, item.id, item.prev_id, item.name, item.data,
+                                          b"id: %d\n" % item.id + body, now))
             if stored:
-                self._next_id = max(self._next_id, stored[-1].id + 1)
+                self._last_id = stored[-1].id
+                self._next_id = max(self._next_id, self._last_id + 1)
+                self._has_events = True
+                self._origin = None
 
     def publish(self, data: str, name: str = "message") -> tuple[Event, int]:
         """Append an event and return it with the number of subscribers it was queued for. Never blocks on a
         subscriber: delivery happens elsewhere, after the listeners are told. With durable history the record
         is written under the lock (file order is id order) and fsynced after it, before anyone hears of the
-        event; StoreError means it was not stored and must not be acknowledged."""
+        event; StoreError means it was not stored, is not delivered, and must not be acknowledged."""
         body = framing.encode_event(data, None, name)  # encode outside the lock; only the id goes in under it
         now = time.monotonic_ns()
-        ticket = 0
+        store = self._store
         with self._lock:
-            event_id = self._next_id
-            if self._store is not None:
+            event_id, prev_id = self._next_id, self._last_id
+            event = Event(-1, event_id, prev_id, name, data, b"id: %d\n" % event_id + body, now)
+            ticket = 0
+            if store is not None:
                 try:
-                    ticket = self._store.append(event_id, name, data)
+                    ticket = store.append(event_id, prev_id, name, data)
                 except OSError as exc:
                     raise StoreError(f"could not write the history file: {exc.strerror or exc}") from None
-            self._next_id += 1
+            self._next_id = event_id + 1
+            self._last_id = event_id
+            self._has_events = True
             self.published += 1
-            pos = self.head
-            event = Event(pos, event_id, name, data, b"id: %d\n" % event_id + body, now)
-            self.ring.slots[pos % self.ring.capacity] = event
-            self.head = pos + 1
-            count = self._count_locked(name)
-        if ticket:
+            if ticket and store.must_sync():
+                self._unsynced.append((ticket, event))
+            else:
+                self._append_locked(event)
+                count = self._count_locked(name)
+        if ticket and store.must_sync():
             try:
-                self._store.sync(ticket)
+                store.sync(ticket)
+                failure = None
             except OSError as exc:
-                raise StoreError(f"could not fsync the history file: {exc.strerror or exc}") from None
+                failure = exc
+            with self._lock:
+                self._settle_locked(failed=failure is not None)
+                stored = event.pos >= 0  # on disk by this fsync or another one that covered it
+                if stored:
+                    count = self._count_locked(name)
+            if not stored:
+                why = failure.strerror or failure if failure else "an fsync of the history file failed"
+                raise StoreError(f"could not fsync the history file: {why}")
         for listener in self._listeners:
             listener()
         return event, count
@@ -250,7 +318,7 @@ class Bouncer:
             if last_event_id is None:
                 cursor = head
             else:
-                cursor = self._replay_start(last_event_id, oldest, head)
+                cursor = self._replay_start(parse_event_id(last_event_id), oldest, head)
                 if cursor is None:
                     self.resets += 1
                     reset = self._reset_notice(last_event_id, oldest, head)
@@ -281,37 +349,36 @@ class Bouncer:
                 _bump(self._pattern_filters, names, -1)
 
     def history(self) -> list[Event]:
-        """The replayable events, oldest first."""
+        """The replayable events (not notices), oldest first."""
         with self._lock:
-            head = self.head
-            return [event for pos in range(self._oldest_pos(head), head) if (event := self.ring.get(pos)) is not None]
+            return self._retained_events_locked(self._oldest_pos(self.head))
 
-    def _compact(self) -> None:
+    def compact_store(self) -> None:
         """Rewrite the history file to the retained events (called on the history thread). The bulk is written
-        without the lock; only events published meanwhile are appended under it, with the file swap."""
-        kept = self.history()
-        head = kept[-1].pos + 1 if kept else self.head  # finish() appends everything from here on
-
-        def finish(write_rest) -> None:
+        without the lock; what was published meanwhile (in the ring, or written and waiting for its fsync) is
+        appended under it, and the files are swapped there, so no publish is half in and half out."""
+        with self._lock:
+            kept = self._retained_events_locked(self._oldest_pos(self.head))
+            head = self.head
+        with self._store.compaction(kept) as finish:
             with self._lock:
-                write_rest([event for pos in range(head, self.head) if (event := self.ring.get(pos)) is not None])
-
-        self._store.compact(lambda: kept, finish)
+                newer = self._retained_events_locked(max(head, self._oldest_pos(self.head)))
+                finish(newer + [event for _, event in self._unsynced])
 
     # -- used by the delivery layer (lock-free: it reads a ring reference and immutable events) ---------------
 
     def collect(self, ring: Ring, cursor: int, head: int, names, limit: int = 1 << 20):
-        """The wire bytes of events from `cursor` that `names` accepts, stopping at `head` or once `limit`
-        bytes are gathered (so a long replay of large events never becomes one huge buffer). Returns
-        (bytes, how many events, id of the last one or 0, the pos to continue from), or None when an event in
-        that range has already been evicted."""
+        """The wire bytes of entries from `cursor` that `names` accepts (gap notices go to every stream),
+        stopping at `head` or once `limit` bytes are gathered (so a long replay of large events never becomes
+        one huge buffer). Returns (bytes, how many entries, id of the last one or 0, the pos to continue from),
+        or None when an entry in that range has already been evicted."""
         chunks = []
         last_id = size = 0
         for pos in range(cursor, head):
             event = ring.slots[pos % ring.capacity]
             if event is None or event.pos != pos:
                 return None
-            if names is None or event.name in names:
+            if names is None or event.name in names or event.notice:
                 chunks.append(event.wire)
                 last_id = event.id
                 size += len(event.wire)
@@ -339,6 +406,33 @@ class Bouncer:
 
     # -- internals ------------------------------------------------------------------------------------------
 
+    def _append_locked(self, event: Event) -> None:
+        """The one way an entry enters the ring: at head, in sequence order."""
+        pos = event.pos = self.head
+        self.ring.slots[pos % self.ring.capacity] = event
+        self.head = pos + 1
+
+    def _settle_locked(self, failed: bool) -> None:
+        """After an fsync ("always"): move every event now on disk from _unsynced into the ring, in id order. On
+        failure the store cuts off every record not known to be on disk, so those events fail too: they leave
+        _unsynced without entering the ring, and the sequence goes back to the newest event that did."""
+        store = self._store
+        while self._unsynced and self._unsynced[0][0] <= store.synced:
+            self._append_locked(self._unsynced.pop(0)[1])
+        if not failed:
+            return
+        store.discard_unsynced()
+        if self._unsynced:
+            # Ids are not reused (_next_id stays ahead), but the next event's predecessor is the newest real one.
+            self._last_id = self._unsynced[0][1].prev_id
+            self._has_events = self._last_id != self._origin
+            self.published -= len(self._unsynced)
+            self._unsynced.clear()
+
+    def _retained_events_locked(self, start: int) -> list[Event]:
+        return [event for pos in range(start, self.head)
+                if (event := self.ring.get(pos)) is not None and not event.notice]
+
     def _count_locked(self, name: str) -> int:
         count = self._unfiltered + self._by_name.get(name, 0)
         for pattern_filter, subscribers in self._pattern_filters.items():  # token scopes: few distinct ones
@@ -347,32 +441,41 @@ class Bouncer:
         return count
 
     def _oldest_pos(self, head: int) -> int:
-        return max(0, head - self._history_size, head - self.ring.capacity)
+        return max(self._first_pos, head - self._history_size, head - self.ring.capacity)
 
-    def _replay_start(self, last_event_id: str, oldest: int, head: int) -> int | None:
-        """The pos just after `last_event_id`, when every event after it is still retained."""
-        wanted = parse_event_id(last_event_id)
-        if wanted is None or wanted > self.last_id:
-            return None  # not ours, or from before a restart that reset the sequence: a reset, not silence
+    def _replay_start(self, wanted: int | None, oldest: int, head: int) -> int | None:
+        """The pos just after the event `wanted`, when that id is one we hold (or the predecessor of the oldest
+        entry) and so every entry after it is still here. None: a reset."""
+        if wanted is None:
+            return None  # not one of our ids
         if oldest == head:  # nothing retained: fine only if the client has seen the very last id
-            return head if wanted == self.last_id else None
-        first = self.ring.get(oldest)
-        if wanted < first.id - 1:
-            return None  # events between the client's id and our oldest are gone
-        low, high = oldest, head  # first pos whose id is greater than `wanted`
+            return head if wanted == self._last_id else None
+        if wanted == self.ring.get(oldest).prev_id:
+            return oldest
+        low, high = oldest, head  # the first pos whose id is >= wanted
         while low < high:
             middle = (low + high) // 2
-            if self.ring.get(middle).id > wanted:
+            if self.ring.get(middle).id >= wanted:
                 high = middle
             else:
                 low = middle + 1
-        return low
+        if low < head:
+            entry = self.ring.get(low)
+            if entry.id == wanted and not entry.notice:
+                return low + 1
+        return None
 
     def _reset_notice(self, last_event_id: str, oldest: int, head: int) -> bytes:
-        first = self.ring.get(oldest) if oldest < head else None
-        oldest_id = str(first.id) if first else None
-        payload = json.dumps({"last_event_id": last_event_id, "oldest_id": oldest_id})
-        # The id moves the browser's cursor to just before the replay, so a reconnect during the replay does not
-        # trigger a second reset and a second full replay.
-        cursor_id = first.id - 1 if first else self.last_id
-        return framing.encode_event(payload, cursor_id, "sseserver.reset")
+        first = next((event for pos in range(oldest, head) if not (event := self.ring.get(pos)).notice), None)
+        payload = json.dumps({"last_event_id": last_event_id, "oldest_id": str(first.id) if first else None})
+        # The id moves the browser's cursor to just before the replay (an id _replay_start accepts), so a
+        # reconnect during the replay does not trigger a second reset and a second full replay.
+        cursor_id = self.ring.get(oldest).prev_id if oldest < head else self._last_id
+        return framing.encode_event(payload, cursor_id, RESET_EVENT)
+
+
+def _gap_notice(last_id: int, next_id: int) -> bytes:
+    """The in-band reset a live stream gets where events are missing: like a replay reset, it names the last id
+    before the gap and the oldest one after it."""
+    return framing.encode_event(json.dumps({"last_event_id": str(last_id), "oldest_id": str(next_id)}), None,
+                                RESET_EVENT)

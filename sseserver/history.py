@@ -9,119 +9,165 @@ the history is on disk.
 The format (all integers big-endian):
     file   = MAGIC record*
     record = length:u32 crc32:u32 payload          crc32 over the payload
-    payload= id:u64 name_length:u8 name data       name and data UTF-8
+    payload= id:u64 prev_id:u64 name_length:u8 name data       name and data UTF-8
+`prev_id` is the id just before this one in the sequence, so replay after a restart stays exact even for the
+oldest kept record. Files of the first format (MAGIC1, no prev_id) are read and rewritten in this one at start.
 
 Guarantees, by `history_fsync`:
 - every mode: a record is written (os.write, no user-space buffer) before the publisher gets its 200, so a
   crash of the *process* (kill -9, an OOM kill) loses no acknowledged event;
 - "always": fsync before the 200 (grouped: concurrent publishers share one fsync), so a crash of the *machine*
-  (power loss, kernel panic) loses none either;
+  (power loss, kernel panic) loses none either. A failed fsync fails every record written since the last good
+  one: they are cut off the file again (ftruncate + fsync) and their publishers get 503, so a 503 always means
+  "not published" and a restart never brings such an event back. Until that cut succeeds, publishing is refused
+  and the background thread keeps trying to rewrite the file;
 - "interval": fsync every `history_fsync_interval` seconds, so a machine crash loses at most that much;
 - "never": the kernel writes back when it likes (typically within 30 s).
 
-Compaction rewrites the newest events into `<file>.compact`, fsyncs it, renames it over the file and fsyncs the
-directory. A crash before the rename leaves the old file whole (the leftover is deleted at the next start); a
-crash after it leaves the new file whole. Either way every acknowledged, still-retained event is there.
+Every write loops until the whole record is written (os.write may write less, e.g. near a full disk, and never
+more than ~2 GiB at once); a record that cannot be written whole is cut off again, so the file always ends on a
+record boundary. Compaction rewrites the newest events into `<file>.compact`, fsyncs it, renames it over the
+file and fsyncs the directory. Any failure before the rename (a full disk) leaves the old file in force and
+untouched, and compaction is retried with backoff. A crash before the rename leaves the old file whole (the
+leftover is deleted at the next start); a crash after it leaves the new file whole. A file deleted or replaced
+behind the daemon's back is noticed within a second and written anew from the retained events.
+
+Recovery never depends on what publishers put in events: a crash can only leave a torn *last* record (appends
+are single writes at the end of the file), so damage is accepted as a torn tail exactly when it reaches the end
+of the file (a record cut short, one whose checksum fails and that ends at the end of the file, or only zero
+bytes left); damage followed by more data is corruption and stops the start.
 """
 
+import contextlib
+import errno
 import logging
 import os
 import struct
 import threading
+import time
 import zlib
 
 from .config import ConfigError
 
 log = logging.getLogger("sseserver.history")
 
-MAGIC = b"SSEHIST1\n"
+MAGIC = b"SSEHIST2\n"
+MAGIC1 = b"SSEHIST1\n"  # the first format: payload = id:u64 name_length:u8 name data
 _HEADER = struct.Struct(">II")
-_ID = struct.Struct(">QB")
+_IDS = struct.Struct(">QQB")
+_ID1 = struct.Struct(">QB")
 MAX_RECORD = 64 * 1024 * 1024 + 300
 FSYNC_MODES = ("always", "interval", "never")
+CHECK_INTERVAL = 1.0  # how often the background thread looks for a deleted file or a needed rewrite
+RETRY_START, RETRY_MAX = 1.0, 60.0  # backoff between failed compactions (a full disk stays full for a while)
 
 
 class StoredEvent:
-    __slots__ = ("id", "name", "data")
+    __slots__ = ("id", "prev_id", "name", "data")
 
-    def __init__(self, event_id: int, name: str, data: str):
-        self.id, self.name, self.data = event_id, name, data
+    def __init__(self, event_id: int, prev_id: int, name: str, data: str):
+        self.id, self.prev_id, self.name, self.data = event_id, prev_id, name, data
 
 
-def encode_record(event_id: int, name: str, data: str) -> bytes:
+def encode_record(event_id: int, prev_id: int, name: str, data: str) -> bytes:
     name_bytes = name.encode("utf-8")
-    payload = _ID.pack(event_id, len(name_bytes)) + name_bytes + data.encode("utf-8")
+    payload = _IDS.pack(event_id, prev_id, len(name_bytes)) + name_bytes + data.encode("utf-8")
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def encode_records(events) -> bytes:
+    return b"".join(encode_record(e.id, e.prev_id, e.name, e.data) for e in events)
 
 
 def decode_records(blob: bytes, path: str) -> tuple[list[StoredEvent], int, str | None]:
     """Parse a whole file. Returns (events, length of the valid prefix, why the tail was dropped or None).
     Raises ConfigError when the file is not ours or is damaged anywhere but at its very end."""
-    if not blob.startswith(MAGIC):
-        if MAGIC.startswith(blob):
-            return [], 0, "empty file"  # created, then crashed before the magic was complete
+    if blob.startswith(MAGIC):
+        ids = _IDS
+    elif blob.startswith(MAGIC1):
+        ids = _ID1
+    elif MAGIC.startswith(blob):
+        return [], 0, "empty file"  # created, then crashed before the magic was complete
+    else:
         raise ConfigError("history_file", f"{path} is not an sseserver history file")
     events, offset = [], len(MAGIC)
     while offset < len(blob):
-        problem = None
-        if len(blob) - offset < _HEADER.size:
-            problem = "a partial record header"
-        else:
-            length, crc = _HEADER.unpack_from(blob, offset)
-            end = offset + _HEADER.size + length
-            if length < _ID.size or length > MAX_RECORD:
-                problem = "an impossible record length"
-            elif end > len(blob):
-                problem = "a partial record"
-            else:
-                payload = blob[offset + _HEADER.size:end]
-                if zlib.crc32(payload) != crc:
-                    problem = "a record whose checksum does not match"
+        problem, end = _damage(blob, offset, ids.size)
         if problem:
-            if _looks_like_torn_tail(blob, offset):
+            if end >= len(blob) or not blob.strip(b"\0")[offset:]:
                 return events, offset, f"{problem} at the end (offset {offset}), left by a crash"
             raise ConfigError("history_file", f"{path} is corrupt: {problem} at offset {offset} of {len(blob)}")
-        event_id, name_length = _ID.unpack_from(payload)
+        payload = blob[offset + _HEADER.size:end]
+        if ids is _IDS:
+            event_id, prev_id, name_length = ids.unpack_from(payload)
+        else:
+            (event_id, name_length), prev_id = ids.unpack_from(payload), None
+        if prev_id is None:  # the first format: ids were contiguous within a file
+            prev_id = events[-1].id if events else event_id - 1
         try:
-            name = payload[_ID.size:_ID.size + name_length].decode("utf-8")
-            data = payload[_ID.size + name_length:].decode("utf-8")
+            name = payload[ids.size:ids.size + name_length].decode("utf-8")
+            data = payload[ids.size + name_length:].decode("utf-8")
         except UnicodeDecodeError:
             raise ConfigError("history_file", f"{path} is corrupt: bad UTF-8 in the record at offset {offset}") from None
         if events and event_id <= events[-1].id:
             raise ConfigError("history_file", f"{path} is corrupt: ids go backwards at offset {offset}")
-        events.append(StoredEvent(event_id, name, data))
+        events.append(StoredEvent(event_id, prev_id, name, data))
         offset = end
     return events, offset, None
 
 
-def _looks_like_torn_tail(blob: bytes, offset: int) -> bool:
-    """A crash can only damage the last record, which a single interrupted write left short. If a whole valid
-    record follows the damage, the damage is in the middle: that is corruption, never silently dropped."""
-    for start in range(offset + 1, len(blob) - _HEADER.size):
-        length, crc = _HEADER.unpack_from(blob, start)
-        end = start + _HEADER.size + length
-        if _ID.size <= length <= MAX_RECORD and end <= len(blob) and zlib.crc32(blob[start + _HEADER.size:end]) == crc:
-            return False
-    return True
+def _damage(blob: bytes, offset: int, ids_size: int) -> tuple[str | None, int]:
+    """What is wrong with the record at `offset` (None if nothing), and where it claims to end."""
+    if len(blob) - offset < _HEADER.size:
+        return "a partial record header", len(blob)
+    length, crc = _HEADER.unpack_from(blob, offset)
+    end = offset + _HEADER.size + length
+    if length < ids_size or length > MAX_RECORD:
+        return "an impossible record length", end
+    if end > len(blob):
+        return "a partial record", end
+    if zlib.crc32(blob[offset + _HEADER.size:end]) != crc:
+        return "a record whose checksum does not match", end
+    return None, end
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until all of `data` is written: a write may take less (a nearly full disk, a signal, the ~2 GiB
+    cap of one write on Linux). Raises OSError when the kernel refuses the rest."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view[:1 << 30])
+        if written <= 0:
+            raise OSError(errno.ENOSPC, "no space left for the history file")
+        view = view[written:]
 
 
 class HistoryFile:
-    """The open history file. append() is called under the bouncer's lock; sync() and compact() outside it."""
+    """The open history file. append() and the `finish` step of a compaction run under the bouncer's lock;
+    sync() and the bulk of a compaction outside it."""
 
     def __init__(self, path: str, fsync: str, interval: float, keep: int):
         self.path = path
         self.fsync = fsync
         self.interval = interval
-        self.keep = keep  # events to keep after compaction (history_size)
+        self.keep = keep  # events to keep after compaction (history_size; a reload may change it)
         self.records = 0  # records in the current file
         self._fd = -1
-        self._appended = 0  # sequence numbers for group commit
-        self._synced = 0
+        self._size = 0  # bytes in the current file
+        # Group commit: each append takes the next ticket. (_appended, _size) are replaced together as one tuple
+        # so that sync() can read a consistent pair without the bouncer's lock.
+        self._appended = 0
+        self._tail = (0, 0)
+        self.synced = 0  # every ticket up to this one is on disk
+        self._synced_size = 0  # the file's size at that fsync: where a failed fsync cuts the file back to
+        self._broken: str | None = None  # why appends are refused (a failed fsync, a record that would not cut)
+        self._needs_rewrite = False  # the file may hold records nobody acknowledged: rewrite it before appending
         self._sync_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.compact_requested = threading.Event()
         self._on_compact = None  # set by the bouncer: it knows which events to keep
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we write to
 
     # -- start ---------------------------------------------------------------------------------------------------
 
@@ -145,77 +191,158 @@ class HistoryFile:
                     log.warning("history file %s: ignoring %s; keeping %d events", self.path, dropped, len(events))
                 os.ftruncate(fd, valid)
             if valid == 0:
-                os.write(fd, MAGIC)
+                write_all(fd, MAGIC)
                 os.fsync(fd)
+                valid = len(MAGIC)
         except OSError as exc:
             os.close(fd)
             raise ConfigError("history_file", f"cannot read {self.path}: {exc.strerror}") from None
         except ConfigError:
             os.close(fd)
             raise
-        self._fd = fd
-        self.records = len(events)
+        self._adopt(fd, valid, len(events))
+        if blob.startswith(MAGIC1):
+            try:
+                self._rewrite(events)
+            except OSError as exc:
+                raise ConfigError("history_file", f"cannot convert {self.path} to the current format: "
+                                  f"{exc.strerror or exc}") from None
+            log.info("history file %s converted to the current format", self.path)
         return events
 
     def start(self) -> None:
-        """The background thread: periodic fsync ("interval") and compaction."""
+        """The background thread: periodic fsync ("interval"), compaction, and noticing a lost file."""
         self._thread = threading.Thread(target=self._run, name="sseserver-history", daemon=True)
         self._thread.start()
 
     # -- per publish -----------------------------------------------------------------------------------------
 
-    def append(self, event_id: int, name: str, data: str) -> int:
+    def must_sync(self) -> bool:
+        """True when a publish must wait for sync() before it is acknowledged (fsync "always")."""
+        return self.fsync == "always"
+
+    def append(self, event_id: int, prev_id: int, name: str, data: str) -> int:
         """Write one record (under the bouncer's lock). Returns a ticket for sync(). Raises OSError when the
-        record could not be written: the caller must then not acknowledge the event."""
-        record = encode_record(event_id, name, data)
-        written = os.write(self._fd, record)
-        if written != len(record):  # a short write (disk full): undo it so the file stays parseable
-            os.ftruncate(self._fd, os.lseek(self._fd, 0, os.SEEK_END) - written)
-            raise OSError(28, "short write to the history file")
+        record could not be written whole: it is cut off again, and the caller must not acknowledge it."""
+        if self._broken:
+            raise OSError(errno.EIO, self._broken)
+        record = encode_record(event_id, prev_id, name, data)
+        try:
+            write_all(self._fd, record)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, self._size)  # the file must end on a record boundary
+            except OSError as exc:
+                self._broken = f"a torn record could not be cut off: {exc.strerror or exc}"
+                self._needs_rewrite = True
+                self.compact_requested.set()
+            raise
+        self._size += len(record)
         self.records += 1
         self._appended += 1
+        self._tail = (self._appended, self._size)
         if self.records > 2 * self.keep + 100:
             self.compact_requested.set()
         return self._appended
 
     def sync(self, ticket: int) -> None:
         """With fsync "always": return once the record behind `ticket` is on disk. Publishers that arrive
-        while an fsync runs are covered by the next one, so N concurrent publishers cost ~2 fsyncs, not N."""
-        if self.fsync != "always" or self._synced >= ticket:
+        while an fsync runs are covered by the next one, so N concurrent publishers cost ~2 fsyncs, not N.
+        Raises OSError when it is not; then every record after the last good fsync counts as failed (the
+        bouncer calls discard_unsynced()), because after a failed fsync the kernel may have dropped any of them."""
+        if self.synced >= ticket:
             return
         with self._sync_lock:
-            if self._synced >= ticket:
+            if self.synced >= ticket:
                 return
-            target = self._appended
-            os.fsync(self._fd)
-            self._synced = target
+            if self._broken:
+                raise OSError(errno.EIO, self._broken)
+            target, size = self._tail
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._broken = f"fsync failed: {exc.strerror or exc}"
+                raise
+            self.synced, self._synced_size = target, size
+
+    def discard_unsynced(self) -> None:
+        """After a failed fsync (under the bouncer's lock): cut the file back to the last fsync that succeeded,
+        so none of the failed records can come back at the next start. Appends stay refused until an fsync
+        succeeds again (the background thread keeps trying); if even the cut fails, it rewrites the file from the
+        retained events instead."""
+        with self._sync_lock:
+            if not self._broken or self._needs_rewrite:
+                return
+            try:
+                os.ftruncate(self._fd, self._synced_size)
+            except OSError as exc:
+                log.error("history file %s: could not cut off records after a failed fsync (%s); publishing is "
+                          "refused until the file is rewritten", self.path, exc.strerror or exc)
+                self._needs_rewrite = True
+                self.compact_requested.set()
+                return
+            dropped = self._appended - self.synced
+            self._size = self._synced_size
+            self.records -= dropped
+            # Tickets never go back (a publisher may still hold one of the cut records'): the file now holds
+            # exactly the records up to `synced`, and every ticket so far is settled, one way or the other.
+            self.synced = self._appended
+            self._tail = (self._appended, self._size)
+            log.error("history file %s: %s; %d unacknowledged record(s) removed, publishing refused until an fsync "
+                      "succeeds", self.path, self._broken, dropped)
+
+    def _recover(self) -> None:
+        """Background: a file cut back after a failed fsync is whole again once an fsync of it succeeds."""
+        with self._sync_lock:
+            if not self._broken or self._needs_rewrite:
+                return
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                return
+            self._synced_size = self._size
+            self._broken = None
+        log.warning("history file %s: fsync works again; publishing resumes", self.path)
 
     # -- background --------------------------------------------------------------------------------------------
 
-    def compact(self, snapshot, finish) -> None:
-        """Rewrite the file to the newest events. `snapshot()` returns the events to keep (taken under the
-        bouncer's lock, so no publish is half in and half out); `finish(write_rest)` runs under that lock and
-        calls write_rest(fd), which appends whatever was published since the snapshot and swaps the files."""
+    @contextlib.contextmanager
+    def compaction(self, kept):
+        """Rewrite the file to the newest events: `kept` (taken under the bouncer's lock) is written and fsynced
+        without the lock; the caller then calls finish(newer) under the lock, which appends what was written
+        since, makes it durable and swaps the files. On any failure the old file stays in force, untouched."""
         temp = self.path + ".compact"
-        events = snapshot()
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, MAGIC + b"".join(encode_record(e.id, e.name, e.data) for e in events))
-            os.fsync(fd)  # the bulk is durable before the lock is taken
+        swapped = False
 
-            def write_rest(newer) -> None:
-                os.write(fd, b"".join(encode_record(e.id, e.name, e.data) for e in newer))
-                os.fsync(fd)
+        def finish(newer) -> None:
+            nonlocal swapped
+            rest = encode_records(newer)
+            write_all(fd, rest)
+            os.fsync(fd)
+            with self._sync_lock:  # no fsync of the old file may count for the new one
                 os.rename(temp, self.path)
+                swapped = True
+                old = self._fd
+                self._adopt(fd, size + len(rest), len(kept) + len(newer))
+                self._broken, self._needs_rewrite = None, False
+            os.close(old)
+            try:
                 _fsync_directory(self.path)
-                old, self._fd = self._fd, fd
-                os.close(old)
-                self.records = len(events) + len(newer)
-                self._synced = self._appended  # the new file holds everything appended so far, on disk
+            except OSError as exc:  # the new file is in force; only its name may not survive a power loss
+                log.error("history file %s: could not fsync its directory after compaction: %s", self.path,
+                          exc.strerror or exc)
 
-            finish(write_rest)
+        try:
+            bulk = MAGIC + encode_records(kept)
+            write_all(fd, bulk)
+            os.fsync(fd)  # the bulk is durable before the lock is taken
+            size = len(bulk)
+            yield finish
+            if not swapped:
+                raise OSError(errno.EIO, "compaction was not finished")
         except BaseException:
-            if self._fd != fd:
+            if not swapped:
                 os.close(fd)
                 try:
                     os.unlink(temp)
@@ -223,24 +350,70 @@ class HistoryFile:
                     pass
             raise
 
+    def _adopt(self, fd: int, size: int, records: int) -> None:
+        """Make `fd` the file appends go to; everything in it is on disk."""
+        self._fd = fd
+        self._size = self._synced_size = size
+        self.records = records
+        self.synced = self._appended  # every ticket so far is in this file and durable
+        self._tail = (self._appended, size)
+        stat = os.fstat(fd)
+        self._identity = (stat.st_dev, stat.st_ino)
+
+    def _rewrite(self, events) -> None:
+        """Replace the file with exactly `events` (the format conversion at start, nothing else running)."""
+        with self.compaction(events) as finish:
+            finish([])
+
     def _run(self) -> None:
-        while not self._stop.is_set():
-            wait = self.interval if self.fsync == "interval" else 1.0
-            if self.compact_requested.wait(wait):
+        pending = False  # a compaction is wanted (threshold, a lost file, a broken file)
+        retry_at, backoff = 0.0, RETRY_START
+        next_sync = next_check = time.monotonic()
+        while True:
+            if self.compact_requested.wait(min(CHECK_INTERVAL, self.interval)):
                 self.compact_requested.clear()
-                if self._on_compact is not None:
-                    try:
-                        self._on_compact()
-                    except OSError as exc:
-                        log.error("history compaction failed, will retry: %s", exc)
-            if self.fsync == "interval" and self._synced < self._appended:
-                with self._sync_lock:
-                    target = self._appended
-                    try:
-                        os.fsync(self._fd)
-                        self._synced = target
-                    except OSError as exc:
-                        log.error("history fsync failed: %s", exc)
+                pending = True
+            if self._stop.is_set():
+                return  # close() fsyncs; a stop never rewrites the file
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + CHECK_INTERVAL
+                if self._file_lost():
+                    log.error("history file %s was deleted or replaced while running; writing it anew", self.path)
+                    pending = True
+                self._recover()
+                pending = pending or self._needs_rewrite
+            if pending and now >= retry_at and self._on_compact is not None:
+                try:
+                    self._on_compact()
+                    pending, backoff = False, RETRY_START
+                except OSError as exc:
+                    log.error("history compaction failed (%s); the old file stays in force; retrying in %gs",
+                              exc.strerror or exc, backoff)
+                    retry_at, backoff = now + backoff, min(backoff * 2, RETRY_MAX)
+            if self.fsync == "interval" and now >= next_sync:
+                next_sync = now + self.interval
+                self._sync_in_background()
+
+    def _sync_in_background(self) -> None:
+        with self._sync_lock:
+            target, size = self._tail
+            if self.synced >= target:
+                return
+            try:
+                os.fsync(self._fd)
+                self.synced, self._synced_size = target, size
+            except OSError as exc:
+                log.error("history fsync failed: %s", exc.strerror or exc)
+
+    def _file_lost(self) -> bool:
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return (stat.st_dev, stat.st_ino) != self._identity
 
     def on_compact(self, callback) -> None:
         self._on_compact = callback
@@ -254,6 +427,8 @@ class HistoryFile:
         if self._fd >= 0:
             try:
                 os.fsync(self._fd)
+            except OSError as exc:
+                log.error("history file %s: the final fsync failed: %s", self.path, exc.strerror or exc)
             finally:
                 os.close(self._fd)
                 self._fd = -1

@@ -70,7 +70,10 @@ class SSEServer(ThreadingHTTPServer):
                                        config.history_size)
             stored = self.history.load()
         self.statuses = StatusCounter()
-        self.bouncer = Bouncer(config.history_size, config.queue_size, store=self.history)
+        # A single instance takes its ids from its own sequence, which starts from the clock (unique across
+        # restarts); with Redis the shared stream assigns every id and the bouncer only ingests them.
+        self.bouncer = Bouncer(config.history_size, config.queue_size, first_id=1 if config.redis_url else None,
+                               store=self.history)
         self.bouncer.restore(stored)
         self.cluster = None
         if config.redis_url:  # a bad URL is a ConfigError before anything is bound
@@ -250,7 +253,7 @@ class SSEServer(ThreadingHTTPServer):
         return {
             "status": "stopping" if self.stopping else "ok",
             "subscribers": bouncer.subscriber_count,
-            "last_event_id": str(bouncer.last_id) if bouncer.last_id else None,
+            "last_event_id": None if bouncer.newest_event_id is None else str(bouncer.newest_event_id),
             "history_size": bouncer.retained(),
             "uptime_s": round(time.monotonic() - self.started, 3),
             **({"redis": "up" if self.cluster.up else "down"} if self.cluster is not None else {}),

@@ -1,6 +1,8 @@
 """bouncer.py: ids, counts, the replay decision and the slow rule, without any socket."""
 
 import json
+import random
+import time
 import unittest
 
 from sseserver.bouncer import Bouncer
@@ -15,7 +17,7 @@ def ids_of(bouncer, sub):
 
 class BouncerTest(unittest.TestCase):
     def test_ids_increase_and_counts_follow_filters(self):
-        bouncer = Bouncer(history_size=10, queue_size=4)
+        bouncer = Bouncer(history_size=10, queue_size=4, first_id=1)
         everyone = bouncer.subscribe(None, None).subscriber
         bouncer.subscribe(frozenset({"a"}), None)
         bouncer.subscribe(frozenset({"a", "b"}), None)
@@ -28,14 +30,14 @@ class BouncerTest(unittest.TestCase):
         self.assertEqual((bouncer.subscriber_count, bouncer.publish("x")[1]), (2, 0))
 
     def test_limit(self):
-        bouncer = Bouncer(10, 4)
+        bouncer = Bouncer(10, 4, first_id=1)
         self.assertNotIsInstance(bouncer.subscribe(None, None, limit=1), str)
         self.assertEqual(bouncer.subscribe(None, None, limit=1), "full")
         self.assertNotIsInstance(bouncer.subscribe(None, None, peer="b", per_peer_limit=1), str)
         self.assertEqual(bouncer.subscribe(None, None, peer="b", per_peer_limit=1), "peer full")
 
     def test_replay_from_a_known_id(self):
-        bouncer = Bouncer(history_size=5, queue_size=2)
+        bouncer = Bouncer(history_size=5, queue_size=2, first_id=1)
         for _ in range(8):
             bouncer.publish("x")
         # retained: ids 4..8; a client that saw 3 has missed nothing
@@ -46,7 +48,7 @@ class BouncerTest(unittest.TestCase):
                 self.assertEqual(ids_of(bouncer, replay.subscriber), expected)
 
     def test_reset_when_the_id_cannot_be_placed(self):
-        bouncer = Bouncer(history_size=5, queue_size=2)
+        bouncer = Bouncer(history_size=5, queue_size=2, first_id=1)
         for _ in range(8):
             bouncer.publish("x")
         for last in ("2", "0", "abc", "-1", "9", "99999999999999999999999", ""):
@@ -60,7 +62,7 @@ class BouncerTest(unittest.TestCase):
                 self.assertEqual(ids_of(bouncer, replay.subscriber), [4, 5, 6, 7, 8])
 
     def test_empty_history(self):
-        bouncer = Bouncer(history_size=0, queue_size=2)
+        bouncer = Bouncer(history_size=0, queue_size=2, first_id=1)
         self.assertIsNone(bouncer.subscribe(None, "0").reset)
         bouncer.publish("x")
         self.assertIsNone(bouncer.subscribe(None, "1").reset)
@@ -68,14 +70,14 @@ class BouncerTest(unittest.TestCase):
         self.assertEqual(json.loads(notice.data)["oldest_id"], None)
 
     def test_filtered_replay(self):
-        bouncer = Bouncer(history_size=10, queue_size=2)
+        bouncer = Bouncer(history_size=10, queue_size=2, first_id=1)
         for name in ("a", "b", "a", "c"):
             bouncer.publish(name, name)
         sub = bouncer.subscribe(frozenset({"a", "c"}), "1").subscriber
         self.assertEqual(ids_of(bouncer, sub), [3, 4])
 
     def test_slow_rule_counts_only_live_matching_events(self):
-        bouncer = Bouncer(history_size=10, queue_size=2)
+        bouncer = Bouncer(history_size=10, queue_size=2, first_id=1)
         sub = bouncer.subscribe(frozenset({"a"}), None).subscriber
         bouncer.publish("x", "b")
         bouncer.publish("x", "b")
@@ -86,7 +88,7 @@ class BouncerTest(unittest.TestCase):
         self.assertTrue(bouncer.is_slow(bouncer.ring, sub, bouncer.head))
 
     def test_eviction_is_reported(self):
-        bouncer = Bouncer(history_size=2, queue_size=1)
+        bouncer = Bouncer(history_size=2, queue_size=1, first_id=1)
         sub = bouncer.subscribe(None, None).subscriber
         for _ in range(5):
             bouncer.publish("x")
@@ -94,7 +96,7 @@ class BouncerTest(unittest.TestCase):
         self.assertTrue(bouncer.is_slow(bouncer.ring, sub, bouncer.head))
 
     def test_collect_stops_at_the_byte_limit(self):
-        bouncer = Bouncer(history_size=10, queue_size=1)
+        bouncer = Bouncer(history_size=10, queue_size=1, first_id=1)
         for _ in range(5):
             bouncer.publish("x" * 100)
         data, count, last_id, end = bouncer.collect(bouncer.ring, 0, bouncer.head, None, limit=250)
@@ -103,7 +105,7 @@ class BouncerTest(unittest.TestCase):
         self.assertEqual((count, last_id, end), (2, 5, 5))
 
     def test_resize_keeps_what_fits(self):
-        bouncer = Bouncer(history_size=5, queue_size=1)
+        bouncer = Bouncer(history_size=5, queue_size=1, first_id=1)
         for _ in range(6):
             bouncer.publish("x")
         bouncer.resize(history_size=3, queue_size=1)
@@ -111,6 +113,109 @@ class BouncerTest(unittest.TestCase):
         bouncer.resize(history_size=10, queue_size=1)
         self.assertEqual([e.id for e in bouncer.history()], [3, 4, 5, 6])
         self.assertEqual(bouncer.publish("x")[0].id, 7)
+
+    def test_a_lifetime_takes_its_first_id_from_the_clock_so_an_old_id_is_never_reused(self):
+        before = time.time_ns() // 1000
+        first = Bouncer(history_size=10, queue_size=2)
+        old_ids = [first.publish("old")[0].id for _ in range(5)]
+        self.assertGreaterEqual(old_ids[0], before)
+        # A restart of an in-memory daemon: the new lifetime publishes past the old ids, and a client that still
+        # holds one of them gets a reset, never the new lifetime's events as if they followed its own.
+        second = Bouncer(history_size=10, queue_size=2)
+        new_ids = [second.publish("new")[0].id for _ in range(10)]
+        self.assertGreater(new_ids[0], old_ids[-1])
+        replay = second.subscribe(None, str(old_ids[2]))
+        self.assertIsNotNone(replay.reset)
+        self.assertEqual(ids_of(second, replay.subscriber), new_ids)
+        # The reset's id is the predecessor of the oldest event: reconnecting with it replays without a reset.
+        self.assertIsNone(second.subscribe(None, str(new_ids[0] - 1)).reset)
+
+    def test_growing_the_history_on_reload_keeps_replay_exact(self):
+        bouncer = Bouncer(history_size=3, queue_size=1, first_id=1)
+        for _ in range(6):
+            bouncer.publish("x")
+        bouncer.resize(history_size=10, queue_size=1)
+        # Only what the old ring still held (3 history + 1 queue slot: ids 3..6), not the new size's worth.
+        self.assertEqual(bouncer.retained(), 4)
+        for last in range(0, 9):
+            with self.subTest(last=last):
+                replay = bouncer.subscribe(None, str(last))
+                if last in (2, 3, 4, 5, 6):
+                    self.assertIsNone(replay.reset)
+                    self.assertEqual(ids_of(bouncer, replay.subscriber), list(range(last + 1, 7)))
+                else:
+                    self.assertIsNotNone(replay.reset)
+                    self.assertEqual(ids_of(bouncer, replay.subscriber), [3, 4, 5, 6])
+        for _ in range(9):
+            bouncer.publish("x")
+        self.assertEqual(bouncer.retained(), 10)
+        self.assertIsNone(bouncer.subscribe(None, "5").reset)
+
+    def test_a_gap_in_an_ingested_sequence_reaches_every_stream_as_a_reset(self):
+        bouncer = Bouncer(history_size=10, queue_size=4, first_id=1)
+        self.assertTrue(bouncer.ingest(1, "message", "a", prev_id=0))  # the first entry: nothing to have missed
+        filtered = bouncer.subscribe(frozenset({"other"}), None).subscriber
+        bouncer.ingest(2, "message", "b", prev_id=1)
+        bouncer.ingest(10, "message", "c", prev_id=7)  # 8 and 9 never reached this instance
+        self.assertFalse(bouncer.ingest(10, "message", "c", prev_id=7))  # a repeat
+        data, _, _, _ = bouncer.collect(bouncer.ring, filtered.cursor, bouncer.head, filtered.names)
+        (notice,) = FeedReader().feed(data)
+        self.assertEqual((notice.type, json.loads(notice.data)), ("sseserver.reset",
+                                                                   {"last_event_id": "2", "oldest_id": "10"}))
+        replay = bouncer.subscribe(None, "2")
+        self.assertIsNone(replay.reset)
+        events = FeedReader().feed(bouncer.collect(bouncer.ring, replay.subscriber.cursor, bouncer.head, None)[0])
+        self.assertEqual([(e.type, e.data) for e in events], [("sseserver.reset", notice.data), ("message", "c")])
+        self.assertEqual(ids_of(bouncer, bouncer.subscribe(None, "10").subscriber), [])
+        self.assertIsNotNone(bouncer.subscribe(None, "7").reset)  # an id inside the gap is not one we hold
+        self.assertEqual([e.id for e in bouncer.history()], [1, 2, 10])
+
+    def test_replay_matches_a_model_over_random_publishes_gaps_and_reloads(self):
+        """Seeded random steps; on failure the seed and the steps so far are in the message."""
+        for seed in range(20):
+            rng = random.Random(seed)
+            bouncer = Bouncer(history_size=5, queue_size=3, first_id=1)
+            model: list[tuple[int, int]] = []  # (id, prev_id) of every event, oldest first
+            history_size, steps, next_id = 5, [], 1
+            for _ in range(200):
+                op = rng.random()
+                if op < 0.6:
+                    skip = rng.random() < 0.15
+                    prev = model[-1][0] if model else 0
+                    event_id = next_id + (rng.randint(1, 3) if skip else 0)
+                    bouncer.ingest(event_id, "message", "x", prev_id=prev + (1 if skip else 0))
+                    steps.append(f"ingest {event_id} prev {prev + (1 if skip else 0)}")
+                    model.append((event_id, prev + (1 if skip else 0)))
+                    next_id = event_id + 1
+                elif op < 0.7:
+                    history_size = rng.randint(0, 8)
+                    bouncer.resize(history_size, 3)
+                    steps.append(f"resize {history_size}")
+                else:
+                    wanted = rng.choice([e for e, _ in model] + [0, next_id, next_id + 5]) if model else 0
+                    steps.append(f"subscribe {wanted}")
+                    replay = bouncer.subscribe(None, str(wanted))
+                    feed = FeedReader().feed(
+                        bouncer.collect(bouncer.ring, replay.subscriber.cursor, bouncer.head, None)[0])
+                    got = [int(e.id) for e in feed if e.type == "message"]
+                    told = replay.reset is not None or any(e.type == "sseserver.reset" for e in feed)
+                    retained = [e.id for e in bouncer.history()]
+                    held = [e for e, _ in model if e in set(retained)]
+                    prev_of = dict(model)
+                    context = f"seed {seed}, steps {steps}"
+                    # What is sent: everything held after the client's id, or all of it after a reset.
+                    self.assertEqual(got, held if replay.reset is not None else [e for e in held if e > wanted],
+                                     context)
+                    # Never a silent loss: unless the client is told, what it gets follows its id without a gap.
+                    chain = [wanted] + got
+                    contiguous = all(prev_of.get(b) == a for a, b in zip(chain, chain[1:])) and (
+                        got or wanted == (model[-1][0] if model else 0))
+                    if not contiguous:
+                        self.assertTrue(told, context)
+                    # Never a needless reset: an id we hold, followed by no gap, replays in silence.
+                    if contiguous and (wanted in held or (held and wanted == prev_of[held[0]])):
+                        self.assertFalse(told, context)
+                    self.assertEqual(retained, held, context)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def publish_ids(port, count, prefix="e"):
 
 class RecordFormatTest(unittest.TestCase):
     def test_round_trip_and_tail_rules(self):
-        records = [history.encode_record(i, name, data) for i, name, data in
+        records = [history.encode_record(i, i - 1, name, data) for i, name, data in
                    [(1, "message", "a"), (2, "x.y", "caf\u00e9\nline"), (3, "message", "")]]
         blob = history.MAGIC + b"".join(records)
         events, valid, dropped = history.decode_records(blob, "f")
@@ -40,11 +40,18 @@ class RecordFormatTest(unittest.TestCase):
 
 
 class RestartTest(unittest.TestCase):
-    def test_without_a_history_file_ids_restart_and_replay_resets(self):
+    def test_without_a_history_file_a_new_lifetime_never_reuses_ids_and_old_ids_reset(self):
+        """5 publishes, restart, 10 publishes, then the first lifetime's third id: a reset, never the new
+        lifetime's events passed off as the ones after it."""
         with RunningServer() as server:
-            publish_ids(server.port, 3)
+            old = publish_ids(server.port, 5)
         with RunningServer() as server:
-            self.assertEqual(publish_ids(server.port, 1), ["1"])
+            new = publish_ids(server.port, 10)
+            self.assertGreater(int(new[0]), int(old[-1]))
+            with server.subscribe(headers={"Last-Event-ID": old[2]}) as client:
+                notice, *rest = client.read_events(11)
+                self.assertEqual(notice.type, "sseserver.reset")
+                self.assertEqual([e.id for e in rest], new)
 
     def test_ids_and_replay_survive_a_restart(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -58,12 +65,13 @@ class RestartTest(unittest.TestCase):
             self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
             with daemon_process("--port", "0", "-c", config) as (process, port):
                 self.assertTrue(any("6 events read" in line for line in process.log_lines), process.log_lines)
-                self.assertEqual(publish_ids(port, 1, "new"), ["7"])
+                (new,) = publish_ids(port, 1, "new")
+                self.assertGreater(int(new), int(ids[-1]) + 1)  # after the named event, never reused
                 with SSEClient(port, headers={"Last-Event-ID": ids[2]}) as client:
                     events = client.read_events(4)
                     self.assertEqual([(e.id, e.type, e.data) for e in events],
-                                     [("4", "message", "e3"), ("5", "message", "e4"), ("6", "other", "named"),
-                                      ("7", "message", "new0")])
+                                     [(ids[3], "message", "e3"), (ids[4], "message", "e4"),
+                                      (str(int(ids[4]) + 1), "other", "named"), (new, "message", "new0")])
                 process.send_signal(signal.SIGTERM)
                 process.wait(STOP_TIMEOUT)
 
@@ -130,15 +138,15 @@ class DamagedFileTest(unittest.TestCase):
 
     def test_torn_last_record_is_ignored_with_a_warning(self):
         with open(self.path, "ab") as handle:
-            handle.write(history.encode_record(4, "message", "torn")[:-3])
+            handle.write(history.encode_record(int(self.ids[-1]) + 1, int(self.ids[-1]), "message", "torn")[:-3])
         with daemon_process("--port", "0", "-c", self.config) as (process, port):
             self.assertTrue(any("ignoring a partial record at the end" in line for line in process.log_lines),
                             process.log_lines)
-            self.assertEqual(publish_ids(port, 1), ["4"])
+            new = publish_ids(port, 1)
             process.send_signal(signal.SIGTERM)
             process.wait(STOP_TIMEOUT)
         events, _, dropped = history.decode_records(open(self.path, "rb").read(), self.path)
-        self.assertEqual(([e.id for e in events], dropped), ([1, 2, 3, 4], None))
+        self.assertEqual(([e.id for e in events], dropped), ([int(i) for i in self.ids + new], None))
 
     def test_corruption_in_the_middle_is_exit_2_naming_the_file(self):
         with open(self.path, "r+b") as handle:
@@ -164,10 +172,10 @@ class DamagedFileTest(unittest.TestCase):
 
     def test_leftover_from_an_interrupted_compaction_is_discarded(self):
         with open(self.path + ".compact", "wb") as handle:
-            handle.write(history.MAGIC + history.encode_record(1, "message", "half-written")[:5])
+            handle.write(history.MAGIC + history.encode_record(1, 0, "message", "half-written")[:5])
         with daemon_process("--port", "0", "-c", self.config) as (process, port):
             with SSEClient(port, headers={"Last-Event-ID": "0"}) as client:
-                self.assertEqual([e.data for e in client.read_events(3)], ["e0", "e1", "e2"])
+                self.assertEqual([e.data for e in client.read_events(4)][1:], ["e0", "e1", "e2"])
             process.send_signal(signal.SIGTERM)
             process.wait(STOP_TIMEOUT)
         self.assertFalse(os.path.exists(self.path + ".compact"))

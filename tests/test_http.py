@@ -220,20 +220,20 @@ class ReplayTest(unittest.TestCase):
             for payload in payloads:
                 self.assertEqual(server.publish(payload)[0], 200)
             with server.subscribe(headers={"Last-Event-ID": "0"}) as client:
-                events = client.read_events(40)
+                notice, *events = client.read_events(41)  # "0" is not one of our ids: a reset, then everything
+                self.assertEqual(notice.type, "sseserver.reset")
                 self.assertEqual([e.data for e in events], payloads)
                 server.publish("live after the replay")
                 self.assertEqual(client.read_events(1)[0].data, "live after the replay")
 
     def test_reset_for_an_id_older_than_history_or_not_an_integer(self):
         with RunningServer(history_size=3) as server:
-            for i in range(6):
-                server.publish(f"e{i}")
-            for last in ("1", "bogus"):
+            ids = [json.loads(server.publish(f"e{i}")[2])["id"] for i in range(6)]
+            for last in (ids[1], "bogus", str(int(ids[-1]) + 1)):
                 with self.subTest(last=last), server.subscribe(headers={"Last-Event-ID": last}) as client:
                     notice, *rest = client.read_events(4)
                     self.assertEqual(notice.type, "sseserver.reset")
-                    self.assertEqual(json.loads(notice.data), {"last_event_id": last, "oldest_id": "4"})
+                    self.assertEqual(json.loads(notice.data), {"last_event_id": last, "oldest_id": ids[3]})
                     self.assertEqual([e.data for e in rest], ["e3", "e4", "e5"])
 
     def test_replay_hand_over_under_concurrent_publishing(self):
