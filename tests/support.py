@@ -374,12 +374,14 @@ def listening_socket() -> socket.socket:
 
 
 @contextlib.contextmanager
-def daemon_process(*args, env: dict | None = None, listen_socket: socket.socket | None = None):
+def daemon_process(*args, env: dict | None = None, listen_socket: socket.socket | None = None,
+                   prefix: list[str] | tuple = ()):
     """The daemon as a real subprocess; yields (process, port) once it logs its `listening on` line. With
-    `listen_socket` it inherits that socket as fd 3 through LISTEN_FDS, as under systemd socket activation."""
+    `listen_socket` it inherits that socket as fd 3 through LISTEN_FDS, as under systemd socket activation.
+    `prefix` runs it under another command (strace, nsenter: see tests/faults.py)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    command = [sys.executable, "-m", "sseserver", *args]
+    command = [*prefix, sys.executable, "-m", "sseserver", *args]
     pass_fds = ()
     if listen_socket is not None:
         fd = listen_socket.fileno()

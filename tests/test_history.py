@@ -4,12 +4,15 @@ import json
 import os
 import signal
 import stat
+import struct
 import tempfile
 import threading
 import unittest
+import zlib
 
 from sseserver import history
 from sseserver.config import ConfigError
+from tests.faults import PrivateTmpfs, strace_prefix
 from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, RunningServer, SSEClient, connect, daemon_process,
                            read_response, request, run_cli, wait_until, write_config)
 
@@ -218,3 +221,184 @@ class CompactionTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def ascii_record_inside(event_id: int) -> str:
+    """Text whose UTF-8 bytes are a whole valid record (a publisher can put anything in an event)."""
+    for attempt in range(100_000):
+        data = f"payload-{attempt}"
+        record = history.encode_record(event_id, event_id - 1, "message", data)
+        if record.isascii() and b"\n" not in record and b"\r" not in record:
+            return record.decode("ascii")
+    raise AssertionError("no ASCII record found")
+
+
+def child_pid(pid: int) -> int:
+    """The process a wrapper (strace, nsenter) started: the daemon to send a signal to."""
+    def find():
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                children = handle.read().split()
+            if children:
+                return int(children[0])
+        return None
+    return wait_until(find, what=f"a child of {pid}")
+
+
+class FormatTest(unittest.TestCase):
+    def test_a_torn_last_record_whose_payload_embeds_a_valid_record_is_still_a_torn_tail(self):
+        embedded = ascii_record_inside(7)
+        records = [history.encode_record(1, 0, "message", "a"),
+                   history.encode_record(2, 1, "message", "x" * 40 + embedded + "y" * 40)]
+        blob = history.MAGIC + b"".join(records)
+        for cut in (1, 20, 39):  # the write was cut after the embedded record: it is whole in what is left
+            events, valid, dropped = history.decode_records(blob[:-cut], "f")
+            self.assertEqual([e.id for e in events], [1])
+            self.assertIn("left by a crash", dropped)
+        events, valid, dropped = history.decode_records(blob + b"\0" * 100, "f")  # zero-filled after a power cut
+        self.assertEqual(([e.id for e in events], valid), ([1, 2], len(blob)))
+
+    def test_a_file_of_the_first_format_is_read_and_converted(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.log")
+            v1 = history.MAGIC1
+            for event_id, data in ((5, "a"), (6, "b")):
+                payload = struct.pack(">QB", event_id, 7) + b"message" + data.encode()
+                v1 += struct.pack(">II", len(payload), zlib.crc32(payload)) + payload
+            with open(path, "wb") as handle:
+                handle.write(v1)
+            config = write_config(tmp, history_file=path)
+            with daemon_process("--port", "0", "-c", config) as (process, port):
+                with SSEClient(port, headers={"Last-Event-ID": "4"}) as client:  # 5's predecessor: no reset
+                    self.assertEqual([(e.id, e.data) for e in client.read_events(2)], [("5", "a"), ("6", "b")])
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+            with open(path, "rb") as handle:
+                self.assertTrue(handle.read().startswith(history.MAGIC))
+
+
+class FileFaultTest(unittest.TestCase):
+    """Faults the kernel really raises: a full tmpfs, fsync failing under strace, a file deleted under us."""
+
+    def test_disk_full_during_compaction_keeps_the_old_file_and_every_acknowledged_event(self):
+        with tempfile.TemporaryDirectory() as tmp, PrivateTmpfs("512k") as disk:
+            config = write_config(tmp, history_file=disk.inside("history.log"), history_size=100,
+                                  max_message_bytes=4096)
+            acknowledged, refused = {}, 0
+            with daemon_process("--port", "0", "-c", config, prefix=disk.prefix()) as (process, port):
+                def publish(i):
+                    nonlocal refused
+                    status, _, body = request(port, "POST", "/publish", f"{i:05d}" + "z" * 1200)
+                    if status == 200:
+                        acknowledged[json.loads(body)["id"]] = f"{i:05d}" + "z" * 1200
+                    else:
+                        self.assertEqual(status, 503)
+                        refused += 1
+                for i in range(280):  # below the compaction threshold (2 x 100 + 100 records)
+                    publish(i)
+                # Leave room for a few more records, but not for the compacted copy (100 records, ~125 KB).
+                free = os.statvfs(disk.path("")).f_bavail * os.statvfs(disk.path("")).f_frsize
+                with open(disk.path("filler"), "wb") as filler:
+                    filler.write(b"\0" * (free - 40 * 1024))
+                for i in range(280, 420):
+                    publish(i)
+                process.send_signal(signal.SIGKILL)  # a crash, right after the failures (nsenter exec'd the daemon)
+                process.wait(STOP_TIMEOUT)
+                log = process.log_lines
+            os.unlink(disk.path("filler"))
+            with daemon_process("--port", "0", "-c", config, prefix=disk.prefix()) as (process, port):
+                newest = sorted(acknowledged, key=int)[-100:]
+                with SSEClient(port, headers={"Last-Event-ID": "0"}) as client:
+                    replayed = {e.id: e.data for e in client.read_events(101) if e.type == "message"}
+                for event_id in newest:
+                    self.assertEqual(replayed.get(event_id), acknowledged[event_id], f"event {event_id} lost")
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+            self.assertGreater(refused, 0, "the disk never filled up")
+            self.assertTrue(any("compaction failed" in line for line in log), log)
+
+    def test_a_failed_fsync_is_503_and_the_event_is_never_delivered_nor_replayed(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.log")
+            config = write_config(tmp, history_file=path, history_fsync="always")
+            with daemon_process("--port", "0", "-c", config) as (process, port):  # creates the file
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+            # strace counts calls per thread: on one keep-alive connection (one request thread) the first
+            # publish's fsync succeeds and every later one fails. Starting on an existing file needs no fsync.
+            with daemon_process("--port", "0", "-c", config, prefix=strace_prefix("fsync", "EIO", 2)) as (
+                    process, port):
+                with SSEClient(port) as client, connect(port) as publisher:
+                    buffer = bytearray()
+                    for data, expected in (("stored", 200), ("lost-1", 503), ("lost-2", 503)):
+                        publisher.sendall(b"POST /publish HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+                                          % (len(data), data.encode()))
+                        status, _, body = read_response(publisher, buffer)
+                        self.assertEqual(status, expected, body)
+                        if status == 503:
+                            self.assertIn(b"not published", body)
+                            buffer.clear()
+                            publisher.close()
+                            publisher = connect(port)
+                    os.kill(child_pid(process.pid), signal.SIGTERM)  # the daemon, not strace
+                    self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                    self.assertEqual([e.data for e in client.read_until_closed()], ["stored"])
+                self.assertFalse(any("Traceback" in line for line in process.log_lines), process.log_lines)
+            with daemon_process("--port", "0", "-c", config) as (process, port):
+                with SSEClient(port, headers={"Last-Event-ID": "0"}) as client:
+                    self.assertEqual([e.data for e in client.read_events(2)][1:], ["stored"])
+                    self.assertEqual(request(port, "POST", "/publish", "retried")[0], 200)
+                    self.assertEqual([e.data for e in client.read_events(1)], ["retried"])
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+            events, _, _ = history.decode_records(open(path, "rb").read(), path)
+            self.assertEqual([e.data for e in events], ["stored", "retried"])
+
+    def test_a_clean_stop_does_not_rewrite_the_file(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.log")
+            config = write_config(tmp, history_file=path, history_size=0)
+            with daemon_process("--port", "0", "-c", config) as (process, port):
+                ids = publish_ids(port, 3)
+                inode = os.stat(path).st_ino
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+            self.assertEqual(os.stat(path).st_ino, inode)
+            with daemon_process("--port", "0", "-c", config) as (process, port):
+                self.assertGreater(int(publish_ids(port, 1)[0]), int(ids[-1]))  # never back to 1
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+
+    def test_a_history_file_deleted_while_running_is_written_anew(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.log")
+            config = write_config(tmp, history_file=path)
+            with daemon_process("--port", "0", "-c", config) as (process, port):
+                ids = publish_ids(port, 3)
+                os.unlink(path)
+                ids += publish_ids(port, 1, "after")
+
+                def rewritten():
+                    try:
+                        events, _, _ = history.decode_records(open(path, "rb").read(), path)
+                    except OSError:
+                        return False
+                    return [str(e.id) for e in events] == ids
+                wait_until(rewritten, what="the history file written anew")
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+
+    def test_raising_history_size_on_reload_moves_the_compaction_threshold(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.log")
+            config = write_config(tmp, history_file=path, history_size=10)
+            with daemon_process("--port", "0", "-c", config) as (process, port):
+                write_config(tmp, history_file=path, history_size=1000)
+                process.send_signal(signal.SIGHUP)
+                wait_until(lambda: any("reloaded" in line for line in process.log_lines), what="the reload")
+                inode = os.stat(path).st_ino
+                publish_ids(port, 200)  # past 2 x 10 + 100, far below 2 x 1000 + 100
+                self.assertEqual(request(port, "GET", "/health")[0], 200)
+                self.assertEqual(os.stat(path).st_ino, inode, "the file was compacted for the old size")
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
