@@ -402,3 +402,37 @@ class FileFaultTest(unittest.TestCase):
                 self.assertEqual(os.stat(path).st_ino, inode, "the file was compacted for the old size")
                 process.send_signal(signal.SIGTERM)
                 self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+
+
+class ReloadTest(unittest.TestCase):
+    def test_a_reload_in_either_direction_keeps_replay_exact_and_health_true(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            config = write_config(tmp, history_size=5, queue_size=2)
+            with daemon_process("--port", "0", "-c", config) as (process, port):
+                ids = publish_ids(port, 10)  # the ring holds 7 (5 + 2), replay reaches ids[3:]
+                reloads = 0
+                for history_size in (50, 3, 20):
+                    write_config(tmp, history_size=history_size, queue_size=2)
+                    process.send_signal(signal.SIGHUP)
+                    reloads += 1
+                    wait_until(lambda: sum("reloaded" in line for line in process.log_lines) == reloads,
+                               what="the reload")
+                    health = json.loads(request(port, "GET", "/health")[2])
+                    retained = health["history_size"]
+                    self.assertLessEqual(retained, len(ids))
+                    held = ids[len(ids) - retained:]
+                    # Every id replays exactly what is held after it, or resets: never a 500, never a gap.
+                    for last in ids:
+                        with SSEClient(port, headers={"Last-Event-ID": last}) as client:
+                            self.assertEqual(client.status, 200)
+                            if last in held or int(last) == int(held[0]) - 1:
+                                expected = [i for i in held if int(i) > int(last)]
+                                if expected:
+                                    self.assertEqual([e.id for e in client.read_events(len(expected))], expected)
+                            else:
+                                notice, *rest = client.read_events(1 + len(held))
+                                self.assertEqual(notice.type, "sseserver.reset")
+                                self.assertEqual([e.id for e in rest], held)
+                    ids += publish_ids(port, 2)
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
