@@ -354,6 +354,34 @@ class FileFaultTest(unittest.TestCase):
             events, _, _ = history.decode_records(open(path, "rb").read(), path)
             self.assertEqual([e.data for e in events], ["stored", "retried"])
 
+    def test_a_failed_directory_fsync_after_compaction_still_appends_to_the_new_file(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.log")
+            config = write_config(tmp, history_file=path, history_size=10, history_fsync="never")
+            # With "never", the history thread's only fsyncs are a compaction's: the bulk, the rest, then the
+            # directory. Fail the third and all after it: the rename happened, its directory entry is not durable,
+            # and no later compaction on that thread could repair anything.
+            with daemon_process("--port", "0", "-c", config, prefix=strace_prefix("fsync", "EIO", 3)) as (
+                    process, port):
+                with connect(port) as publisher:  # one request thread: its fsyncs are not counted with the others
+                    buffer = bytearray()
+                    acknowledged = []
+                    for i in range(125):  # past 2 x 10 + 100 records: one compaction
+                        publisher.sendall(b"POST /publish HTTP/1.1\r\nContent-Length: 1\r\n\r\nx")
+                        status, _, body = read_response(publisher, buffer)
+                        self.assertEqual(status, 200)
+                        acknowledged.append(json.loads(body)["id"])
+                    wait_until(lambda: any(" error " in line for line in process.log_lines),
+                               what="the failed directory fsync in the log")
+                    for i in range(5):  # these must reach the file now in force, not the unlinked old one
+                        publisher.sendall(b"POST /publish HTTP/1.1\r\nContent-Length: 1\r\n\r\ny")
+                        status, _, body = read_response(publisher, buffer)
+                        acknowledged.append(json.loads(body)["id"])
+                os.kill(child_pid(process.pid), signal.SIGKILL)
+                process.wait(STOP_TIMEOUT)
+            events, _, _ = history.decode_records(open(path, "rb").read(), path)
+            self.assertEqual([str(e.id) for e in events][-10:], acknowledged[-10:])
+
     def test_a_clean_stop_does_not_rewrite_the_file(self):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "history.log")
