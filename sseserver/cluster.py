@@ -9,32 +9,67 @@ Why a publish is not appended locally at once: every instance must see events in
 stream defines it. So an instance hears its own publishes back from the stream like every other instance does;
 the cost is one extra Redis round trip before delivery (see README "Scale-out").
 
-The id: a Lua script (atomic on the Redis server) increments a counter, makes sure it is above the stream's
-last entry (so a lost counter key can never make ids go backwards), and adds the entry with the explicit stream
-id "<id>-0", trimmed with MAXLEN ~ history_size. Stream ids and event ids are therefore the same numbers.
+The id: a Lua script (atomic on the Redis server) adds the entry with the explicit stream id "<id>-0", where
+id = max(the stream's last entry + 1, floor), and the publishing instance passes floor = max(wall-clock Unix
+microseconds, the highest id it has seen or assigned + 1). Stream ids and event ids are the same numbers. Why
+not a counter in Redis: a Redis that loses its data (restart without persistence, FLUSHALL, failover to a
+lagging replica) would restart it at 1, reusing ids that browsers still hold as Last-Event-ID, and followers
+waiting after their old position would never see the new entries. With the clock in the floor, ids stay above
+everything handed out before the loss, as long as the instances' clocks are roughly right.
+
+The gap rule: each entry also carries `p`, the id of the stream's last entry when it was added (0 for an empty
+stream). The follower passes it to Bouncer.ingest(), which puts an in-band sseserver.reset before the event when
+`p` is not the last id this instance holds: entries were lost (flushed, trimmed by MAXLEN while this instance
+was cut off, or never replicated) and open streams must be told instead of silently skipping them. Entries
+written by an older version have no `p` and count as contiguous.
+
+The follower never dies: a session (connect, then XREAD until something fails) ends on any error, including an
+error reply while connecting (WRONGPASS, NOPERM, max clients), a persistent XREAD error (WRONGTYPE, LOADING) or a
+bug; the loop backs off (0.1 s doubling to 5 s) and tries again. The backoff starts again at 0.1 s only after a
+session that followed for STABLE_SESSION: a link that connects, reads once and fails (a proxy that cuts it, a
+command it refuses) must not become a loop of ten attempts a second. A failure identical to the last one logged
+is logged again only after REPEAT_LOG_INTERVAL (with the count of repeats), unless a stable session came between.
 """
 
 import hashlib
 import logging
 import queue
 import threading
+import time
 
 from .bouncer import StoreError
 from .resp import Connection, RedisError, RedisUnavailable, parse_url
 
 log = logging.getLogger("sseserver.cluster")
 
+# KEYS[1] the stream; ARGV: maxlen, floor, name, data. Lua numbers are doubles: exact for integers below 2**53
+# (microseconds until the year 2255), and formatted with %.0f because tostring() would write 1.7e+15.
 PUBLISH_SCRIPT = """
-local id = redis.call('INCR', KEYS[2])
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local prev = 0
 if #last > 0 then
-  local last_id = tonumber(string.match(last[1][1], '^(%d+)'))
-  if last_id >= id then
-    id = last_id + 1
-    redis.call('SET', KEYS[2], id)
+  prev = tonumber(string.match(last[1][1], '^(%d+)'))
+end
+local id = math.max(prev + 1, tonumber(ARGV[2]))
+local function add(at)
+  return redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], string.format('%.0f', at) .. '-0',
+                     'p', string.format('%.0f', prev), 'n', ARGV[3], 'd', ARGV[4])
+end
+local added = add(id)
+if type(added) == 'table' and added.err then
+  -- The stream's top id is above its last entry (entries deleted, or the stream trimmed to nothing) and the
+  -- floor did not clear it (a clock behind): go past the top, which XADD requires.
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      id = math.max(id, tonumber(string.match(info[i + 1], '^(%d+)')) + 1)
+    end
+  end
+  added = add(id)
+  if type(added) == 'table' and added.err then
+    return added
   end
 end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id .. '-0', 'n', ARGV[2], 'd', ARGV[3])
 return id
 """
 PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
@@ -42,27 +77,44 @@ PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
 COMMAND_TIMEOUT = 5.0  # a Redis command that takes longer than this counts as Redis being down
 BLOCK_MS = 1000  # the follower's XREAD BLOCK: also how soon it notices a stop request
 BACKOFF_START, BACKOFF_MAX = 0.1, 5.0
+REPEAT_LOG_INTERVAL = 30.0  # an unchanged failure is logged again after this long, with how often it recurred
+STABLE_SESSION = 10.0  # a session that followed this long ended a fault: the next failure is a new incident
+# The follower's loop comes round at least every ~30 s even when each step runs into its timeout (connect, AUTH
+# and SELECT, one XREAD: 6 s each; backoff: 5 s). Not round for this long means it is wedged: the watchdog stops.
+FOLLOWER_STUCK_AFTER = 60.0
 MAX_IDLE_CONNECTIONS = 8
 
 
 class RedisBridge:
+    """The link to the shared stream.
+
+    Methods for the caller: start(), stop(), publish(data, name), newest_id(), health() (what /health shows),
+    healthy() (for the watchdog). `up` and `reconnects` are read by /metrics.
+    """
+
     def __init__(self, redis_url: str, key_prefix: str, history_size: int, bouncer):
         self.address = parse_url(redis_url)  # ConfigError for a bad URL: the daemon exits 2
         self.stream_key = f"{key_prefix}:events"
-        self.id_key = f"{key_prefix}:last-id"
         self.maxlen = max(1, history_size)
         self.bouncer = bouncer
-        self.up = False
-        self.reconnects = 0
+        self.up = False  # the follower's last read succeeded (a failed publish also clears it)
+        self.last_error: str | None = None  # why the link is down, for /health
+        self.reconnects = 0  # follower sessions that ended in a failure (a failed connect included)
         self.last_seen = "0-0"  # the follower starts at the beginning, so a new instance gets the history
+        self._highest = 0  # the highest id this instance has seen or assigned: part of the publish floor
+        self._highest_lock = threading.Lock()
+        self._beat = time.monotonic()  # when the follower's loop last came round (healthy())
+        self._logged: tuple[str, float] | None = None  # the last failure logged, and when
+        self._suppressed = 0  # identical failures not logged since then
+        self._reported_down = True  # the log's last word on the link is not "up" (so the first link up is logged)
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._follower: Connection | None = None
 
     # -- methods for the caller ----------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._beat = time.monotonic()
         self._thread = threading.Thread(target=self._follow, name="sseserver-redis", daemon=True)
         self._thread.start()
 
@@ -78,91 +130,198 @@ class RedisBridge:
 
     def publish(self, data: str, name: str) -> int:
         """Store the event in the shared stream and return its id. StoreError when Redis cannot store it:
-        nothing is acknowledged that Redis does not hold."""
-        try:
-            connection = self._idle.get_nowait()
-        except queue.Empty:
-            connection = None
-        try:
-            if connection is None:
-                connection = Connection(self.address, COMMAND_TIMEOUT)
-            args = (2, self.stream_key, self.id_key, self.maxlen, name, data)
+        nothing is acknowledged that Redis does not hold. (A reply lost after the command was sent is a
+        StoreError too, although Redis may have stored the event: see README "Scale-out".)"""
+        args = (1, self.stream_key, self.maxlen, self._floor(), name, data)
+
+        def run_script(connection: Connection):
             try:
-                event_id = connection.command("EVALSHA", PUBLISH_SHA, *args)
+                return connection.command("EVALSHA", PUBLISH_SHA, *args)
             except RedisError as exc:
                 if not str(exc).startswith("NOSCRIPT"):
                     raise
-                event_id = connection.command("EVAL", PUBLISH_SCRIPT, *args)  # loads the script for next time
+                return connection.command("EVAL", PUBLISH_SCRIPT, *args)  # loads the script for next time
+
+        try:
+            event_id = int(self._call(run_script))
         except RedisUnavailable as exc:
             self.up = False
+            self.last_error = str(exc)
             raise StoreError(f"Redis is unavailable ({exc})") from None
         except RedisError as exc:
             raise StoreError(f"Redis refused the event: {exc}") from None
+        self._saw(event_id)
+        return event_id
+
+    def newest_id(self) -> int | None:
+        """The id of the stream's newest entry (0 for an empty stream), or None when Redis cannot say."""
+        try:
+            newest = self._call(lambda connection: connection.command(
+                "XREVRANGE", self.stream_key, "+", "-", "COUNT", 1))
+            return int(newest[0][0].split(b"-")[0]) if newest else 0
+        except (RedisUnavailable, RedisError, ValueError, IndexError, TypeError):
+            return None
+
+    def health(self) -> dict:
+        """The /health fields: the link state, and while it is down the last failure (e.g. a WRONGPASS)."""
+        if self.up:
+            return {"redis": "up"}
+        return {"redis": "down", **({"redis_error": self.last_error} if self.last_error else {})}
+
+    def healthy(self) -> bool:
+        """For the systemd watchdog: the follower thread is alive and its loop keeps coming round.
+
+        Deliberately not "the link is up": while Redis is down or refuses us, the follower is alive and retrying,
+        and a restart by the watchdog could not bring Redis back; it would only cut every open stream, which
+        resumes by itself once Redis is back. /health reports the link for the load balancer instead."""
+        thread = self._thread
+        return (thread is not None and thread.is_alive()
+                and time.monotonic() - self._beat < FOLLOWER_STUCK_AFTER)
+
+    # -- the connection pool -------------------------------------------------------------------------------------
+
+    def _call(self, command):
+        """`command(connection)` on an idle pooled connection or a new one; the connection goes back to the pool
+        unless it failed. A pooled connection that Redis closed since its last use (a restart) is thrown away
+        before use; one that turns out dead while the command is being sent is replaced once by a new
+        connection: the command never reached Redis, so the retry cannot store an event twice. Once the command
+        may have been sent, there is no retry."""
+        while True:
+            try:
+                connection = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            if not connection.reusable():
+                connection.close()
+                continue
+            try:
+                return self._run(connection, command)
+            except RedisUnavailable as exc:
+                if not exc.unsent:
+                    raise
+            break
+        return self._run(Connection(self.address, COMMAND_TIMEOUT), command)
+
+    def _run(self, connection: Connection, command):
+        try:
+            reply = command(connection)
+        except RedisError:  # an error reply leaves the connection usable
+            self._give_back(connection)
+            raise
+        self._give_back(connection)
+        return reply
+
+    def _give_back(self, connection: Connection) -> None:
         if self._idle.qsize() < MAX_IDLE_CONNECTIONS:
             self._idle.put(connection)
         else:
             connection.close()
-        return int(event_id)
 
-    def newest_id(self) -> int | None:
-        """The newest id Redis has handed out, or None when Redis cannot say."""
-        try:
-            connection = Connection(self.address, COMMAND_TIMEOUT)
-        except RedisUnavailable:
-            return None
-        try:
-            value = connection.command("GET", self.id_key)
-            return int(value) if value else 0
-        except (RedisUnavailable, RedisError, ValueError):
-            return None
-        finally:
-            connection.close()
+    # -- ids -----------------------------------------------------------------------------------------------------
+
+    def _floor(self) -> int:
+        """The lowest id this instance lets the script assign: the clock, or above anything seen here."""
+        with self._highest_lock:
+            return max(time.time_ns() // 1000, self._highest + 1)
+
+    def _saw(self, event_id: int) -> None:
+        with self._highest_lock:
+            self._highest = max(self._highest, event_id)
 
     # -- the follower ------------------------------------------------------------------------------------------
 
     def _follow(self) -> None:
+        """The supervisor loop (see the module docstring): sessions until stop(), with backoff in between."""
         backoff = BACKOFF_START
         while not self._stop.is_set():
+            self._beat = time.monotonic()
+            error = None
             try:
-                connection = Connection(self.address, BLOCK_MS / 1000 + COMMAND_TIMEOUT)
-            except RedisUnavailable as exc:
-                self._link_down(exc)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
-                continue
-            if not self.up:
-                log.info("redis link up (%r); following %s from %s", self.address, self.stream_key, self.last_seen)
-            self.up = True
-            backoff = BACKOFF_START
-            try:
-                while not self._stop.is_set():
-                    reply = connection.command("XREAD", "COUNT", 1000, "BLOCK", BLOCK_MS, "STREAMS",
-                                               self.stream_key, self.last_seen)
-                    self.up = True
-                    if reply:
-                        self._ingest(reply[0][1])
-            except (RedisUnavailable, RedisError) as exc:
-                self._link_down(exc)
-                self.reconnects += 1
-            finally:
-                connection.close()
+                followed_for, failure = self._session()
+            except Exception as exc:  # a bug, or the bouncer refusing an entry: log it, and keep following
+                followed_for, failure, error = 0.0, f"{type(exc).__name__}: {exc}", exc
+            if failure is None:
+                break  # stopped
+            if followed_for >= STABLE_SESSION:  # the link worked for a while: a new incident, retried soon
+                backoff = BACKOFF_START
+                self._logged = None
+            self._link_down(failure, error)
+            self._beat = time.monotonic()
+            if self._stop.wait(backoff):
+                break
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _session(self) -> tuple[float, str | None]:
+        """Connect and follow until the link fails or stop() is called -> (for how many seconds reads succeeded,
+        the failure, or None when stopped)."""
+        try:
+            connection = Connection(self.address, BLOCK_MS / 1000 + COMMAND_TIMEOUT)
+        except (RedisUnavailable, RedisError) as exc:  # RedisError: WRONGPASS, NOPERM, max clients, LOADING
+            return 0.0, str(exc)
+        since = None  # when the first read succeeded
+        try:
+            while not self._stop.is_set():
+                # The first read of a session does not block, so /health says "up" as soon as the link works.
+                block = () if since is None else ("BLOCK", BLOCK_MS)
+                reply = connection.command("XREAD", "COUNT", 1000, *block, "STREAMS", self.stream_key,
+                                           self.last_seen)
+                self._beat = time.monotonic()
+                if since is None:
+                    since = self._beat
+                    self._link_up()
+                self.up = True  # also after a failed publish cleared it
+                if reply:
+                    self._ingest(reply[0][1])
+            return 0.0, None
+        except (RedisUnavailable, RedisError) as exc:
+            return (0.0 if since is None else time.monotonic() - since), str(exc)
+        finally:
+            connection.close()
 
     def _ingest(self, entries) -> None:
         for entry_id, fields in entries:
             values = dict(zip(fields[::2], fields[1::2]))
             event_id = int(entry_id.split(b"-")[0])
+            prev = values.get(b"p")
+            prev_id = int(prev) if prev is not None and prev.isdigit() else None  # None: an older writer
             try:
                 name, data = values[b"n"].decode("utf-8"), values[b"d"].decode("utf-8")
             except (KeyError, UnicodeDecodeError):
+                # Skipped: the next entry's `p` then differs from the last id here, and streams get a reset.
                 log.warning("skipping malformed stream entry %s", entry_id.decode("ascii", "replace"))
             else:
-                self.bouncer.ingest(event_id, name, data)
+                self.bouncer.ingest(event_id, name, data, prev_id)
+            self._saw(event_id)
             self.last_seen = entry_id.decode("ascii")
 
-    def _link_down(self, exc) -> None:
-        if self.up:
-            log.error("redis link down: %s; reconnecting with backoff, resuming after %s", exc, self.last_seen)
+    def _link_up(self) -> None:
+        if self._reported_down:
+            log.info("redis link up (%r); following %s after %s%s", self.address, self.stream_key, self.last_seen,
+                     self._repeats_note())
+            self._reported_down = False
+        self.up = True
+        self.last_error = None
+
+    def _link_down(self, failure: str, exc: BaseException | None = None) -> None:
+        """Record a failed session, and log it unless it is the failure last logged, less than
+        REPEAT_LOG_INTERVAL ago: a persistent error (WRONGTYPE, WRONGPASS) is one line per interval, not one
+        per attempt."""
+        self.reconnects += 1
         self.up = False
+        self.last_error = failure
+        now = time.monotonic()
+        if self._logged is not None and self._logged[0] == failure and now - self._logged[1] < REPEAT_LOG_INTERVAL:
+            self._suppressed += 1
+            return
+        log.error("redis link down: %s%s; retrying with backoff, resuming after %s", failure, self._repeats_note(),
+                  self.last_seen, exc_info=exc)
+        self._logged = (failure, now)
+        self._reported_down = True
+
+    def _repeats_note(self) -> str:
+        note = f" ({self._suppressed} identical failure(s) not logged)" if self._suppressed else ""
+        self._suppressed = 0
+        return note
 
 
 def wait_for_replay(bridge: RedisBridge, bouncer, wanted: int, timeout: float = 2.0) -> None:

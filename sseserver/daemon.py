@@ -179,8 +179,7 @@ class Daemon:
 
     def _healthy(self) -> bool:
         server = self.server
-        return (not server.stopping and self._accept_thread.is_alive()
-                and all(writer.is_alive() for writer in server.delivery.writers))
+        return not server.stopping and self._accept_thread.is_alive() and server.healthy()
 
     def _status(self) -> str:
         return f"{self.server.bouncer.subscriber_count} subscribers, last id {self.server.bouncer.last_id}"

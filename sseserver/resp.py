@@ -4,6 +4,7 @@ Owns: parsing redis URLs, connecting (AUTH, SELECT), encoding commands and decod
 Must not know: events, streams' meaning, retry policy (callers decide what a failure means).
 """
 
+import select
 import socket
 import ssl
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -16,7 +17,15 @@ class RedisError(Exception):
 
 
 class RedisUnavailable(Exception):
-    """Redis could not be reached, or the connection broke mid-command (the connection is closed)."""
+    """Redis could not be reached, or the connection broke mid-command (the connection is closed).
+
+    `unsent` is True when the command certainly did not run: the failure came before the whole command was
+    handed to the kernel, and Redis runs only complete commands (a prefix followed by a closed connection is
+    discarded). Only then may a caller retry a command that must not run twice."""
+
+    def __init__(self, message: str, unsent: bool = True):
+        super().__init__(message)
+        self.unsent = unsent
 
 
 class RedisAddress:
@@ -89,13 +98,34 @@ class Connection:
 
     def command(self, *args):
         """Send one command and return its reply. RedisError for an error reply; RedisUnavailable (and the
-        connection closed) when the socket fails or times out."""
+        connection closed) when the socket fails or times out, with `unsent` telling whether it failed while
+        sending (the command did not run) or while waiting for the reply (it may have run)."""
+        payload = encode(args)
         try:
-            self.sock.sendall(encode(args))
+            self.sock.sendall(payload)
+        except OSError as exc:
+            self.close()
+            raise RedisUnavailable(f"lost {self.address!r}: {exc}", unsent=True) from None
+        try:
             return self._reply()
         except (OSError, ValueError) as exc:
             self.close()
-            raise RedisUnavailable(f"lost {self.address!r}: {exc}") from None
+            raise RedisUnavailable(f"lost {self.address!r}: {exc}", unsent=False) from None
+
+    def reusable(self) -> bool:
+        """For an idle pooled connection, before it is used again: False when Redis has closed it since its last
+        reply (a restart, `timeout`, CLIENT KILL), which a send would often not notice (TCP accepts the bytes
+        and only the reply read fails, after the command may count as sent). An idle connection has nothing to
+        read, so anything readable (EOF, a reset, stray bytes) means it must not be reused. One poll(), no
+        round trip."""
+        if self._buffer:
+            return False
+        poller = select.poll()  # poll, not select: a busy server's descriptors are past FD_SETSIZE
+        poller.register(self.sock, select.POLLIN)
+        try:
+            return not poller.poll(0)
+        except OSError:
+            return False
 
     def close(self) -> None:
         try:

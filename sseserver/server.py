@@ -256,8 +256,14 @@ class SSEServer(ThreadingHTTPServer):
             "last_event_id": None if bouncer.newest_event_id is None else str(bouncer.newest_event_id),
             "history_size": bouncer.retained(),
             "uptime_s": round(time.monotonic() - self.started, 3),
-            **({"redis": "up" if self.cluster.up else "down"} if self.cluster is not None else {}),
+            **(self.cluster.health() if self.cluster is not None else {}),
         }
+
+    def healthy(self) -> bool:
+        """For the systemd watchdog: the threads this server runs are alive (the writers, and the Redis follower
+        coming round its loop; see RedisBridge.healthy() for why a Redis outage does not count)."""
+        return (all(writer.is_alive() for writer in self.delivery.writers)
+                and (self.cluster is None or self.cluster.healthy()))
 
     def metric_families(self) -> list[Family]:
         """Everything /metrics shows, read from where it is kept (bouncer, writers, the status counter)."""
@@ -287,7 +293,8 @@ class SSEServer(ThreadingHTTPServer):
             Family("sseserver_last_event_id", "gauge", "The id of the newest event.", [({}, bouncer.last_id)]),
             *([Family("sseserver_redis_up", "gauge", "1 while the Redis link is up.",
                       [({}, int(self.cluster.up))]),
-               Family("sseserver_redis_reconnects_total", "counter", "Times the Redis follower lost its link.",
+               Family("sseserver_redis_reconnects_total", "counter",
+                      "Times the Redis follower's link failed or could not be made (it retries with backoff).",
                       [({}, self.cluster.reconnects)])] if self.cluster is not None else []),
             Family("process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch.",
                    [({}, self.started_wall)]),

@@ -1,50 +1,91 @@
-"""Scale-out through a real redis-server (on a unix socket in the test's directory): two daemons, one stream."""
+"""Scale-out through a real redis-server (on a unix socket in the test's directory): two daemons, one stream, and
+the Redis faults an operator meets (restart with and without persistence, FLUSHALL, a stream trimmed while an
+instance was cut off, auth errors, a key of the wrong type, a dataset still loading)."""
 
 import json
 import os
+import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import tempfile
 import threading
+import time
 import unittest
 
 from sseserver import resp
 from sseserver.config import ConfigError
-from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, SSEClient, daemon_process, request, require_binary,
-                           run_cli, wait_until, write_config)
+from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, RunningServer, SSEClient, daemon_process, request,
+                           require_binary, run_cli, wait_until, write_config)
+
+# The follower's backoff doubles from 0.1 s to 5 s: after a fault is mended it is back within this.
+RECOVERY_TIMEOUT = 20.0
+STREAM_KEY = "sseserver:events"  # redis_key_prefix's default
 
 
 class RedisServer:
-    """A throwaway redis-server with an append-only file, so a restart keeps the stream."""
+    """A throwaway redis-server on a unix socket in its own directory. `persistent`: an append-only file fsynced
+    on every write, so a restart keeps the stream; otherwise no persistence at all (a restart loses everything
+    unless the test SAVEs a snapshot first). `password`: requirepass for the default user."""
 
-    def __init__(self):
+    def __init__(self, persistent: bool = True, password: str | None = None):
         self.binary = require_binary("redis-server")
         self.dir = tempfile.mkdtemp(prefix="ssr-")
         self.socket = os.path.join(self.dir, "redis.sock")
-        self.url = f"unix://{self.socket}"
+        self.persistent = persistent
+        self.password = password  # what the test's own commands log in with
         self.process = None
+        self.saw_loading = False  # the readiness probe met a -LOADING reply and waited
 
-    def start(self):
+    def url(self, username: str | None = None, password: str | None = None) -> str:
+        """The URL a daemon is given (by default the default user with no password)."""
+        if password is None:
+            return f"unix://{self.socket}"
+        return f"unix://{username or ''}:{password}@{self.socket}"
+
+    def start(self, *extra: str):
+        durability = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        auth = ["--requirepass", self.password] if self.password else []
         self.process = subprocess.Popen(
             [self.binary, "--port", "0", "--unixsocket", self.socket, "--unixsocketperm", "700", "--dir", self.dir,
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+             "--save", "", *durability, *auth, *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self._pings, what="redis-server to answer")
         return self
 
+    def restart(self, *extra: str):
+        self.stop()
+        return self.start(*extra)
+
     def _pings(self):
+        """Ready = PONG. A redis-server still loading its data answers -LOADING: that is a wait, not a failure."""
+        if self.process.poll() is not None:
+            raise AssertionError(f"redis-server exited with {self.process.returncode}")
         try:
-            connection = resp.Connection(resp.parse_url(self.url), 1.0)
+            connection = resp.Connection(resp.parse_url(self.url(password=self.password)), 1.0)
         except resp.RedisUnavailable:
             return False
+        except resp.RedisError as exc:
+            return self._loading(exc)
         try:
             return connection.command("PING") == "PONG"
+        except resp.RedisUnavailable:
+            return False
+        except resp.RedisError as exc:
+            return self._loading(exc)
         finally:
             connection.close()
 
+    def _loading(self, exc: resp.RedisError) -> bool:
+        if not str(exc).startswith("LOADING"):
+            raise exc
+        self.saw_loading = True
+        return False
+
     def command(self, *args):
-        connection = resp.Connection(resp.parse_url(self.url), IO_TIMEOUT)
+        connection = resp.Connection(resp.parse_url(self.url(password=self.password)), IO_TIMEOUT)
         try:
             return connection.command(*args)
         finally:
@@ -69,11 +110,30 @@ def publish(port, data, event=None):
     return status, json.loads(body)
 
 
+def published_id(port, data) -> int:
+    status, reply = publish(port, data)
+    assert status == 200, (status, reply)
+    return int(reply["id"])
+
+
+def metric(port, name) -> float:
+    text = request(port, "GET", "/metrics")[2].decode()
+    return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
+
+
+def redis_is_up(port) -> bool:
+    return health(port)["redis"] == "up"
+
+
+def log_lines_with(process, text) -> list[str]:
+    return [line for line in list(process.log_lines) if text in line]
+
+
 class ClusterTest(unittest.TestCase):
     def setUp(self):
         self.redis = RedisServer().start()
         self.addCleanup(self.redis.cleanup)
-        self.config = write_config(self.redis.dir, "sseserver.toml", redis_url=self.redis.url, retry_ms=200)
+        self.config = write_config(self.redis.dir, "sseserver.toml", redis_url=self.redis.url(), retry_ms=200)
 
     def two_daemons(self):
         return daemon_process("--port", "0", "-c", self.config), daemon_process("--port", "0", "-c", self.config)
@@ -85,14 +145,14 @@ class ClusterTest(unittest.TestCase):
                 wait_until(lambda: health(port_a)["subscribers"] == 1 and health(port_b)["subscribers"] == 1)
                 ids = []
                 for index in range(20):
-                    status, reply = publish(port_a if index % 2 else port_b, f"event {index}")
-                    self.assertEqual(status, 200)
-                    ids.append(reply["id"])
-                self.assertEqual(ids, [str(i) for i in range(1, 21)])  # one sequence across instances
+                    floor = time.time_ns() // 1000
+                    ids.append(published_id(port_a if index % 2 else port_b, f"event {index}"))
+                    self.assertGreaterEqual(ids[-1], floor)  # ids are wall-clock microseconds or above
+                self.assertEqual(ids, sorted(set(ids)))  # one strictly increasing sequence across instances
                 for client in (on_a, on_b):
                     events = client.read_events(20)
                     self.assertEqual([(e.id, e.data) for e in events],
-                                     [(str(i + 1), f"event {i}") for i in range(20)])
+                                     [(str(ids[i]), f"event {i}") for i in range(20)])
             self.assertEqual(health(port_a)["redis"], "up")
             for process in (a, b):
                 process.send_signal(signal.SIGTERM)
@@ -112,7 +172,8 @@ class ClusterTest(unittest.TestCase):
             with SSEClient(port_b, headers={"Last-Event-ID": last_id}) as on_b:
                 events = on_b.read_events(3)
                 self.assertEqual([e.data for e in events], ["e5", "e6", "e7"])
-                self.assertEqual([int(e.id) for e in events], [int(last_id) + 1, int(last_id) + 2, int(last_id) + 3])
+                self.assertEqual([int(e.id) for e in events], sorted({int(e.id) for e in events}))
+                self.assertGreater(int(events[0].id), int(last_id))
             # A Last-Event-ID that B's follower may not have reached yet is waited for, not reset.
             _, reply = publish(port_a, "fresh")
             with SSEClient(port_b, headers={"Last-Event-ID": reply["id"]}) as ahead:
@@ -214,6 +275,235 @@ class ClusterTest(unittest.TestCase):
             self.assertEqual(report["url"], [f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"])
             self.assertEqual((report["expected"], report["delivered"], report["lost"], report["duplicates"]),
                              (20 * 40, 20 * 40, 0, 0))
+
+
+class RedisFaultTest(unittest.TestCase):
+    """Each Redis fault: what an open stream sees, what a publisher is told, and that the instance recovers by
+    itself, without a restart."""
+
+    def start_redis(self, **options) -> RedisServer:
+        redis = RedisServer(**options).start()
+        self.addCleanup(redis.cleanup)
+        return redis
+
+    def config(self, redis: RedisServer, name: str = "sseserver.toml", **values) -> str:
+        return write_config(redis.dir, name, **{"redis_url": redis.url(), "retry_ms": 200, **values})
+
+    def test_flushall_resets_open_streams_and_later_events_arrive_with_ids_never_used_before(self):
+        redis = self.start_redis()
+        config = self.config(redis)
+        first, second = daemon_process("--port", "0", "-c", config), daemon_process("--port", "0", "-c", config)
+        with first as (_, port_a), second as (__, port_b):
+            with SSEClient(port_a) as on_a, SSEClient(port_b) as on_b:
+                wait_until(lambda: health(port_a)["subscribers"] == 1 and health(port_b)["subscribers"] == 1)
+                before = [published_id(port_a, f"before {i}") for i in range(3)]
+                for client in (on_a, on_b):
+                    self.assertEqual([e.data for e in client.read_events(3)], ["before 0", "before 1", "before 2"])
+                redis.command("FLUSHALL")
+                after = published_id(port_b, "after the flush")
+                later = [published_id(port_a if index % 2 else port_b, f"later {index}") for index in range(4)]
+                ids = before + [after] + later
+                self.assertEqual(ids, sorted(set(ids)))  # above everything handed out before: never reused
+                for client in (on_a, on_b):
+                    reset, *events = client.read_events(6)
+                    self.assertEqual(reset.type, "sseserver.reset")
+                    self.assertEqual([(e.type, e.data, int(e.id)) for e in events],
+                                     [("message", "after the flush", after)]
+                                     + [("message", f"later {i}", later[i]) for i in range(4)])
+            # Replay across the flush carries the reset too: a browser that had seen "before 1" is told.
+            with SSEClient(port_a, headers={"Last-Event-ID": str(before[1])}) as resumed:
+                events = resumed.read_events(7)
+                self.assertEqual([e.type for e in events], ["message", "sseserver.reset"] + ["message"] * 5)
+                self.assertEqual([e.data for e in events[:1] + events[2:]],
+                                 ["before 2", "after the flush"] + [f"later {i}" for i in range(4)])
+
+    def test_a_restart_without_persistence_resets_open_streams_and_later_events_arrive(self):
+        redis = self.start_redis(persistent=False)
+        with daemon_process("--port", "0", "-c", self.config(redis)) as (_, port):
+            with SSEClient(port) as client:
+                wait_until(lambda: health(port)["subscribers"] == 1)
+                before = [published_id(port, f"before {i}") for i in range(3)]
+                self.assertEqual(len(client.read_events(3)), 3)
+                redis.restart()
+                self.assertEqual(redis.command("EXISTS", STREAM_KEY), 0)  # the stream is gone
+                wait_until(lambda: redis_is_up(port), RECOVERY_TIMEOUT, "the follower on the new redis-server")
+                after = published_id(port, "after the restart")
+                self.assertGreater(after, before[-1])
+                reset, event = client.read_events(2, RECOVERY_TIMEOUT)
+                self.assertEqual(reset.type, "sseserver.reset")
+                self.assertEqual((event.type, event.data, int(event.id)), ("message", "after the restart", after))
+                self.assertGreater(published_id(port, "next"), after)
+                self.assertEqual(client.read_events(1)[0].data, "next")
+
+    def test_the_first_publish_after_a_redis_restart_is_stored_although_pooled_connections_went_stale(self):
+        redis = self.start_redis()
+        with daemon_process("--port", "0", "-c", self.config(redis)) as (_, port):
+            with SSEClient(port) as client:
+                wait_until(lambda: health(port)["subscribers"] == 1)
+                before = [published_id(port, f"before {i}") for i in range(3)]  # leaves a pooled connection
+                self.assertEqual(len(client.read_events(3)), 3)
+                redis.restart()  # the append-only file keeps the stream; every pooled connection is now dead
+                wait_until(lambda: redis_is_up(port), RECOVERY_TIMEOUT, "the follower on the new redis-server")
+                status, reply = publish(port, "first after the restart")
+                self.assertEqual(status, 200, reply)
+                self.assertGreater(int(reply["id"]), before[-1])
+                (event,) = client.read_events(1)  # the stream survived: no reset
+                self.assertEqual((event.type, event.data, event.id), ("message", "first after the restart",
+                                                                      reply["id"]))
+
+    def test_a_wrong_password_shows_in_health_and_the_follower_recovers_once_redis_accepts_it(self):
+        redis = self.start_redis(password="right-password")
+        config = self.config(redis, redis_url=redis.url(password="wrong-password"))
+        with daemon_process("--port", "0", "-c", config) as (process, port):
+            down = wait_until(lambda: (reply := health(port)).get("redis_error") and reply, what="/health's reason")
+            self.assertEqual(down["redis"], "down")
+            self.assertIn("WRONGPASS", down["redis_error"])
+            self.assertEqual(publish(port, "refused")[0], 503)
+            with SSEClient(port) as client:
+                wait_until(lambda: health(port)["subscribers"] == 1)
+                redis.command("CONFIG", "SET", "requirepass", "wrong-password")  # the operator mends Redis's side
+                redis.password = "wrong-password"
+                wait_until(lambda: redis_is_up(port), RECOVERY_TIMEOUT, "the follower to log in")
+                self.assertNotIn("redis_error", health(port))
+                event_id = published_id(port, "after the fix")
+                (event,) = client.read_events(1)
+                self.assertEqual((event.data, int(event.id)), ("after the fix", event_id))
+            # One line per distinct failure (and per REPEAT_LOG_INTERVAL), not one per attempt.
+            self.assertEqual(len(log_lines_with(process, "redis link down: WRONGPASS")), 1, process.log_lines)
+
+    def test_the_watchdog_needs_a_live_follower_but_not_a_reachable_redis(self):
+        redis = self.start_redis(password="right-password")
+        # The refusal is logged (captured here, not printed) from the follower's first attempt on.
+        with (self.assertLogs("sseserver.cluster", "ERROR") as logged,
+              RunningServer(redis_url=redis.url(password="wrong-password")) as running):
+            wait_until(lambda: logged.output, what="the refusal to be logged")
+            self.assertIn("WRONGPASS", logged.output[0])
+            self.assertIn("WRONGPASS", running.health()["redis_error"])
+            # Refused and retrying is alive: a watchdog restart could not mend Redis and would cut every stream.
+            self.assertTrue(running.server.healthy())
+            running.server.cluster.stop()  # the follower thread ends, as one that died would
+            self.assertFalse(running.server.healthy())
+
+    def test_a_stream_key_of_the_wrong_type_is_retried_with_backoff_logged_once_and_recovered_from(self):
+        redis = self.start_redis()
+        with daemon_process("--port", "0", "-c", self.config(redis)) as (process, port):
+            with SSEClient(port) as client:
+                wait_until(lambda: health(port)["subscribers"] == 1)
+                published_id(port, "before")
+                self.assertEqual(client.read_events(1)[0].data, "before")
+                failures = metric(port, "sseserver_redis_reconnects_total")
+                started = time.monotonic()
+                redis.command("DEL", STREAM_KEY)
+                redis.command("SET", STREAM_KEY, "not a stream")
+                wait_until(lambda: metric(port, "sseserver_redis_reconnects_total") >= failures + 5,
+                           RECOVERY_TIMEOUT, "five failed attempts")
+                # Between five attempts the backoff waits 0.1 + 0.2 + 0.4 + 0.8 s (a hot loop made thousands).
+                self.assertGreaterEqual(time.monotonic() - started, 1.5)
+                down = health(port)
+                self.assertEqual(down["redis"], "down")
+                self.assertIn("WRONGTYPE", down["redis_error"])
+                self.assertEqual(len(log_lines_with(process, "WRONGTYPE")), 1, process.log_lines)
+                redis.command("DEL", STREAM_KEY)
+                wait_until(lambda: redis_is_up(port), RECOVERY_TIMEOUT, "the follower to read again")
+                after = published_id(port, "after the fix")
+                reset, event = client.read_events(2)  # the stream began again from nothing: a reset first
+                self.assertEqual((reset.type, event.data, int(event.id)), ("sseserver.reset", "after the fix", after))
+
+    def test_a_redis_still_loading_its_data_is_waited_for_by_probe_and_follower(self):
+        redis = self.start_redis(persistent=False)
+        with daemon_process("--port", "0", "-c", self.config(redis)) as (process, port):
+            with SSEClient(port) as client:
+                wait_until(lambda: health(port)["subscribers"] == 1)
+                published_id(port, "before")
+                self.assertEqual(client.read_events(1)[0].data, "before")
+                # A snapshot with enough keys, each loaded with a delay, that the restarted redis-server answers
+                # -LOADING for about 1.5 s, to the test's readiness probe and to the follower alike.
+                redis.command("MSET", *[part for i in range(300) for part in (f"filler:{i}", "x" * 100)])
+                redis.command("SAVE")
+                redis.restart("--key-load-delay", "5000", "--loading-process-events-interval-bytes", "1024")
+                self.assertTrue(redis.saw_loading)
+                wait_until(lambda: redis_is_up(port), RECOVERY_TIMEOUT, "the follower after loading")
+                after = published_id(port, "after loading")
+                (event,) = client.read_events(1)  # the snapshot kept the stream: no reset
+                self.assertEqual((event.type, event.data, int(event.id)), ("message", "after loading", after))
+            self.assertLessEqual(len(log_lines_with(process, "LOADING")), 1, process.log_lines)
+
+    def test_entries_trimmed_while_an_instance_was_cut_off_reach_its_streams_as_a_reset(self):
+        redis = self.start_redis()
+        redis.command("ACL", "SETUSER", "instance-a", "on", ">secret-a", "~*", "&*", "+@all")
+        config_a = self.config(redis, "a.toml", redis_url=redis.url("instance-a", "secret-a"))
+        config_b = self.config(redis, "b.toml")
+        first, second = daemon_process("--port", "0", "-c", config_a), daemon_process("--port", "0", "-c", config_b)
+        with first as (_, port_a), second as (__, port_b):
+            with SSEClient(port_a) as on_a, SSEClient(port_b) as on_b:
+                wait_until(lambda: health(port_a)["subscribers"] == 1 and health(port_b)["subscribers"] == 1)
+                for index in range(3):
+                    published_id(port_b, f"before {index}")
+                for client in (on_a, on_b):
+                    self.assertEqual(len(client.read_events(3)), 3)
+                # Cut A off: it cannot log in again, and loses the connections it has.
+                redis.command("ACL", "SETUSER", "instance-a", "off")
+                redis.command("CLIENT", "KILL", "USER", "instance-a")
+                wait_until(lambda: "WRONGPASS" in health(port_a).get("redis_error", ""), what="A cut off")
+                for index in range(6):
+                    published_id(port_b, f"missed {index}")
+                self.assertEqual([e.data for e in on_b.read_events(6)], [f"missed {i}" for i in range(6)])
+                redis.command("XTRIM", STREAM_KEY, "MAXLEN", 2)  # what followed A's position is partly gone
+                redis.command("ACL", "SETUSER", "instance-a", "on")
+                events = on_a.read_events(3, RECOVERY_TIMEOUT)
+                self.assertEqual([(e.type, e.data) for e in events[1:]],
+                                 [("message", "missed 4"), ("message", "missed 5")])
+                self.assertEqual(events[0].type, "sseserver.reset")
+                # From here on both instances agree again, without a further reset.
+                together = published_id(port_a, "together again")
+                for client in (on_a, on_b):
+                    (event,) = client.read_events(1)
+                    self.assertEqual((event.type, event.data, int(event.id)), ("message", "together again", together))
+
+
+class RespConnectionTest(unittest.TestCase):
+    """How the client classifies a broken connection, over real TCP, where send() does not notice a closed peer
+    (the tests' redis-server listens on a unix socket, where it does). The test plays Redis on 127.0.0.1:0."""
+
+    def connect(self) -> tuple[resp.Connection, socket.socket]:
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        listener.settimeout(IO_TIMEOUT)
+        client = resp.Connection(resp.parse_url(f"redis://127.0.0.1:{listener.getsockname()[1]}/0"), IO_TIMEOUT)
+        self.addCleanup(client.close)
+        peer, _ = listener.accept()
+        self.addCleanup(peer.close)
+        peer.settimeout(IO_TIMEOUT)
+        peer.sendall(b"+PONG\r\n")  # answered before it is asked: the client reads it after sending
+        self.assertEqual(client.command("PING"), "PONG")
+        self.assertEqual(peer.recv(100), b"*1\r\n$4\r\nPING\r\n")
+        self.assertTrue(client.reusable())
+        return client, peer
+
+    def test_a_connection_redis_closed_is_not_reusable_although_a_send_would_succeed(self):
+        client, peer = self.connect()
+        peer.close()  # Redis restarts: a FIN, which the idle client only sees by looking
+        wait_until(lambda: not client.reusable(), what="the closed connection to be seen")
+        with self.assertRaises(resp.RedisUnavailable) as caught:
+            client.command("PING")  # sent into the void: only the reply read fails, so it may have run
+        self.assertFalse(caught.exception.unsent)
+
+    def test_a_command_that_could_not_be_sent_is_unsent(self):
+        client, peer = self.connect()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # a reset
+        wait_until(lambda: not client.reusable(), what="the reset to arrive")
+        with self.assertRaises(resp.RedisUnavailable) as caught:
+            client.command("PING")
+        self.assertTrue(caught.exception.unsent)
+
+    def test_a_reply_lost_after_the_command_was_sent_may_have_run(self):
+        client, peer = self.connect()
+        peer.shutdown(socket.SHUT_WR)  # takes the command, never answers
+        with self.assertRaises(resp.RedisUnavailable) as caught:
+            client.command("INCR", "counter")
+        self.assertFalse(caught.exception.unsent)
+        self.assertEqual(peer.recv(100), b"*2\r\n$4\r\nINCR\r\n$7\r\ncounter\r\n")
 
 
 class RedisUrlTest(unittest.TestCase):
