@@ -125,12 +125,12 @@ def load_tokens(inline: tuple[str, ...], path: str, inline_key: str, path_key: s
 
 
 def bearer_token(headers: dict[str, str]) -> str | None:
-    value = headers.get("authorization")
-    if value is None:
-        return None
-    scheme, _, token = value.partition(" ")
+    """The token of an `Authorization: Bearer <token>` header, else None. Any other scheme (Basic credentials
+    that a proxy in front adds, say) is not ours: it counts as no token, so an open role ignores it and a role
+    with tokens answers 401 as for a missing header."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise HTTPError(401, "Authorization must be 'Bearer <token>'", headers=(("WWW-Authenticate", "Bearer"),))
+        return None
     return token.strip()
 
 

@@ -44,10 +44,46 @@ def status_line(status: int) -> bytes:
     return f"HTTP/1.1 {status} {phrase}\r\n".encode("ascii")
 
 
-# The start of every event-stream response, a real stream or a turn-away. A stream's body ends when the
-# connection closes (no chunked encoding, which the SSE spec warns about), for HTTP/1.0 and 1.1 alike.
-STREAM_HEAD = (status_line(200) + b"Content-Type: text/event-stream; charset=utf-8\r\nCache-Control: no-cache\r\n"
-               b"X-Accel-Buffering: no\r\nConnection: close\r\n")
+# The headers of every event-stream response, a real stream or a turn-away.
+STREAM_HEADERS = (b"Content-Type: text/event-stream; charset=utf-8\r\nCache-Control: no-cache\r\n"
+                  b"X-Accel-Buffering: no\r\n")
+
+
+def header_lines(pairs) -> bytes:
+    return "".join(f"{name}: {value}\r\n" for name, value in pairs).encode("latin-1")
+
+
+def common_headers(date: bytes, cors: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """What every response carries: Server, Date, and the CORS headers for the request's origin."""
+    return b"Server: %s\r\nDate: %s\r\n%s" % (SERVER_HEADER.encode(), date, header_lines(cors))
+
+
+def render_response(status: int, headers: bytes, body: bytes, keep_alive: bool = False,
+                    head_only: bool = False) -> bytes:
+    """The one place a whole response is rendered: the status line, `headers` (complete lines), a
+    Content-Length computed from `body`, the Connection header, and the body (left out for HEAD, which still
+    says the length a GET would get). The only response not built here is a live stream's head, whose body
+    ends when the connection closes (see stream_head())."""
+    return b"".join((status_line(status), headers, b"Content-Length: %d\r\n" % len(body),
+                     b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n",
+                     b"" if head_only else body))
+
+
+def stream_head(common: bytes) -> bytes:
+    """A live stream's head. Its body ends when the connection closes (no Content-Length, and no chunked
+    encoding, which the SSE spec warns about), for HTTP/1.0 and 1.1 alike."""
+    return status_line(200) + STREAM_HEADERS + common + b"Connection: close\r\n\r\n"
+
+
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode("utf-8")
+
+
+def refusal(date: bytes, message: str, retry_after: int) -> bytes:
+    """A 503 for a connection that gets no request thread (at the connection limit, or none could be
+    started): sent by the accept loop without reading the request, then the connection is closed."""
+    headers = common_headers(date) + header_lines((("Content-Type", JSON), ("Retry-After", str(retry_after))))
+    return render_response(503, headers, error_body(message))
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -152,6 +188,11 @@ class Handler(BaseHTTPRequestHandler):
             self._send_error(error, request)
         except (ClientGone, ConnectionError, TimeoutError):
             return False
+        except BlockingIOError:
+            # SO_SNDTIMEO ran out in sendall() (EAGAIN on a blocking socket): the client is not reading what it
+            # asked for, e.g. it pipelines requests without reading answers. That is a timeout, not our bug.
+            log.debug("connection from %s: response not read in time; closing", self.peer)
+            return False
         except Exception:
             log.exception("internal error serving %s", request.path if request else "a request")
             self._send_error(HTTPError(500, "internal error", close=True), request)
@@ -247,7 +288,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         sub = replay.subscriber
         server.hand_over(self)  # counted as a stream from here on, never as both a stream and a request
-        preamble = [STREAM_HEAD, self._common_headers(), b"\r\n", framing.encode_retry(config.retry_ms)]
+        preamble = [stream_head(self._common_headers()), framing.encode_retry(config.retry_ms)]
         if replay.reset is not None:
             preamble.append(replay.reset)
         sock = self.connection
@@ -271,16 +312,14 @@ class Handler(BaseHTTPRequestHandler):
         retry_ms = self.server.config.retry_ms
         if "text/event-stream" in request.headers.get("accept", ""):
             retry = framing.encode_jittered_retry(retry_ms, random.random())
-            head = STREAM_HEAD + self._common_headers() + b"Content-Length: %d\r\n\r\n" % len(retry)
             self._account(request, 200, len(retry))
-            self.connection.sendall(head + retry)
+            self.connection.sendall(render_response(200, STREAM_HEADERS + self._common_headers(), retry))
             return
         seconds = max(1, (retry_ms + 999) // 1000)
         raise HTTPError(503, why, headers=(("Retry-After", str(seconds)),), close=True)
 
     def _common_headers(self) -> bytes:
-        extra = "".join(f"{name}: {value}\r\n" for name, value in self.cors).encode("latin-1")
-        return b"Server: %s\r\nDate: %s\r\n%s" % (SERVER_HEADER.encode(), self.server.http_date(), extra)
+        return common_headers(self.server.http_date(), self.cors)
 
     def _respond(self, status: int, body: bytes, content_type: str | None,
                  extra: tuple[tuple[str, str], ...] = (), close: bool = False) -> None:
@@ -292,19 +331,11 @@ class Handler(BaseHTTPRequestHandler):
         keep_alive = self.keep_open = (not close and request is not None and request.keep_alive
                                        and not self.body_pending and not self.server.stopping)
         head_only = request is not None and request.method == "HEAD"
-        lines = [status_line(status), self._common_headers()]
-        if content_type:
-            lines.append(b"Content-Type: %s\r\n" % content_type.encode())
-        lines.append(b"Content-Length: %d\r\n" % len(body))
-        lines.append(b"Connection: keep-alive\r\n" if keep_alive else b"Connection: close\r\n")
-        for name, value in extra:
-            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
-        lines.append(b"\r\n")
-        if not head_only:
-            lines.append(body)
+        headers = self._common_headers() + header_lines(((("Content-Type", content_type),) if content_type else ())
+                                                        + extra)
         self._account(self.current_request, status, 0 if head_only else len(body))
         # The reader keeps a timeout on the socket (at most keepalive_timeout); sendall() reuses it.
-        self.connection.sendall(b"".join(lines))
+        self.connection.sendall(render_response(status, headers, body, keep_alive, head_only))
 
     def _account(self, request, status: int, size: int) -> None:
         """Every response passes here once: the status counter, and the access log line if it is on."""
@@ -320,9 +351,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send_error(self, error: HTTPError, request: Request | None) -> None:
         self.current_request = request
-        body = json.dumps({"error": error.message}).encode("utf-8")
         try:
-            self._respond(error.status, body, JSON, error.headers, close=error.close)
+            self._respond(error.status, error_body(error.message), JSON, error.headers, close=error.close)
         except OSError:
             pass  # the client is gone; nothing to tell it
 
@@ -347,8 +377,9 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def _without_token(request: Request) -> str:
-    """The request target with any `token` query parameter removed: tokens never reach a log."""
-    if "token" not in request.target:
+    """The request target with any `token` query parameter removed: tokens never reach a log. Judged by the
+    decoded name, the one the server reads the token by, so `?tok%65n=...` is removed too."""
+    if not any(key == "token" for key, _ in request.query):
         return request.target
     kept = [(key, value) for key, value in request.query if key != "token"]
     return request.target.partition("?")[0] + ("?" + urlencode(kept) if kept else "")

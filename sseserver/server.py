@@ -30,7 +30,7 @@ from .access import Policy
 from .bouncer import Bouncer, parse_event_id
 from .cluster import RedisBridge, wait_for_replay
 from .delivery import Delivery
-from .handler import Handler
+from .handler import Handler, refusal
 from .history import HistoryFile
 from .metrics import Family, StatusCounter
 
@@ -39,8 +39,6 @@ log = logging.getLogger("sseserver")
 # File descriptors kept free for everything that is not a connection: the listener, epoll, eventfds, config
 # and token files, the notify socket, logging.
 FD_RESERVE = 64
-_TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 35\r\n"
-             b"Retry-After: 5\r\nConnection: close\r\n\r\n{\"error\": \"too many open connections\"}")
 
 
 def connection_limit(configured: int) -> int:
@@ -90,6 +88,7 @@ class SSEServer(ThreadingHTTPServer):
         self._idle = threading.Condition()
         self._connections: set = set()
         self._request_threads: set[threading.Thread] = set()
+        self._thread_warning_due = 0.0  # the accept thread's own: when it may warn again that threads fail
         self._date = (0, b"")
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         if listen_socket is None:
@@ -110,19 +109,32 @@ class SSEServer(ThreadingHTTPServer):
     def process_request(self, request, client_address) -> None:
         if len(self._connections) + self.bouncer.subscriber_count >= self.max_connections:
             # At the limit: answer at once from the accept thread, without a thread or a read, and close.
-            self.statuses.add(503)
-            try:
-                request.setblocking(False)
-                request.send(_TOO_MANY)
-            except OSError:
-                pass
-            self.shutdown_request(request)
+            self._refuse(request, "too many open connections", 5)
             return
         thread = threading.Thread(target=self._process_request_thread, args=(request, client_address),
                                   name="sseserver-request", daemon=True)
         with self._lock:
             self._request_threads.add(thread)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread": out of memory or of the process/thread limit
+            with self._lock:
+                self._request_threads.discard(thread)  # never started, so drain() must not join it
+            now = time.monotonic()
+            if now >= self._thread_warning_due:  # once a minute at most: every new connection fails alike
+                self._thread_warning_due = now + 60
+                log.warning("%s: answering 503 to new connections until a request thread can start", exc)
+            self._refuse(request, "server overloaded", 1)
+
+    def _refuse(self, request, message: str, retry_after: int) -> None:
+        """503 from the accept thread, without a request thread or a read, then close."""
+        self.statuses.add(503)
+        try:
+            request.setblocking(False)
+            request.send(refusal(self.http_date(), message, retry_after))
+        except OSError:
+            pass
+        self.shutdown_request(request)
 
     def _process_request_thread(self, request, client_address) -> None:
         try:

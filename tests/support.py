@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -113,8 +114,31 @@ def connect(port: int) -> socket.socket:
     return sock
 
 
+def parse_head(head: bytes) -> tuple[int, dict]:
+    """A response head (without its blank line) -> (status, headers with lower-cased names)."""
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers
+
+
+def _read_to_end(sock: socket.socket) -> bytes:
+    out = bytearray()
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except (ConnectionError, ssl.SSLError):
+        pass  # a reset ends the connection as surely as a FIN does
+    return bytes(out)
+
+
 def read_response(sock: socket.socket, buffer: bytearray | None = None, head_request: bool = False):
-    """Read one HTTP response (Content-Length or close-delimited) -> (status, headers, body)."""
+    """Read one HTTP response (Content-Length or close-delimited) -> (status, headers, body). Checks the framing
+    on the way: nothing may follow a `Connection: close` response's Content-Length bytes, and on a kept-alive
+    connection only the next response may (a wrong Content-Length would leave a body's tail there)."""
     data = buffer if buffer is not None else bytearray()
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
@@ -122,12 +146,7 @@ def read_response(sock: socket.socket, buffer: bytearray | None = None, head_req
             raise ConnectionError(f"connection closed before a full response head: {bytes(data)!r}")
         data += chunk
     head, _, rest = bytes(data).partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ")[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
+    status, headers = parse_head(head)
     if head_request:
         data[:] = rest
         return status, headers, b""
@@ -139,7 +158,14 @@ def read_response(sock: socket.socket, buffer: bytearray | None = None, head_req
             if not chunk:
                 raise ConnectionError("connection closed inside a body")
             body += chunk
-        data[:] = body[length:]
+        after = bytes(body[length:])
+        if headers.get("connection", "").lower() == "close":
+            after += _read_to_end(sock)
+            assert not after, f"{len(after)} bytes after a body of Content-Length {length}: {bytes(body)!r}"
+        else:
+            assert after == b"HTTP/1."[:len(after)] or after.startswith(b"HTTP/1."), (
+                f"bytes after a body of Content-Length {length} are not a next response: {bytes(body)!r}")
+        data[:] = after
         return status, headers, bytes(body[:length])
     body = bytearray(rest)
     while chunk := sock.recv(65536):
@@ -166,7 +192,7 @@ def request(port, method: str, path: str, body: str | bytes | None = None,
 
 
 def raw_exchange(port: int, raw: bytes, shut_write: bool = False) -> bytes:
-    """Send raw bytes, return everything the server sends until it closes."""
+    """Send raw bytes, return everything the server sends until it closes (checked by split_responses())."""
     with connect(port) as sock:
         sock.sendall(raw)
         if shut_write:
@@ -174,7 +200,32 @@ def raw_exchange(port: int, raw: bytes, shut_write: bool = False) -> bytes:
         out = bytearray()
         while chunk := sock.recv(65536):
             out += chunk
-        return bytes(out)
+    split_responses(bytes(out), head_request=raw.startswith(b"HEAD "))
+    return bytes(out)
+
+
+def split_responses(data: bytes, head_request: bool = False) -> list[tuple[int, dict, bytes]]:
+    """Every response in a connection's output -> [(status, headers, body)], checking the framing: a body is
+    exactly its Content-Length (one cut short, or bytes that belong to no response, fail the test). A response
+    without Content-Length (a stream) runs to the end. `head_request`: the first final response may answer a
+    HEAD and then has no body (unless the request could not be parsed as one: then a body follows)."""
+    found: list[tuple[int, dict, bytes]] = []
+    while data:
+        head, blank, rest = data.partition(b"\r\n\r\n")
+        assert data.startswith(b"HTTP/1.") and blank, f"not an HTTP response: {data[:200]!r}"
+        status, headers = parse_head(head)
+        answers_head = (head_request and not any(s >= 200 for s, _, _ in found)
+                        and (not rest or rest.startswith(b"HTTP/1.")))
+        if status < 200 or answers_head:
+            body, data = b"", rest  # interim (100 Continue) or the answer to HEAD: no body
+        elif "content-length" not in headers:
+            body, data = rest, b""
+        else:
+            length = int(headers["content-length"])
+            assert len(rest) >= length, f"body shorter than its Content-Length {length}: {data[:300]!r}"
+            body, data = rest[:length], rest[length:]
+        found.append((status, headers, body))
+    return found
 
 
 class SSEEvent:
@@ -201,12 +252,7 @@ class SSEClient:
                 raise ConnectionError(f"stream closed before headers: {bytes(head)!r}")
             head += chunk
         head_bytes, _, rest = bytes(head).partition(b"\r\n\r\n")
-        lines = head_bytes.decode("latin-1").split("\r\n")
-        self.status = int(lines[0].split(" ")[1])
-        self.headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            self.headers[name.strip().lower()] = value.strip()
+        self.status, self.headers = parse_head(head_bytes)
         self._chunked = "chunked" in self.headers.get("transfer-encoding", "")
         self._feed(rest)
 

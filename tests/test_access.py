@@ -46,6 +46,14 @@ class TokenTest(unittest.TestCase):
         self.assertEqual(request(self.server.port, "POST", "/publish", "x", {"Authorization": "Basic abc"})[0], 401)
         self.assertEqual(self.publish("x")[0], 200)
 
+    def test_a_non_bearer_authorization_counts_as_no_token(self):
+        basic = {"Authorization": "Basic dXNlcjpwYXNz"}  # what a proxy in front may add for itself
+        status, headers, body = request(self.server.port, "POST", "/publish", "x", basic)
+        self.assertEqual((status, headers["www-authenticate"]), (401, "Bearer"))
+        self.assertIn("needs a token", json.loads(body)["error"])
+        with self.server.subscribe(f"/subscribe?token={SUB}", headers=basic) as client:  # the query's token counts
+            self.assertEqual(client.status, 200)
+
     def test_publish_scope(self):
         self.assertEqual(self.publish("x", "orders.created", ORDERS)[0], 200)
         status, _, body = self.publish("x", "invoices.paid", ORDERS)

@@ -17,7 +17,8 @@ import struct
 import tempfile
 import unittest
 
-from tests.support import IO_TIMEOUT, STOP_TIMEOUT, SSEClient, daemon_process, request, wait_until
+from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, SSEClient, daemon_process, request, split_responses,
+                           wait_until)
 
 CASES = int(os.environ.get("SSESERVER_FUZZ_CASES", "5000"))
 SEED = int(os.environ.get("SSESERVER_FUZZ_SEED", "20261123"))
@@ -128,27 +129,6 @@ def run_case(port: int, case: dict) -> bytes:
         sock.close()
 
 
-def responses(data: bytes):
-    """(status, body) of every response in a connection's output (a stream's body counts as its response)."""
-    while data.startswith(b"HTTP/1.1 "):
-        head, sep, rest = data.partition(b"\r\n\r\n")
-        if not sep:
-            raise AssertionError(f"truncated response head: {data[:200]!r}")
-        status = int(head[9:12])
-        length = None
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.lower() == b"content-length":
-                length = int(value)
-        if length is None:
-            yield status, rest
-            return
-        yield status, rest[:length]
-        data = rest[length:]
-    if data:
-        raise AssertionError(f"bytes that are not an HTTP response: {data[:200]!r}")
-
-
 def process_counts(pid: int) -> tuple[int, int]:
     return len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -169,7 +149,11 @@ class FuzzTest(unittest.TestCase):
                     outputs = list(pool.map(lambda case: run_case(port, case), cases))
                 kinds_answered = set()
                 for case, output in zip(cases, outputs):
-                    for status, body in responses(output):
+                    try:  # every Content-Length must match its body, whatever the request was
+                        parsed = split_responses(output, head_request=case["raw"].startswith(b"HEAD "))
+                    except AssertionError as exc:
+                        raise AssertionError(f"case {case!r}: {exc}") from None
+                    for status, _, body in parsed:
                         kinds_answered.add(case["kind"])
                         context = f"case {case!r} got {status}: {output[:300]!r}"
                         self.assertTrue(status < 500 or status in (503, 505, 501), context)

@@ -200,6 +200,24 @@ class ErrorTest(unittest.TestCase):
             self.assertEqual(read_response(sock, buffer)[0], 200)
 
 
+class UnreadResponsesTest(unittest.TestCase):
+    def test_a_client_that_never_reads_its_responses_is_closed_quietly(self):
+        """Requests pipelined without reading one answer: once the send timeout runs out the server closes the
+        connection. That is the client's timeout, not our failure: no traceback, no 500."""
+        with RunningServer(request_timeout=0.5, keepalive_timeout=0.5) as server:
+            with self.assertNoLogs("sseserver", level="WARNING"), socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+                sock.settimeout(IO_TIMEOUT)
+                sock.connect(("127.0.0.1", server.port))
+                sock.sendall(b"GET / HTTP/1.1\r\n\r\n" * 2000)  # ~30 MB of demo pages asked for
+                wait_until(lambda: server.health()["subscribers"] == 0 and not server.server._connections,
+                           what="the connection to be given up")
+                while sock.recv(65536):  # what the kernel buffered, then the end
+                    pass
+            self.assertNotIn(500, server.server.statuses.snapshot())
+            self.assertEqual(request(server.port, "GET", "/health")[0], 200)
+
+
 class ReplayTest(unittest.TestCase):
     def test_last_event_id_header_and_query(self):
         with RunningServer(history_size=100) as server:

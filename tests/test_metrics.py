@@ -1,6 +1,7 @@
 """/metrics parsed by a strict parser of the Prometheus text format 0.0.4; the access log; /health; the page."""
 
 import io
+import json
 import logging
 import re
 import unittest
@@ -130,7 +131,7 @@ class AccessLogTest(unittest.TestCase):
         saved = (logger.handlers[:], logger.level, logger.propagate)
         logs.configure("info", stream=stream, environ={})
         try:
-            with RunningServer(access_log=True, log_level="info", subscribe_tokens=["secret-sub-token"]) as server:
+            with RunningServer(access_log=True, log_level="info", subscribe_tokens=["secret-sub-token", "hidden-pass-phrase-9"]) as server:
                 logs.set_level("info")
                 server.publish("x", event="a")
                 request(server.port, "GET", "/nope")
@@ -139,6 +140,10 @@ class AccessLogTest(unittest.TestCase):
                     server.publish("y", event="a")
                     client.read_events(1)
                 wait_until(lambda: "stream end" in stream.getvalue(), what="stream end line")
+                # The name is judged decoded, as the server reads it: tok%65n is token.
+                with server.subscribe("/subscribe?tok%65n=hidden-pass-phrase-9&event=b") as client:
+                    self.assertEqual(client.status, 200)
+                wait_until(lambda: "event=b" in stream.getvalue(), what="the encoded-name line")
         finally:
             logger.handlers[:], logger.level, logger.propagate = saved
         text = stream.getvalue()
@@ -146,7 +151,9 @@ class AccessLogTest(unittest.TestCase):
         self.assertRegex(text, r'127\.0\.0\.1 "GET /nope" 404 \d+B')
         self.assertRegex(text, r'127\.0\.0\.1 "GET /subscribe\?event=a" 200')
         self.assertRegex(text, r"127\.0\.0\.1 stream end: 1 events in [\d.]+s, client gone")
-        self.assertNotIn("secret-sub-token", text)
+        self.assertRegex(text, r'127\.0\.0\.1 "GET /subscribe\?event=b" 200')
+        for secret in ("secret-sub-token", "hidden-pass-phrase-9"):
+            self.assertNotIn(secret, text)
 
     def test_control_characters_are_escaped(self):
         self.assertEqual(logs.escape("a\nb\x1b[31m\tc"), "a\\x0ab\\x1b[31m\tc")
@@ -155,10 +162,10 @@ class AccessLogTest(unittest.TestCase):
 class HealthAndPageTest(unittest.TestCase):
     def test_health_fields(self):
         with RunningServer() as server:
-            server.publish("x")
+            published = json.loads(server.publish("x")[2])["id"]
             health = server.health()
             self.assertEqual({k: health[k] for k in ("status", "subscribers", "last_event_id", "history_size")},
-                             {"status": "ok", "subscribers": 0, "last_event_id": "1", "history_size": 1})
+                             {"status": "ok", "subscribers": 0, "last_event_id": published, "history_size": 1})
             self.assertGreaterEqual(health["uptime_s"], 0)
 
     def test_page_is_self_contained_with_a_strict_csp(self):
