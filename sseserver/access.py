@@ -10,6 +10,7 @@ A Policy is built once per Config (at start and on each reload) and swapped whol
 checks a new token against an old scope.
 """
 
+import collections
 import hashlib
 import hmac
 import ipaddress
@@ -28,9 +29,10 @@ ALLOWED_REQUEST_HEADERS = "Authorization, Content-Type, Last-Event-ID, Cache-Con
 class EventFilter:
     """Which event names a stream receives: exact names and/or glob patterns (a token's scope). Supports `in`;
     answers are cached per name because the delivery loop asks once per event per stream. Hashable, so streams
-    with the same filter share the delivery layer's joined bytes."""
+    with the same filter share the delivery layer's joined bytes; weakly referenceable (like a frozenset), so the
+    server's table of shared filters forgets one when its last stream ends."""
 
-    __slots__ = ("names", "patterns", "_cache", "_key")
+    __slots__ = ("names", "patterns", "_cache", "_key", "__weakref__")
 
     def __init__(self, names: frozenset | None, patterns: tuple[str, ...] | None):
         self.names = names
@@ -227,35 +229,50 @@ def preflight_headers(base: tuple[tuple[str, str], ...], methods: tuple[str, ...
 
 class RateLimiter:
     """A token bucket per key (a token's digest prefix, or a client address): `rate` publishes a second with
-    bursts of `burst`. allow() returns 0 when a publish may go ahead, otherwise the seconds to wait."""
+    bursts of `burst`. allow() returns 0 when a publish may go ahead, otherwise the seconds to wait.
+
+    Memory and time stay bounded however many distinct clients come by. The buckets are kept in the order they
+    were last touched (an OrderedDict moved to the end on each use), so the oldest is always first: each call
+    forgets the buckets at the front that have refilled, which behave exactly like a key never seen. That is
+    amortised O(1), as each bucket is forgotten at most once per use. Beyond `max_keys` live buckets the oldest
+    is forgotten even before it has refilled: that client gets a fresh burst early, which is the price of a
+    bounded table (and no worse than what a client with many addresses gets anyway)."""
 
     MAX_KEYS = 100_000
 
-    def __init__(self, rate: float, burst: int):
+    def __init__(self, rate: float, burst: int, max_keys: int = MAX_KEYS, clock=time.monotonic):
         self.rate = rate
         self.burst = burst
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self.max_keys = max_keys
+        self._clock = clock
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def allow(self, key: str, now: float | None = None) -> float:
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, key: str) -> float:
         if self.rate <= 0:
             return 0.0
-        now = time.monotonic() if now is None else now
         with self._lock:
-            level, stamp = self._buckets.get(key, (float(self.burst), now))
+            now = self._clock()
+            buckets = self._buckets
+            level, stamp = buckets.pop(key, (float(self.burst), now))
             level = min(float(self.burst), level + (now - stamp) * self.rate)
-            if level >= 1:
-                self._buckets[key] = (level - 1, now)
-                if len(self._buckets) > self.MAX_KEYS:
-                    self._forget_full(now)
-                return 0.0
-            self._buckets[key] = (level, now)
-            return (1 - level) / self.rate
+            wait = 0.0 if level >= 1 else (1 - level) / self.rate
+            buckets[key] = (level - 1 if level >= 1 else level, now)  # re-inserted: now the newest
+            self._forget_old(now)
+            return wait
 
-    def _forget_full(self, now: float) -> None:
-        """Drop buckets that have refilled: they behave exactly like a key never seen."""
+    def _forget_old(self, now: float) -> None:
+        """Drop refilled buckets from the front (oldest first), then any beyond the cap."""
         refill = self.burst / self.rate
-        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < refill}
+        buckets = self._buckets
+        while buckets:
+            oldest_key, (_, stamp) = next(iter(buckets.items()))
+            if now - stamp < refill and len(buckets) <= self.max_keys:
+                return
+            del buckets[oldest_key]
 
 
 def retry_after(seconds: float) -> str:

@@ -25,6 +25,7 @@ Why this design (measured with ../shared/tools/sseload on the 2-core machine, nu
   heartbeat intervals, because each heartbeat is data that must be acknowledged.
 """
 
+import array
 import collections
 import logging
 import os
@@ -41,7 +42,11 @@ from .metrics import Histogram
 
 log = logging.getLogger("sseserver.delivery")
 access_log = logging.getLogger("sseserver.access")
-_END_REASONS = {"disconnected": "client gone", "slow": "dropped as slow", "shutdown": "server shutdown"}
+_END_REASONS = {"disconnected": "client gone", "slow": "dropped as slow", "shutdown": "server shutdown",
+                "flooding": "dropped for sending data on its stream"}
+# What a client may send on its stream after the request (a stray line end, a pipelined request nobody will
+# answer) is read and discarded; past this many bytes it is flooding, and reading it would keep the writer busy.
+STREAM_INPUT_LIMIT = 64 * 1024
 
 _EVICTED = object()  # cache marker: the events for this cursor have left the ring
 # A closing stream's cursor: past any head, so sweeps skip it with the ordinary `cursor >= head` test.
@@ -51,28 +56,63 @@ _CLOSING = sys.maxsize
 class WriterStats:
     """Counters owned by one writer thread (so += never races); Delivery sums them."""
 
-    __slots__ = ("delivered", "dropped", "latency")
+    __slots__ = ("delivered", "dropped")
 
     def __init__(self):
         self.delivered = 0
         self.dropped: dict[str, int] = collections.Counter()
-        self.latency = Histogram()  # publish -> first handed to a socket, once per event
+
+
+class FirstWrites:
+    """Publish-to-write latency, observed once per event: when the first of the writer threads hands it to a
+    subscriber socket. An event nobody receives is never observed, and neither is a replay (an event older than
+    the stream it goes to). One slot per ring slot remembers which pos was observed there, so the memory is
+    fixed by the ring; the lock makes "first" exact across writer threads. A reload that resizes the ring
+    forgets those marks, so an event being written across a resize may be observed twice."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._histogram = Histogram()
+        self._observed = array.array("q")
+
+    def observe(self, ring, start: int, end: int, names, now_ns: int) -> None:
+        """Events in [start, end) that `names` accepts were just handed to a socket."""
+        with self._lock:
+            observed = self._observed
+            if len(observed) != ring.capacity:
+                observed = self._observed = array.array("q", [-1]) * ring.capacity
+            for pos in range(start, end):
+                slot = pos % ring.capacity
+                event = ring.slots[slot]
+                if observed[slot] == pos or event is None or event.pos != pos:
+                    continue
+                if names is None or event.name in names:
+                    observed[slot] = pos
+                    self._histogram.observe((now_ns - event.published_ns) / 1e9)
+
+    def snapshot(self) -> Histogram:
+        with self._lock:
+            return Histogram.merged([self._histogram])
 
 
 class Writer(threading.Thread):
-    def __init__(self, index: int, bouncer: Bouncer, heartbeat_interval: float):
+    def __init__(self, index: int, bouncer: Bouncer, heartbeat_interval: float, first_writes: FirstWrites):
         super().__init__(name=f"sseserver-writer-{index}", daemon=True)
         self.bouncer = bouncer
         self.heartbeat_interval = heartbeat_interval
         self.stats = WriterStats()
+        self.first_writes = first_writes
         self.wake_pending = False
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # wake() runs on publishing threads; the writer closes the eventfd when it ends. The lock keeps a late
+        # wake() from writing to that fd number after the close, when it may already name some other file.
+        self._wake_lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_fd, selectors.EVENT_READ, None)
         self._inbox: collections.deque = collections.deque()  # (kind, payload) from other threads
         self._subs: dict[int, Subscriber] = {}
+        self._unsolicited: dict[Subscriber, int] = {}  # bytes each stream's client has sent us, once it sent any
         self._swept_head = bouncer.head
-        self._observed = bouncer.head  # events below this pos are in the latency histogram
         self.access_log = False
         self._closing_deadline: float | None = None
         self._retry_ms = 0
@@ -85,10 +125,9 @@ class Writer(threading.Thread):
         writer has not already been woken since its last look at the head."""
         if not self.wake_pending:
             self.wake_pending = True
-            try:
-                os.eventfd_write(self._wake_fd, 1)
-            except OSError:
-                pass  # closed during shutdown; nothing left to wake
+            with self._wake_lock:
+                if self._wake_fd >= 0:  # -1 once the writer has ended: nothing left to wake
+                    os.eventfd_write(self._wake_fd, 1)
 
     def add(self, sub: Subscriber, sock: socket.socket) -> None:
         sub.sock = sock
@@ -126,7 +165,9 @@ class Writer(threading.Thread):
             for sub in list(self._subs.values()):
                 self._drop(sub, "shutdown")
             self._selector.close()
-            os.close(self._wake_fd)
+            with self._wake_lock:
+                os.close(self._wake_fd)
+                self._wake_fd = -1
             self._stopped.set()
 
     def _loop(self) -> None:
@@ -135,29 +176,8 @@ class Writer(threading.Thread):
             timeout = max(0.0, next_tick - time.monotonic())
             if self._inbox:
                 timeout = 0
-            ready = self._selector.select(timeout)
-            now = time.monotonic()
-            for key, mask in ready:
-                sub = key.data
-                if sub is None:
-                    try:
-                        os.eventfd_read(self._wake_fd)
-                    except BlockingIOError:
-                        pass
-                    continue
-                if sub.reason is not None:
-                    continue  # dropped earlier in this batch
-                if mask & selectors.EVENT_READ:
-                    self._readable(sub)
-                if mask & selectors.EVENT_WRITE and sub.reason is None:
-                    self._writable(sub, now)
-            while self._inbox:
-                kind, payload = self._inbox.popleft()
-                if kind == "add":
-                    self._register(payload, now)
-                else:
-                    self._retry_ms, self._closing_deadline = payload
-                    self._begin_closing()
+            now = self._poll(timeout)
+            self._handle_inbox(now)
             # Clear the flag before reading the head: a publish after this point wakes us again.
             self.wake_pending = False
             head = self.bouncer.head
@@ -176,6 +196,40 @@ class Writer(threading.Thread):
                         self._drop(sub, "shutdown")
                     return
                 next_tick = min(next_tick, self._closing_deadline)
+
+    # The selector's answer and the inbox are handled in methods of their own so that their locals (the last
+    # subscriber seen) are gone when they return: a stream that ended must not be kept alive by the loop's
+    # variables until the next wake-up (its filter would linger in the server's table of shared filters).
+
+    def _poll(self, timeout: float) -> float:
+        """Wait up to `timeout` for sockets and wake-ups, handle what is ready, and return the time after the
+        wait."""
+        ready = self._selector.select(timeout)
+        now = time.monotonic()
+        for key, mask in ready:
+            sub = key.data
+            if sub is None:
+                try:
+                    os.eventfd_read(self._wake_fd)
+                except BlockingIOError:
+                    pass
+                continue
+            if sub.reason is not None:
+                continue  # dropped earlier in this batch
+            if mask & selectors.EVENT_READ:
+                self._readable(sub)
+            if mask & selectors.EVENT_WRITE and sub.reason is None:
+                self._writable(sub, now)
+        return now
+
+    def _handle_inbox(self, now: float) -> None:
+        while self._inbox:
+            kind, payload = self._inbox.popleft()
+            if kind == "add":
+                self._register(payload, now)
+            else:
+                self._retry_ms, self._closing_deadline = payload
+                self._begin_closing()
 
     # -- per-subscriber work ---------------------------------------------------------------------------------
 
@@ -198,21 +252,26 @@ class Writer(threading.Thread):
     def _catch_up(self, sub: Subscriber, head: int, now: float) -> None:
         if sub.cursor >= head:
             return
-        got = self.bouncer.collect(self.bouncer.ring, sub.cursor, head, sub.names)
+        ring = self.bouncer.ring
+        start = sub.cursor
+        got = self.bouncer.collect(ring, start, head, sub.names)
         if got is None:
             self._drop(sub, "slow")
             return
         data, count, last_id, sub.cursor = got
         if count and not self._send(sub, data, count, last_id, now):
             self._drop(sub, "disconnected")
-        elif sub.cursor < head and sub.out is None:
+            return
+        if count:
+            self.first_writes.observe(ring, max(start, sub.live_from), sub.cursor, sub.names, time.monotonic_ns())
+        if sub.cursor < head and sub.out is None:
             self._arm(sub)
 
     def _sweep(self, head: int, now: float) -> None:
         ring = self.bouncer.ring  # read after head: the ring holds every event below that head
         self._swept_head = head
-        self._observe(ring, head)
         cache: dict = {}
+        written: dict = {}  # (cursor, names) -> (pos reached, oldest live_from among its streams): for latency
         failed = []
         bouncer = self.bouncer
         for sub in self._subs.values():
@@ -233,21 +292,20 @@ class Writer(threading.Thread):
             data, count, last_id, sub.cursor = got
             if count and not self._send(sub, data, count, last_id, now):
                 failed.append((sub, "disconnected"))
-            elif sub.cursor < head and sub.out is None:
+                continue
+            if count:
+                seen = written.get(key)
+                if seen is None or sub.live_from < seen[1]:
+                    written[key] = (sub.cursor, sub.live_from)
+            if sub.cursor < head and sub.out is None:
                 self._arm(sub)  # a batch hit the size cap: continue as soon as the socket can take more
         for sub, reason in failed:
             self._drop(sub, reason)
-
-    def _observe(self, ring, head: int) -> None:
-        """Publish-to-write latency, once per event (not per subscriber: that would cost as much as the
-        delivery itself), measured as the sweep that first writes it begins."""
+        # Latency once per distinct filter and range written (not per subscriber: that would cost as much as
+        # the delivery itself), after the sends, so that only events some socket took are observed.
         now_ns = time.monotonic_ns()
-        latency = self.stats.latency
-        for pos in range(max(self._observed, head - ring.capacity), head):
-            event = ring.get(pos)
-            if event is not None:
-                latency.observe((now_ns - event.published_ns) / 1e9)
-        self._observed = head
+        for (cursor, names), (end, live_from) in written.items():
+            self.first_writes.observe(ring, max(cursor, live_from), end, names, now_ns)
 
     def _send(self, sub: Subscriber, data: bytes, count: int, last_id: int, now: float) -> bool:
         """Hand `data` to the socket; keep what it does not take. False when the peer is gone (the caller
@@ -305,7 +363,12 @@ class Writer(threading.Thread):
             return
         if not chunk:
             self._drop(sub, "disconnected")
-        # Anything else a client sends on a stream means nothing to us and is discarded.
+            return
+        # Anything else a client sends on a stream means nothing to us and is discarded, up to a limit.
+        received = self._unsolicited.get(sub, 0) + len(chunk)
+        self._unsolicited[sub] = received
+        if received > STREAM_INPUT_LIMIT:
+            self._drop(sub, "flooding")
 
     def _heartbeats(self, now: float) -> None:
         idle_since = now - self.heartbeat_interval
@@ -360,6 +423,7 @@ class Writer(threading.Thread):
             return
         sub.reason = reason
         self._subs.pop(sub.sock.fileno(), None)
+        self._unsolicited.pop(sub, None)
         try:
             self._selector.unregister(sub.sock)
         except (KeyError, ValueError):
@@ -382,7 +446,8 @@ class Delivery:
     """The writer threads as one unit: add streams, wake on publish, end everything at shutdown."""
 
     def __init__(self, bouncer: Bouncer, writer_threads: int, heartbeat_interval: float):
-        self.writers = [Writer(i, bouncer, heartbeat_interval) for i in range(writer_threads)]
+        self.first_writes = FirstWrites()
+        self.writers = [Writer(i, bouncer, heartbeat_interval, self.first_writes) for i in range(writer_threads)]
         self._next = 0
         bouncer.on_publish(self.wake)
 
@@ -408,7 +473,7 @@ class Delivery:
             writer.access_log = enabled
 
     def latency(self) -> Histogram:
-        return Histogram.merged([writer.stats.latency for writer in self.writers])
+        return self.first_writes.snapshot()
 
     def delivered(self) -> int:
         return sum(writer.stats.delivered for writer in self.writers)

@@ -4,9 +4,6 @@ Owns: the HTTP status counter, the Histogram type, and render() (families -> tex
 already keep (published events in the bouncer, deliveries and drops in each writer) are read from them when
 rendering, never kept twice.
 Must not know: sockets, HTTP routing.
-
-Why per-writer histograms: a histogram is updated by exactly one writer thread, so observing needs no lock;
-render() adds them up.
 """
 
 import bisect
@@ -20,7 +17,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 
 class Histogram:
-    """Cumulative-on-render histogram with fixed bucket bounds. observe() is for a single owner thread."""
+    """Cumulative-on-render histogram with fixed bucket bounds. Not thread-safe: its owner serialises observe()
+    (delivery.FirstWrites holds a lock) and hands out merged() copies to read."""
 
     __slots__ = ("bounds", "counts", "total", "count")
 

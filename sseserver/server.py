@@ -23,6 +23,7 @@ import socket
 import socketserver
 import threading
 import time
+import weakref
 from http.server import ThreadingHTTPServer
 
 from . import __version__
@@ -60,7 +61,9 @@ class SSEServer(ThreadingHTTPServer):
         config = policy.config
         self.policy = policy
         self.max_connections = connection_limit(config.max_connections)
-        self._filters: dict = {}
+        # hash(filter) -> the one shared filter object, held weakly: an entry lives exactly as long as some
+        # stream (or a request being answered) uses the filter, so the table never outgrows the open streams.
+        self._filters = weakref.WeakValueDictionary()
         self.history = None
         stored = []
         if config.history_file:  # read before binding, so a bad file never holds the port (ConfigError)
@@ -254,11 +257,18 @@ class SSEServer(ThreadingHTTPServer):
                 self._idle.notify_all()
 
     def intern_filter(self, wanted):
-        """One shared object per distinct stream filter, so the delivery layer joins bytes once per filter."""
+        """One shared object per distinct filter among the open streams, so the delivery layer joins bytes once
+        per filter. Keyed by hash, because a key is held strongly and would keep its filter alive; two filters
+        with the same hash (not equal) only lose the sharing, never correctness."""
         if wanted is None:
             return None
+        key = hash(wanted)
         with self._lock:
-            return self._filters.setdefault(wanted, wanted)
+            shared = self._filters.get(key)
+            if shared is not None and shared == wanted:
+                return shared
+            self._filters[key] = wanted
+            return wanted
 
     def health(self) -> dict:
         bouncer = self.bouncer

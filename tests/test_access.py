@@ -23,6 +23,16 @@ def bearer(token):
     return {"Authorization": f"Bearer {token}"}
 
 
+class Clock:
+    """A clock the test moves by hand, for the rate limiter (no test waits for real time to pass)."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class TokenTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -99,6 +109,44 @@ class TokenTest(unittest.TestCase):
             self.assertEqual(sock.recv(100), b"")  # the unread body was not taken for a request
 
 
+class OpenServerTest(unittest.TestCase):
+    def test_other_authorization_schemes_are_ignored_when_no_tokens_are_configured(self):
+        basic = {"Authorization": "Basic dXNlcjpwYXNz"}
+        with RunningServer() as server:
+            self.assertEqual(request(server.port, "POST", "/publish", "x", basic)[0], 200)
+            self.assertEqual(request(server.port, "GET", "/metrics", headers=basic)[0], 200)
+            self.assertEqual(request(server.port, "POST", "/publish", "x", {"Authorization": "Bearer "})[0], 200)
+            with server.subscribe(headers=basic) as client:
+                self.assertEqual(client.status, 200)
+
+    def test_stream_filters_are_forgotten_with_their_streams(self):
+        """Per-request state dies with the request: the server's table of shared stream filters holds what open
+        streams use, never every distinct ?event= set that clients (turned away or not) have asked for."""
+        with RunningServer(max_subscribers=2) as server:
+            table = server.server._filters
+            with server.subscribe("/subscribe?event=kept") as kept:
+                wait_until(lambda: server.health()["subscribers"] == 1)
+                baseline = len(table)
+                for number in range(200):  # subscribe and disconnect (a stream, or a turn-away if the last
+                    names = "&".join(f"event=n{number}.{index}" for index in range(50))  # is not yet forgotten)
+                    with server.subscribe(f"/subscribe?{names}") as client:
+                        self.assertEqual(client.status, 200)
+                wait_until(lambda: server.health()["subscribers"] == 1)
+                wait_until(lambda: len(table) == baseline, what=f"the filter table back to {baseline}")
+                with server.subscribe("/subscribe?event=kept") as same:  # full from here on
+                    wait_until(lambda: server.health()["subscribers"] == 2)
+                    self.assertEqual(len(table), baseline)  # the same filter: shared, not added
+                    for number in range(200):  # turned away
+                        names = "&".join(f"event=t{number}.{index}" for index in range(50))
+                        self.assertEqual(request(server.port, "GET", f"/subscribe?{names}")[0], 503)
+                    server.publish("for both", event="kept")
+                    self.assertEqual([e.data for e in same.read_events(1)], ["for both"])
+                wait_until(lambda: server.health()["subscribers"] == 1)
+                wait_until(lambda: len(table) == baseline, what=f"the filter table back to {baseline}")
+                server.publish("still delivered", event="kept")
+                self.assertEqual([e.data for e in kept.read_events(2)], ["for both", "still delivered"])
+
+
 class TokenUnitTest(unittest.TestCase):
     def test_entries_and_scopes(self):
         entries = access.parse_token_entries(["# comment", "", "abcdefgh", "ijklmnop a.* b"], "k")
@@ -128,12 +176,34 @@ class TokenUnitTest(unittest.TestCase):
         self.assertEqual(access.client_address("127.0.0.1", headers, ()), "127.0.0.1")
 
     def test_rate_limiter(self):
-        limiter = access.RateLimiter(rate=2, burst=3)
-        self.assertEqual([limiter.allow("k", now=100.0) for _ in range(3)], [0, 0, 0])
-        self.assertAlmostEqual(limiter.allow("k", now=100.0), 0.5)
-        self.assertEqual(limiter.allow("k", now=100.5), 0)
-        self.assertEqual(limiter.allow("other", now=100.5), 0)
+        clock = Clock(100.0)
+        limiter = access.RateLimiter(rate=2, burst=3, clock=clock)
+        self.assertEqual([limiter.allow("k") for _ in range(3)], [0, 0, 0])
+        self.assertAlmostEqual(limiter.allow("k"), 0.5)
+        clock.now = 100.5
+        self.assertEqual(limiter.allow("k"), 0)
+        self.assertEqual(limiter.allow("other"), 0)
         self.assertEqual(access.RateLimiter(0, 1).allow("k"), 0)
+
+    def test_rate_limiter_table_stays_bounded_and_forgets_refilled_buckets(self):
+        clock = Clock(1000.0)
+        limiter = access.RateLimiter(rate=1, burst=2, max_keys=500, clock=clock)  # refilled after 2 s
+        self.assertEqual([limiter.allow("steady") for _ in range(3)], [0, 0, 1.0])  # throttled
+        # Many distinct clients at once, none of them refilled yet: the table stops at the cap.
+        for number in range(5000):
+            self.assertEqual(limiter.allow(f"client-{number}"), 0)
+            self.assertLessEqual(len(limiter), 500)
+        # Time passes: buckets that have refilled are forgotten as new keys come, however many there were.
+        clock.now += 1.0
+        self.assertEqual([limiter.allow("late"), limiter.allow("late")], [0, 0])  # its burst used up
+        clock.now += 1.5  # every client-N bucket has refilled; "late" has not (1.5 of its 2 back)
+        self.assertEqual(limiter.allow("another"), 0)
+        self.assertEqual(len(limiter), 2)
+        # Forgetting a refilled bucket changes nothing: a full burst, as for a key never seen.
+        self.assertEqual([limiter.allow("client-4999") for _ in range(3)], [0, 0, 1.0])
+        # A bucket still refilling is kept while there is room: it is not handed a fresh burst.
+        self.assertEqual(limiter.allow("late"), 0)
+        self.assertAlmostEqual(limiter.allow("late"), 0.5)
 
 
 class TokenFileAndReloadTest(unittest.TestCase):

@@ -110,6 +110,27 @@ class MetricsTest(unittest.TestCase):
             self.assertEqual(value(after, "sseserver_subscribers_dropped_total", reason="slow"), 0)
             self.assertGreater(value(after, "process_start_time_seconds"), 1.7e9)
 
+    def test_publish_to_write_latency_counts_each_written_event_once(self):
+        """Once per event however many writer threads there are, and only for events some socket received."""
+        with RunningServer(writer_threads=2, heartbeat_interval=60) as server:
+            def written():
+                return value(self.scrape(server), "sseserver_publish_to_write_seconds_count")
+
+            for index in range(3):
+                server.publish(f"nobody {index}")  # no stream: never written
+            with server.subscribe() as first, server.subscribe() as second, \
+                    server.subscribe("/subscribe?event=a") as only_a:
+                wait_until(lambda: server.health()["subscribers"] == 3)
+                for name in ("a", "b", "c"):
+                    server.publish(name, event=name)
+                for client in (first, second):
+                    self.assertEqual([e.data for e in client.read_events(3)], ["a", "b", "c"])
+                self.assertEqual([e.data for e in only_a.read_events(1)], ["a"])
+                wait_until(lambda: written() >= 3, what="three observations")
+                self.assertEqual(written(), 3)
+            server.publish("after everyone left")
+            self.assertEqual(written(), 3)
+
     def test_metrics_token(self):
         with RunningServer(metrics_token="metrics-secret-1") as server:
             self.assertEqual(request(server.port, "GET", "/metrics")[0], 401)
