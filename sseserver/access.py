@@ -204,12 +204,13 @@ def _is_trusted(address: str, trusted: tuple) -> bool:
 
 def cors_headers(origins: tuple[str, ...], credentials: bool, origin: str | None) -> tuple[tuple[str, str], ...]:
     """Headers for a response to a request from `origin`. Nothing for an origin not on the list. With
-    credentials the exact origin is echoed, never "*" (browsers refuse "*" with credentials)."""
+    credentials the exact origin is echoed, never "*" (browsers refuse "*" with credentials). "*" never goes
+    with credentials: config refuses that pair, and "*" alone is answered without them here too."""
     if origin is None or not origins:
         return ()
-    if WILDCARD in origins and not credentials:
+    if WILDCARD in origins:
         return (("Access-Control-Allow-Origin", "*"),)
-    if WILDCARD not in origins and origin not in origins:
+    if origin not in origins:
         return ()
     headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
     if credentials:

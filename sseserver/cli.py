@@ -41,20 +41,17 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
 
 
-def load_config(args: argparse.Namespace):
-    """Defaults, then the file, then command-line flags; each layer validated."""
-    config = config_module.load(args.config) if args.config else config_module.from_mapping({})
-    overrides = {name: value for name, value in
-                 (("host", args.host), ("port", args.port), ("log_level", args.log_level)) if value is not None}
-    if overrides:
-        config = config_module.from_mapping(overrides, base=config, source="command line")
-    return config
+def overrides(args: argparse.Namespace) -> dict:
+    """The config keys given on the command line. They win over the file at start and on every reload."""
+    return {name: value for name, value in
+            (("host", args.host), ("port", args.port), ("log_level", args.log_level)) if value is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(args)
+        flags = overrides(args)
+        config = config_module.load_layered(args.config, flags)
         Policy(config)  # reads the token files, so a bad one is a config error now, not at start
         if config.redis_url:
             resp.parse_url(config.redis_url)
@@ -66,6 +63,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logs.configure(config.log_level)
     try:
-        return Daemon(config, args.config).run()
+        return Daemon(config, args.config, overrides=flags).run()
     except KeyboardInterrupt:
         return 1  # a Ctrl-C before the handlers were installed

@@ -128,7 +128,7 @@ KEYS: tuple[Key, ...] = (
         "rediss://... (TLS) or unix:///path/redis.sock; \"\" = a single instance, no Redis.", restart=True,
         secret=True),
     Key("redis_key_prefix", str, "sseserver",
-        "Prefix of the Redis keys (<prefix>:events, <prefix>:last-id); instances sharing a stream share it.",
+        "Prefix of the Redis key <prefix>:events (a Redis Stream); instances sharing a stream share it.",
         lambda value: None if value and " " not in value else "must be non-empty and without spaces",
         restart=True),
     Key("publish_tokens", tuple, (),
@@ -140,11 +140,12 @@ KEYS: tuple[Key, ...] = (
         "Subscribe tokens, same form; sent as `Authorization: Bearer` or `?token=`. Empty = open.", secret=True),
     Key("subscribe_tokens_file", str, "", "A file with one subscribe token entry per line; \"\" = none."),
     Key("cors_origins", tuple, (),
-        "Browser origins allowed to call the API cross-origin, e.g. [\"https://app.example.com\"], or [\"*\"].",
+        "Browser origins allowed to call the API cross-origin, e.g. [\"https://app.example.com\"], or [\"*\"] "
+        "(any origin, never with cors_credentials).",
         origins),
     Key("cors_credentials", bool, False,
         "Answer CORS with Access-Control-Allow-Credentials (cookies, EventSource withCredentials); the exact "
-        "origin is echoed, never \"*\"."),
+        "origin is echoed, never \"*\". Needs a list of origins: refused with cors_origins = [\"*\"]."),
     Key("trusted_proxies", tuple, (),
         "Proxies whose X-Forwarded-For names the client, e.g. [\"127.0.0.1\"] behind a local nginx.", networks),
     Key("max_subscribers_per_ip", int, 0, "Open streams allowed per client address; 0 = no limit.",
@@ -217,6 +218,11 @@ def _check_together(values: dict, source: str | None) -> None:
     if values["history_file"] and values["redis_url"]:
         raise ConfigError("history_file", "cannot be used with redis_url: with Redis the history lives in the "
                           "shared stream (make Redis itself durable with appendonly)", source)
+    if "*" in values["cors_origins"] and values["cors_credentials"]:
+        # Credentials with every origin would let any web page (and a sandboxed "null" origin) read the API as
+        # the visitor's browser: list the origins that may send credentials instead.
+        raise ConfigError("cors_credentials", "cannot be true with cors_origins = [\"*\"]: list the origins "
+                          "allowed to send credentials", source)
 
 
 def load(path: str, base=None):
@@ -229,6 +235,15 @@ def load(path: str, base=None):
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(None, f"not valid TOML: {exc}", path) from None
     return from_mapping(values, base, source=path)
+
+
+def load_layered(path: str | None, overrides: Mapping[str, Any]):
+    """The running configuration: defaults, then the file (if any), then command-line overrides, each layer
+    validated. Used at start and on every reload, so a reload never reverts a command-line flag."""
+    config = load(path) if path else from_mapping({})
+    if overrides:
+        config = from_mapping(overrides, base=config, source="command line")
+    return config
 
 
 def restart_keys_changed(old, new) -> list[str]:

@@ -41,9 +41,10 @@ def raise_open_file_limit() -> tuple[int, int]:
 
 
 class Daemon:
-    def __init__(self, config, config_path: str | None, environ=os.environ):
+    def __init__(self, config, config_path: str | None, environ=os.environ, overrides: dict | None = None):
         self.config = config
         self.config_path = config_path
+        self.overrides = dict(overrides or {})  # command-line keys, layered over the file again on each reload
         self.environ = environ
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.server: SSEServer | None = None
@@ -71,6 +72,9 @@ class Daemon:
             log.error("cannot listen on %s:%d: %s", self.config.host, self.config.port, exc.strerror or exc)
             return 1
         server = self.server
+        # Before the daemon announces itself (the log line, READY=1): whoever saw it may stop us at once, and
+        # a SIGTERM must then drain and exit 0, not kill the process with the default action.
+        self._install_signal_handlers()
         server.start()
         self._accept_thread = threading.Thread(target=server.serve_forever, name="sseserver-accept",
                                                kwargs={"poll_interval": 0.5}, daemon=True)
@@ -79,7 +83,6 @@ class Daemon:
         shown = f"[{host}]" if ":" in str(host) else host
         how = "inherited socket" if inherited else "bound"
         log.info("listening on http://%s:%d (%s; open-file limit %d)", shown, server.port, how, soft)
-        self._install_signal_handlers()
         self.ready.set()
         systemd.notify(f"READY=1\nSTATUS={self._status()}", self.environ)
         return self._control_loop()
@@ -150,7 +153,7 @@ class Daemon:
         systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
                        self.environ)
         try:
-            new = config_module.load(self.config_path)
+            new = config_module.load_layered(self.config_path, self.overrides)
             ignored = config_module.restart_keys_changed(self.config, new)
             if ignored:
                 keep = {name: getattr(self.config, name) for name in ignored}

@@ -11,7 +11,7 @@ import unittest
 from sseserver import access
 from sseserver.errors import HTTPError
 from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, RunningServer, SSEClient, connect, daemon_process,
-                           raw_exchange, read_response, request, wait_until)
+                           raw_exchange, read_response, request, run_cli, wait_until, write_config)
 
 PUB = "publisher-token-0001"
 ORDERS = "orders-only-token-02"
@@ -236,7 +236,6 @@ class TokenFileAndReloadTest(unittest.TestCase):
                 self.assertNotIn(secret, log)
 
     def test_unreadable_token_file_at_start_is_exit_2(self):
-        from tests.support import run_cli
         result = run_cli("--check-config", "-c", os.devnull)
         self.assertEqual(result.returncode, 0)
         with tempfile.TemporaryDirectory() as tmp:
@@ -270,10 +269,39 @@ class CorsTest(unittest.TestCase):
         with RunningServer(cors_origins=["*"]) as server:
             _, headers, _ = request(server.port, "POST", "/publish", "x", headers={"Origin": "https://any.example"})
             self.assertEqual(headers["access-control-allow-origin"], "*")
-        with RunningServer(cors_origins=["*"], cors_credentials=True) as server:
-            _, headers, _ = request(server.port, "GET", "/health", headers={"Origin": "https://any.example"})
-            self.assertEqual(headers["access-control-allow-origin"], "https://any.example")
-            self.assertEqual(headers["access-control-allow-credentials"], "true")
+            self.assertNotIn("access-control-allow-credentials", headers)
+        with RunningServer(cors_origins=[app], cors_credentials=True) as server:
+            _, headers, _ = request(server.port, "GET", "/health", headers={"Origin": app})
+            self.assertEqual((headers["access-control-allow-origin"], headers["access-control-allow-credentials"]),
+                             (app, "true"))
+
+    def test_any_origin_with_credentials_is_refused_at_start_and_on_reload(self):
+        """["*"] with credentials would hand every page on the web (and the sandboxed "null" origin) the
+        visitor's credentialed access: a config error, never a running server."""
+        app = "https://app.example.com"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_config(tmp, cors_origins=["*"], cors_credentials=True)
+            result = run_cli("-c", path)
+            self.assertEqual(result.returncode, 2)
+            lines = result.stderr.decode().strip().splitlines()
+            self.assertEqual(len(lines), 1, lines)
+            self.assertIn("cors_credentials", lines[0])
+            self.assertIn("cors_origins", lines[0])
+            write_config(tmp, cors_origins=[app], cors_credentials=True)
+            with daemon_process("--port", "0", "-c", path) as (process, port):
+                write_config(tmp, cors_origins=["*"], cors_credentials=True)
+                process.send_signal(signal.SIGHUP)
+                failed = wait_until(lambda: [line for line in process.log_lines if "reload failed" in line],
+                                    what="the reload to be refused")
+                self.assertIn("cors_credentials", failed[0])
+                self.assertIn("cors_origins", failed[0])
+                for origin in ("null", "https://evil.example"):  # the old config is kept
+                    _, headers, _ = request(port, "GET", "/health", headers={"Origin": origin})
+                    self.assertNotIn("access-control-allow-origin", headers)
+                _, headers, _ = request(port, "GET", "/health", headers={"Origin": app})
+                self.assertEqual(headers["access-control-allow-credentials"], "true")
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
 
 
 class LimitTest(unittest.TestCase):

@@ -1,16 +1,49 @@
 """The command line and the process: exit codes, one-line errors, signals. The daemon runs as a subprocess."""
 
+import json
 import os
+import platform
 import resource
 import selectors
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import unittest
 
-from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, SSEClient, connect, daemon_process, read_response, request,
-                           run_cli, wait_until, write_config)
+from tests.support import (IO_TIMEOUT, REQUIRE_ALL, ROOT, STARTUP_TIMEOUT, STOP_TIMEOUT, SSEClient, connect,
+                           daemon_process, read_response, request, require_binary, run_cli, wait_until,
+                           write_config)
+
+
+# Threads (and processes) the user running the daemon may have in the thread-failure test: the main, accept and
+# writer threads, and a few request threads.
+THREAD_LIMIT = 8
+
+
+def fill_pipe(fd: int) -> int:
+    """Write to a pipe until it is completely full; returns how many bytes that took."""
+    os.set_blocking(fd, False)
+    filled = 0
+    for size in (4096, 1):
+        try:
+            while True:
+                filled += os.write(fd, b"." * size)
+        except BlockingIOError:
+            pass
+    os.set_blocking(fd, True)  # as the daemon inherits it: its write blocks
+    return filled
+
+
+def blocked_in(pid: int, syscall_prefix: str) -> bool:
+    """Whether the process's main thread is inside this system call (/proc/PID/syscall: number, then args)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as handle:
+            return handle.read().startswith(syscall_prefix)
+    except OSError:
+        return False
 
 
 class CommandLineTest(unittest.TestCase):
@@ -159,11 +192,11 @@ class ProcessTest(unittest.TestCase):
                 with SSEClient(port) as client:
                     self.assertEqual(request(port, "POST", "/publish", "x" * 20)[0], 413)
                     with open(path, "w") as handle:
-                        handle.write("max_message_bytes = 100\nport = 1\n")
+                        handle.write("max_message_bytes = 100\nwriter_threads = 3\n")
                     process.send_signal(signal.SIGHUP)
                     wait_until(lambda: any("reloaded" in line for line in process.log_lines), what="reload")
-                    self.assertTrue(any("'port'" in line or "port cannot change" in line
-                                        for line in process.log_lines), process.log_lines)
+                    self.assertTrue(any("writer_threads cannot change" in line for line in process.log_lines),
+                                    process.log_lines)
                     self.assertEqual(request(port, "POST", "/publish", "x" * 20)[0], 200)
                     # an invalid file keeps the running config and the daemon serving
                     with open(path, "w") as handle:
@@ -175,6 +208,95 @@ class ProcessTest(unittest.TestCase):
                     self.assertEqual([e.data for e in events], ["x" * 20, "y" * 20])
                 process.send_signal(signal.SIGTERM)
                 self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+
+    def test_a_reload_keeps_what_the_command_line_said(self):
+        """Flags win over the file at start and on every reload: a SIGHUP neither reverts --log-level nor warns
+        that a --port it never tried to change cannot change."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_config(tmp, log_level="error", port=1, access_log=True)
+            with daemon_process("--port", "0", "--log-level", "info", "-c", path) as (process, port):
+                process.send_signal(signal.SIGHUP)
+                wait_until(lambda: any("reloaded" in line for line in process.log_lines), what="reload at info")
+                self.assertEqual(request(port, "GET", "/health")[0], 200)
+                wait_until(lambda: any('"GET /health" 200' in line for line in process.log_lines),
+                           what="an access log line at info")
+                self.assertFalse([line for line in process.log_lines if "cannot change" in line])
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+
+    def test_sigterm_the_moment_the_daemon_announces_itself_drains_and_exits_0(self):
+        """A stop right after a start (systemd, a test) must be a clean stop. Made exact rather than lucky: the
+        daemon's stderr is a pipe the test has filled, so writing its `listening on` line blocks, and SIGTERM
+        arrives while the daemon is inside that very write."""
+        write_syscall = {"x86_64": 1, "aarch64": 64}.get(platform.machine())
+        if write_syscall is None:
+            self.skipTest(f"no write(2) number known for {platform.machine()}")
+        for attempt in range(3):
+            with self.subTest(attempt=attempt):
+                read_end, write_end = os.pipe()
+                filler = fill_pipe(write_end)
+                process = subprocess.Popen([sys.executable, "-m", "sseserver", "--port", "0"], cwd=ROOT,
+                                           stdout=subprocess.DEVNULL, stderr=write_end)
+                os.close(write_end)
+                try:
+                    wait_until(lambda: blocked_in(process.pid, f"{write_syscall} 0x2 "), STARTUP_TIMEOUT,
+                               "the daemon to block writing its first log line")
+                    process.send_signal(signal.SIGTERM)
+                    with open(read_end, "rb") as pipe:
+                        log = pipe.read()[filler:].decode()  # the daemon's whole stderr, until it exits
+                    self.assertEqual(process.wait(STOP_TIMEOUT), 0, log)
+                    self.assertRegex(log.splitlines()[0], r" info listening on http://")
+                    self.assertIn("stopped", log)
+                finally:
+                    if process.poll() is None:
+                        process.kill()
+                        process.wait(STOP_TIMEOUT)
+
+    def test_a_request_thread_that_cannot_start_gets_503_and_the_daemon_carries_on(self):
+        """Thread creation fails for real: the daemon runs as an unprivileged user whose process limit
+        (RLIMIT_NPROC, which counts threads and which root ignores) leaves room for a few request threads."""
+        if os.geteuid() != 0:
+            if REQUIRE_ALL:
+                raise AssertionError("needs root, to run the daemon as another user")
+            self.skipTest("needs root, to run the daemon as another user")
+        limited = [require_binary("prlimit"), f"--nproc={THREAD_LIMIT}", require_binary("setpriv"),
+                   "--reuid=65534", "--regid=65534", "--clear-groups"]
+        with tempfile.TemporaryDirectory() as tmp:
+            os.chmod(tmp, 0o755)  # the daemon's user reads the config file
+            path = write_config(tmp, request_timeout=60)
+            os.chmod(path, 0o644)
+            with daemon_process("--port", "0", "-c", path, prefix=limited) as (process, port):
+                def threads():
+                    return len(os.listdir(f"/proc/{process.pid}/task"))
+
+                held, refused = [], None
+                try:
+                    while refused is None:
+                        self.assertLess(len(held), 20, "every connection got a thread")
+                        before = threads()
+                        sock = connect(port)
+                        sock.sendall(b"GET /health HTTP/1.1\r\n")  # a request thread waits for the rest
+                        readable = selectors.DefaultSelector()
+                        readable.register(sock, selectors.EVENT_READ)
+                        wait_until(lambda: threads() > before or readable.select(0), what="a thread or an answer")
+                        readable.close()
+                        if threads() > before:
+                            held.append(sock)
+                        else:
+                            refused = sock
+                    with refused:
+                        status, headers, body = read_response(refused)
+                    self.assertEqual((status, headers["retry-after"], json.loads(body)),
+                                     (503, "1", {"error": "server overloaded"}))
+                finally:
+                    for sock in held:
+                        sock.close()
+                wait_until(lambda: request(port, "GET", "/health")[0] == 200, what="threads to start again")
+                process.send_signal(signal.SIGTERM)
+                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+            log = "\n".join(process.log_lines)
+            self.assertNotIn("Traceback", log)
+            self.assertEqual(log.count("answering 503 to new connections"), 1, log)
 
     def test_log_format_under_journald_and_elsewhere(self):
         with daemon_process("--port", "0", env={"JOURNAL_STREAM": "8:12345"}) as (process, port):

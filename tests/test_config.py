@@ -78,6 +78,23 @@ class ConfigTest(unittest.TestCase):
         for key in config.KEYS:  # each key has its one-line comment right above it
             self.assertIn(f"# {key.doc}", text)
 
+    def test_any_origin_with_credentials_is_refused_naming_both_keys(self):
+        with self.assertRaises(config.ConfigError) as caught:
+            config.from_mapping({"cors_origins": ["https://a.example", "*"], "cors_credentials": True})
+        self.assertIn("'cors_credentials'", str(caught.exception))
+        self.assertIn("cors_origins", str(caught.exception))
+        config.from_mapping({"cors_origins": ["*"]})
+        config.from_mapping({"cors_origins": ["https://a.example"], "cors_credentials": True})
+
+    def test_command_line_overrides_layer_over_the_file(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "c.toml")
+            with open(path, "w") as handle:
+                handle.write('log_level = "error"\nport = 1\nqueue_size = 7\n')
+            layered = config.load_layered(path, {"log_level": "debug", "port": 0})
+            self.assertEqual((layered.log_level, layered.port, layered.queue_size), ("debug", 0, 7))
+            self.assertEqual(config.load_layered(None, {}), config.from_mapping({}))
+
     def test_restart_keys(self):
         old = config.from_mapping({})
         new = config.from_mapping({"port": 6000, "queue_size": 5})
