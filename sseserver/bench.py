@@ -11,11 +11,13 @@ daemon is on, or any machine that reaches it; point it at nginx to include the p
 """
 
 import argparse
+import ctypes
 import json
 import math
 import multiprocessing
 import os
 import selectors
+import signal
 import socket
 import sys
 import threading
@@ -23,6 +25,10 @@ import time
 from urllib.parse import urlsplit
 
 _BUCKETS_PER_DOUBLING = 64  # ~1.1% latency resolution
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# How long the first connection to each URL may take: an address where nothing listens must be reported at once,
+# not after --connect-timeout (which is for thousands of streams queueing at a busy server).
+_PROBE_TIMEOUT = 3.0
 
 
 def bucket_of(microseconds: float) -> int:
@@ -59,13 +65,38 @@ class Target:
         self.auth = f"Authorization: Bearer {token}\r\n" if token else ""
 
 
+def probe(target: Target, url: str) -> None:
+    """Connect once, so that a URL where nothing listens fails the run within seconds, with one clear line."""
+    try:
+        socket.create_connection((target.host, target.port), timeout=_PROBE_TIMEOUT).close()
+    except OSError as exc:
+        raise ConnectionError(f"cannot connect to {url}: {exc.strerror or exc}") from None
+
+
 # -- subscriber workers (separate processes) ------------------------------------------------------------------
 
+def die_with_parent(parent_pid: int) -> None:
+    """Make this worker die with the bench: a killed bench (SIGTERM, SIGKILL) runs no cleanup of its own, and
+    orphaned workers would go on holding streams open. Linux sends SIGKILL on the parent's death
+    (PR_SET_PDEATHSIG); elsewhere the worker's loop notices that its parent changed."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # no prctl here: orphaned() below is the only guard
+    if orphaned(parent_pid):  # the bench died before prctl() took effect
+        os._exit(1)
+
+
+def orphaned(parent_pid: int) -> bool:
+    return os.getppid() != parent_pid
+
+
 def subscriber_worker(targets: list[Target], count: int, connect_timeout: float, phase, counters, results,
-                      index: int):
+                      index: int, parent_pid: int):
     """Open `count` streams (spread over `targets`, round robin), count every event, and report a histogram
     when told to stop. counters[index*3 + 0/1/2]: streams with headers, streams that got any event, measured
     deliveries."""
+    die_with_parent(parent_pid)
     selector = selectors.DefaultSelector()
     streams = {}
     deadline = time.monotonic() + connect_timeout
@@ -78,7 +109,7 @@ def subscriber_worker(targets: list[Target], count: int, connect_timeout: float,
                 sock = socket.create_connection((target.host, target.port), timeout=max(0.1, deadline - time.monotonic()))
                 break
             except OSError:
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or orphaned(parent_pid):
                     sock = None
                     break
                 time.sleep(0.05)  # back off before retrying a refused connect (listen queue full)
@@ -94,6 +125,8 @@ def subscriber_worker(targets: list[Target], count: int, connect_timeout: float,
     cpu_at_measure = None
     base = index * 3
     while phase.value < 3:
+        if orphaned(parent_pid):
+            os._exit(1)
         if phase.value == 2 and cpu_at_measure is None:
             cpu_at_measure = time.process_time()
         for key, _ in selector.select(0.05):
@@ -275,14 +308,17 @@ def run(args) -> dict:
     urls = args.url or ["http://127.0.0.1:5000"]
     targets = [Target(url, args.subscribe_path, args.publish_path, args.token) for url in urls]
     target = targets[0]  # publishes go to the first URL; subscribers are spread over all of them
+    for url, each in zip(urls, targets):
+        probe(each, url)
     procs = max(1, min(args.procs, args.subs)) if args.subs else 0
     context = multiprocessing.get_context("fork")
     phase = context.Value("i", 0)
     counters = context.Array("q", max(1, procs) * 3)
     results = context.Queue()
     shares = [args.subs // procs + (1 if i < args.subs % procs else 0) for i in range(procs)]
+    me = os.getpid()
     workers = [context.Process(target=subscriber_worker, daemon=True,
-                               args=(targets, share, args.connect_timeout, phase, counters, results, i))
+                               args=(targets, share, args.connect_timeout, phase, counters, results, i, me))
                for i, share in enumerate(shares)]
     for worker in workers:
         worker.start()
