@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -434,7 +435,9 @@ def daemon_process(*args, env: dict | None = None, listen_socket: socket.socket 
         pass_fds = (fd,)
         # fd 3 in the child, and LISTEN_PID = the shell's pid, which exec keeps for the daemon.
         command = ["sh", "-c", f'exec 3<&{fd}; LISTEN_FDS=1 LISTEN_PID=$$ exec "$@"', "sh", *command]
-    process = subprocess.Popen(command, cwd=ROOT, env=full_env,
+    # Under a prefix the daemon is the wrapper's child (strace) or the wrapper itself (nsenter execs): give it a
+    # process group of its own, so that cleanup kills the daemon too and never leaves it running unparented.
+    process = subprocess.Popen(command, cwd=ROOT, env=full_env, start_new_session=bool(prefix),
                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=pass_fds)
     log_lines: list[str] = []
     port_box: list[int] = []
@@ -458,7 +461,12 @@ def daemon_process(*args, env: dict | None = None, listen_socket: socket.socket 
                 raise AssertionError(f"daemon did not start: {log_lines}")
         yield process, port_box[0]
     finally:
-        if process.poll() is None:
+        if prefix:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        elif process.poll() is None:
             process.kill()
         process.wait(STOP_TIMEOUT)
         reader.join(STOP_TIMEOUT)
