@@ -23,6 +23,13 @@ stream). The follower passes it to Bouncer.ingest(), which puts an in-band ssese
 was cut off, or never replicated) and open streams must be told instead of silently skipping them. Entries
 written by an older version have no `p` and count as contiguous.
 
+What `p` cannot show: entries lost before this instance read them, when nothing after them shows the loss (a
+failover to a replica that never got the newest entries: the next entry's `p` is the replica's last one, which
+this instance has read). For its own publishes an instance knows better: it remembers the ids it acknowledged
+and has not read back yet (at most MAX_UNCONFIRMED), and an entry with a higher id proves those were lost, so it
+counts as a gap too. Events published through *other* instances and lost that way cannot be told apart from
+events never published; README "Scale-out" says so.
+
 The follower never dies: a session (connect, then XREAD until something fails) ends on any error, including an
 error reply while connecting (WRONGPASS, NOPERM, max clients), a persistent XREAD error (WRONGTYPE, LOADING) or a
 bug; the loop backs off (0.1 s doubling to 5 s) and tries again. The backoff starts again at 0.1 s only after a
@@ -31,6 +38,7 @@ command it refuses) must not become a loop of ten attempts a second. A failure i
 is logged again only after REPEAT_LOG_INTERVAL (with the count of repeats), unless a stable session came between.
 """
 
+import collections
 import hashlib
 import logging
 import queue
@@ -83,6 +91,7 @@ STABLE_SESSION = 10.0  # a session that followed this long ended a fault: the ne
 # and SELECT, one XREAD: 6 s each; backoff: 5 s). Not round for this long means it is wedged: the watchdog stops.
 FOLLOWER_STUCK_AFTER = 60.0
 MAX_IDLE_CONNECTIONS = 8
+MAX_UNCONFIRMED = 100_000  # own acknowledged ids remembered until the follower reads them back
 
 
 class RedisBridge:
@@ -102,6 +111,8 @@ class RedisBridge:
         self.reconnects = 0  # follower sessions that ended in a failure (a failed connect included)
         self.last_seen = "0-0"  # the follower starts at the beginning, so a new instance gets the history
         self._highest = 0  # the highest id this instance has seen or assigned: part of the publish floor
+        self._read = 0  # the highest id the follower has read back
+        self._unconfirmed: collections.deque[int] = collections.deque()  # own acknowledged ids above _read, ascending
         self._highest_lock = threading.Lock()
         self._beat = time.monotonic()  # when the follower's loop last came round (healthy())
         self._logged: tuple[str, float] | None = None  # the last failure logged, and when
@@ -150,7 +161,7 @@ class RedisBridge:
             raise StoreError(f"Redis is unavailable ({exc})") from None
         except RedisError as exc:
             raise StoreError(f"Redis refused the event: {exc}") from None
-        self._saw(event_id)
+        self._saw(event_id, acknowledged=True)
         return event_id
 
     def newest_id(self) -> int | None:
@@ -224,9 +235,30 @@ class RedisBridge:
         with self._highest_lock:
             return max(time.time_ns() // 1000, self._highest + 1)
 
-    def _saw(self, event_id: int) -> None:
+    def _saw(self, event_id: int, acknowledged: bool = False) -> None:
         with self._highest_lock:
             self._highest = max(self._highest, event_id)
+            if acknowledged and event_id > self._read:
+                # Publishes finish in any order: keep the deque ascending (a late one usually goes near the end).
+                index = len(self._unconfirmed)
+                while index and self._unconfirmed[index - 1] > event_id:
+                    index -= 1
+                self._unconfirmed.insert(index, event_id)
+                if len(self._unconfirmed) > MAX_UNCONFIRMED:
+                    self._unconfirmed.popleft()
+
+    def _read_back(self, event_id: int) -> int | None:
+        """The follower read `event_id`: forget own ids up to it. Returns an own acknowledged id below it that
+        never came back (lost in Redis), or None."""
+        lost = None
+        with self._highest_lock:
+            self._read = max(self._read, event_id)
+            self._highest = max(self._highest, event_id)
+            while self._unconfirmed and self._unconfirmed[0] <= event_id:
+                own = self._unconfirmed.popleft()
+                if own < event_id:
+                    lost = own
+        return lost
 
     # -- the follower ------------------------------------------------------------------------------------------
 
@@ -284,6 +316,10 @@ class RedisBridge:
             event_id = int(entry_id.split(b"-")[0])
             prev = values.get(b"p")
             prev_id = int(prev) if prev is not None and prev.isdigit() else None  # None: an older writer
+            lost = self._read_back(event_id)
+            if lost is not None:
+                log.error("event %d, acknowledged by this instance, is not in the stream: Redis lost it", lost)
+                prev_id = lost  # not the last id here: the bouncer puts a reset before this event
             try:
                 name, data = values[b"n"].decode("utf-8"), values[b"d"].decode("utf-8")
             except (KeyError, UnicodeDecodeError):
@@ -291,7 +327,6 @@ class RedisBridge:
                 log.warning("skipping malformed stream entry %s", entry_id.decode("ascii", "replace"))
             else:
                 self.bouncer.ingest(event_id, name, data, prev_id)
-            self._saw(event_id)
             self.last_seen = entry_id.decode("ascii")
 
     def _link_up(self) -> None:

@@ -16,7 +16,10 @@ import time
 import unittest
 
 from sseserver import resp
+from sseserver.bouncer import Bouncer
+from sseserver.cluster import RedisBridge
 from sseserver.config import ConfigError
+from tests.test_framing import FeedReader
 from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, RunningServer, SSEClient, daemon_process, request,
                            require_binary, run_cli, wait_until, write_config)
 
@@ -459,6 +462,37 @@ class RedisFaultTest(unittest.TestCase):
                 for client in (on_a, on_b):
                     (event,) = client.read_events(1)
                     self.assertEqual((event.type, event.data, int(event.id)), ("message", "together again", together))
+
+
+class OwnPublishLostTest(unittest.TestCase):
+    def test_an_own_acknowledged_event_lost_before_it_was_read_back_is_a_reset(self):
+        """A failover to a replica that never got the newest entry: nothing in the stream shows the loss (the
+        next entry's predecessor is one this instance read), but the instance knows it acknowledged that id.
+        The follower's reads are done by the test here (XREAD, then the bridge's own handling of the reply), so
+        that the loss can happen exactly between the publish and the read-back."""
+        redis = RedisServer(persistent=False).start()
+        self.addCleanup(redis.cleanup)
+        bouncer = Bouncer(history_size=100, queue_size=10, first_id=1)
+        bridge = RedisBridge(redis.url(), "lost", 100, bouncer)
+
+        def read_back():
+            reply = redis.command("XREAD", "COUNT", 1000, "STREAMS", bridge.stream_key, bridge.last_seen)
+            bridge._ingest(reply[0][1] if reply else [])
+
+        first = bridge.publish("w", "message")
+        read_back()
+        stream = bouncer.subscribe(None, None).subscriber
+        lost = bridge.publish("x", "message")
+        redis.command("XDEL", bridge.stream_key, f"{lost}-0")  # gone before this instance read it back
+        after = bridge.publish("y", "message")
+        self.assertEqual(redis.command("XRANGE", bridge.stream_key, f"{after}-0", "+")[0][1][1], str(first).encode())
+        read_back()
+        data, _, _, _ = bouncer.collect(bouncer.ring, stream.cursor, bouncer.head, None)
+        self.assertEqual([(e.type, e.data) for e in FeedReader().feed(data)][1:], [("message", "y")])
+        self.assertEqual(FeedReader().feed(data)[0].type, "sseserver.reset")
+        # Replay across the spot tells a reconnecting client too.
+        self.assertIn(b"sseserver.reset", bouncer.collect(bouncer.ring, bouncer.subscribe(None, str(first))
+                                                          .subscriber.cursor, bouncer.head, None)[0])
 
 
 class RespConnectionTest(unittest.TestCase):
