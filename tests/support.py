@@ -102,8 +102,7 @@ class RunningServer:
         return request(self.port, "POST", path, data, **kw)
 
     def health(self) -> dict:
-        status, _, body = request(self.port, "GET", "/health")
-        return json.loads(body)
+        return health(self.port)
 
     def subscribe(self, path: str = "/subscribe", headers: dict | None = None) -> "SSEClient":
         return SSEClient(self.port, path, headers)
@@ -190,6 +189,26 @@ def request(port, method: str, path: str, body: str | bytes | None = None,
     with (port() if callable(port) else connect(port)) as sock:
         sock.sendall(raw)
         return read_response(sock, head_request=method == "HEAD")
+
+
+def health(port) -> dict:
+    """`GET /health` -> its JSON body, whatever the status (while stopping it is a 503 with the same fields)."""
+    return json.loads(request(port, "GET", "/health")[2])
+
+
+def wait_for_subscribers(port, n: int, timeout: float = IO_TIMEOUT) -> None:
+    """Wait until `/health` counts exactly `n` open streams. The count is the integer parsed from the JSON, never
+    a substring of the body: `"subscribers": 1` is also in `"subscribers": 10` and `"subscribers": 100`."""
+    last = [None]
+
+    def counted():
+        last[0] = health(port)["subscribers"]
+        return last[0] == n
+
+    try:
+        wait_until(counted, timeout, f"{n} subscribers in /health")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; it last said {last[0]}") from None
 
 
 def raw_exchange(port: int, raw: bytes, shut_write: bool = False) -> bytes:
@@ -412,6 +431,30 @@ def write_config(directory: str, name: str = "sseserver.toml", **values) -> str:
     return path
 
 
+def stop_daemon(process: subprocess.Popen, expected_exit: int = 0, pid: int | None = None) -> None:
+    """SIGTERM, then assert the exit code within STOP_TIMEOUT: a clean stop is 0 (a second SIGTERM during a
+    drain exits 1). `pid`: the process to signal when `process` is a wrapper around the daemon (strace, whose
+    exit code is its child's)."""
+    os.kill(process.pid if pid is None else pid, signal.SIGTERM)
+    assert_exit(process, expected_exit)
+
+
+def assert_exit(process: subprocess.Popen, expected_exit: int) -> None:
+    """The daemon exits within STOP_TIMEOUT with this code (negative: killed by that signal). For a test that
+    signals the daemon itself and watches the stop before it ends."""
+    try:
+        code = process.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the daemon did not exit within {STOP_TIMEOUT}s: {_log_tail(process)}") from None
+    if code != expected_exit:
+        raise AssertionError(f"the daemon exited {code}, not {expected_exit}: {_log_tail(process)}")
+
+
+def _log_tail(process: subprocess.Popen) -> list[str]:
+    """The last lines the daemon logged, when daemon_process() collected them (for a failure's message)."""
+    return list(getattr(process, "log_lines", []))[-20:]
+
+
 def listening_socket() -> socket.socket:
     """A listening TCP socket on 127.0.0.1, port 0, owned by the test (the daemon can inherit it)."""
     sock = socket.socket()
@@ -470,3 +513,4 @@ def daemon_process(*args, env: dict | None = None, listen_socket: socket.socket 
             process.kill()
         process.wait(STOP_TIMEOUT)
         reader.join(STOP_TIMEOUT)
+        process.stderr.close()
