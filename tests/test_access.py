@@ -10,8 +10,9 @@ import unittest
 
 from sseserver import access
 from sseserver.errors import HTTPError
-from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, RunningServer, SSEClient, connect, daemon_process,
-                           raw_exchange, read_response, request, run_cli, wait_until, write_config)
+from tests.support import (IO_TIMEOUT, RunningServer, SSEClient, connect, daemon_process, raw_exchange,
+                           read_response, request, run_cli, stop_daemon, wait_for_subscribers, wait_until,
+                           write_config)
 
 PUB = "publisher-token-0001"
 ORDERS = "orders-only-token-02"
@@ -64,7 +65,7 @@ class TokenTest(unittest.TestCase):
         with self.server.subscribe(f"/subscribe?token={SUB}", headers=basic) as client:  # the query's token counts
             self.assertEqual(client.status, 200)
 
-    def test_publish_scope(self):
+    def test_a_scoped_publish_token_publishes_only_event_names_in_its_scope(self):
         self.assertEqual(self.publish("x", "orders.created", ORDERS)[0], 200)
         status, _, body = self.publish("x", "invoices.paid", ORDERS)
         self.assertEqual(status, 403)
@@ -97,7 +98,7 @@ class TokenTest(unittest.TestCase):
 
     def test_queued_count_respects_scopes(self):
         with self.server.subscribe(headers=bearer(SUB_ORDERS)):
-            wait_until(lambda: self.server.health()["subscribers"] == 1)
+            wait_for_subscribers(self.server.port, 1)
             self.assertEqual(json.loads(self.publish("x", "orders.x")[2])["subscribers"], 1)
             self.assertEqual(json.loads(self.publish("x", "other")[2])["subscribers"], 0)
 
@@ -125,30 +126,30 @@ class OpenServerTest(unittest.TestCase):
         with RunningServer(max_subscribers=2) as server:
             table = server.server._filters
             with server.subscribe("/subscribe?event=kept") as kept:
-                wait_until(lambda: server.health()["subscribers"] == 1)
+                wait_for_subscribers(server.port, 1)
                 baseline = len(table)
                 for number in range(200):  # subscribe and disconnect (a stream, or a turn-away if the last
                     names = "&".join(f"event=n{number}.{index}" for index in range(50))  # is not yet forgotten)
                     with server.subscribe(f"/subscribe?{names}") as client:
                         self.assertEqual(client.status, 200)
-                wait_until(lambda: server.health()["subscribers"] == 1)
+                wait_for_subscribers(server.port, 1)
                 wait_until(lambda: len(table) == baseline, what=f"the filter table back to {baseline}")
                 with server.subscribe("/subscribe?event=kept") as same:  # full from here on
-                    wait_until(lambda: server.health()["subscribers"] == 2)
+                    wait_for_subscribers(server.port, 2)
                     self.assertEqual(len(table), baseline)  # the same filter: shared, not added
                     for number in range(200):  # turned away
                         names = "&".join(f"event=t{number}.{index}" for index in range(50))
                         self.assertEqual(request(server.port, "GET", f"/subscribe?{names}")[0], 503)
                     server.publish("for both", event="kept")
                     self.assertEqual([e.data for e in same.read_events(1)], ["for both"])
-                wait_until(lambda: server.health()["subscribers"] == 1)
+                wait_for_subscribers(server.port, 1)
                 wait_until(lambda: len(table) == baseline, what=f"the filter table back to {baseline}")
                 server.publish("still delivered", event="kept")
                 self.assertEqual([e.data for e in kept.read_events(2)], ["for both", "still delivered"])
 
 
 class TokenUnitTest(unittest.TestCase):
-    def test_entries_and_scopes(self):
+    def test_token_entries_parse_with_their_scopes_and_short_or_non_ascii_tokens_are_refused(self):
         entries = access.parse_token_entries(["# comment", "", "abcdefgh", "ijklmnop a.* b"], "k")
         self.assertEqual(entries, [("abcdefgh", None), ("ijklmnop", ("a.*", "b"))])
         tokens = access.TokenSet(entries)
@@ -158,7 +159,7 @@ class TokenUnitTest(unittest.TestCase):
             with self.assertRaises(Exception):
                 access.parse_token_entries(bad, "k")
 
-    def test_stream_filter(self):
+    def test_a_stream_filter_is_narrowed_to_the_token_scope_and_names_outside_it_are_refused(self):
         self.assertIsNone(access.stream_filter([], None))
         self.assertEqual(access.stream_filter(["a"], None), frozenset({"a"}))
         scoped = access.stream_filter([], ("orders.*",))
@@ -167,7 +168,7 @@ class TokenUnitTest(unittest.TestCase):
         with self.assertRaises(HTTPError):
             access.stream_filter(["invoices.x"], ("orders.*",))
 
-    def test_client_address(self):
+    def test_x_forwarded_for_names_the_client_only_behind_a_trusted_proxy(self):
         trusted = access.parse_networks(("127.0.0.1", "10.0.0.0/8"), "k")
         headers = {"x-forwarded-for": "203.0.113.9, 10.1.2.3"}
         self.assertEqual(access.client_address("127.0.0.1", headers, trusted), "203.0.113.9")
@@ -175,7 +176,7 @@ class TokenUnitTest(unittest.TestCase):
         self.assertEqual(access.client_address("127.0.0.1", {"x-forwarded-for": "garbage"}, trusted), "127.0.0.1")
         self.assertEqual(access.client_address("127.0.0.1", headers, ()), "127.0.0.1")
 
-    def test_rate_limiter(self):
+    def test_the_rate_limiter_allows_a_burst_then_answers_how_long_to_wait(self):
         clock = Clock(100.0)
         limiter = access.RateLimiter(rate=2, burst=3, clock=clock)
         self.assertEqual([limiter.allow("k") for _ in range(3)], [0, 0, 0])
@@ -212,9 +213,7 @@ class TokenFileAndReloadTest(unittest.TestCase):
             tokens = os.path.join(tmp, "tokens")
             with open(tokens, "w") as handle:
                 handle.write("# publishers\nfirst-token-1234\n")
-            path = os.path.join(tmp, "sseserver.toml")
-            with open(path, "w") as handle:
-                handle.write(f'publish_tokens_file = "{tokens}"\nlog_level = "debug"\n')
+            path = write_config(tmp, publish_tokens_file=tokens, log_level="debug")
             with daemon_process("--port", "0", "-c", path) as (process, port):
                 with SSEClient(port) as client:
                     self.assertEqual(request(port, "POST", "/publish", "1", bearer("first-token-1234"))[0], 200)
@@ -229,8 +228,7 @@ class TokenFileAndReloadTest(unittest.TestCase):
                     process.send_signal(signal.SIGHUP)
                     wait_until(lambda: any("reload failed" in line for line in process.log_lines))
                     self.assertEqual(request(port, "POST", "/publish", "4", bearer("second-token-5678"))[0], 200)
-                process.send_signal(signal.SIGTERM)
-                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                stop_daemon(process)
             log = "\n".join(process.log_lines)
             for secret in ("first-token-1234", "second-token-5678"):
                 self.assertNotIn(secret, log)
@@ -239,9 +237,7 @@ class TokenFileAndReloadTest(unittest.TestCase):
         result = run_cli("--check-config", "-c", os.devnull)
         self.assertEqual(result.returncode, 0)
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "c.toml")
-            with open(path, "w") as handle:
-                handle.write('subscribe_tokens_file = "/nonexistent/tokens"\n')
+            path = write_config(tmp, subscribe_tokens_file="/nonexistent/tokens")
             result = run_cli("-c", path)
             self.assertEqual(result.returncode, 2)
             self.assertIn("subscribe_tokens_file", result.stderr.decode())
@@ -300,8 +296,7 @@ class CorsTest(unittest.TestCase):
                     self.assertNotIn("access-control-allow-origin", headers)
                 _, headers, _ = request(port, "GET", "/health", headers={"Origin": app})
                 self.assertEqual(headers["access-control-allow-credentials"], "true")
-                process.send_signal(signal.SIGTERM)
-                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                stop_daemon(process)
 
 
 class LimitTest(unittest.TestCase):
@@ -361,7 +356,7 @@ class LimitTest(unittest.TestCase):
             self.assertTrue(answer[0].startswith(b"HTTP/1.1 408 "), answer)
             self.assertLess(time.monotonic() - started, 5)
 
-    def test_head_limits(self):
+    def test_an_over_long_request_line_is_414_and_over_long_headers_are_431(self):
         with RunningServer(max_header_bytes=1024) as server:
             out = raw_exchange(server.port, b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\n\r\n")
             self.assertTrue(out.startswith(b"HTTP/1.1 414 "))
@@ -370,7 +365,7 @@ class LimitTest(unittest.TestCase):
             self.assertIn(b'"error"', out)
             self.assertEqual(server.publish("ok")[0], 200)
 
-    def test_connection_limit(self):
+    def test_past_max_connections_a_new_connection_gets_503_until_one_closes(self):
         with RunningServer(max_connections=3) as server:
             held = [server.subscribe() for _ in range(3)]
             try:
@@ -388,7 +383,7 @@ class LimitTest(unittest.TestCase):
 class InjectionTest(unittest.TestCase):
     def test_names_ids_and_headers_cannot_inject(self):
         with RunningServer() as server, server.subscribe() as client:
-            wait_until(lambda: server.health()["subscribers"] == 1)
+            wait_for_subscribers(server.port, 1)
             for name in ("a%0Adata:%20x", "a%0D%0Aevent:%20b", "a%00"):
                 self.assertEqual(request(server.port, "POST", f"/publish?event={name}", "x")[0], 400)
             out = raw_exchange(server.port, b"POST /publish HTTP/1.1\r\nX: a\r\n\r\nInjected: 1\r\n"

@@ -10,7 +10,7 @@ import sys
 import time
 import unittest
 
-from tests.support import ROOT, STOP_TIMEOUT, RunningServer, wait_until
+from tests.support import ROOT, STOP_TIMEOUT, RunningServer, wait_for_subscribers, wait_until
 
 
 def children(pid: int) -> list[int]:
@@ -82,13 +82,13 @@ class BenchTest(unittest.TestCase):
                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 workers = []
                 try:
-                    wait_until(lambda: server.health()["subscribers"] == 6, what="the workers' streams")
+                    wait_for_subscribers(server.port, 6)  # the workers' streams
                     workers = children(bench.pid)
                     self.assertEqual(len(workers), 2, workers)
                     bench.send_signal(how)
                     self.assertEqual(bench.wait(STOP_TIMEOUT), -how)
                     wait_until(lambda: not [pid for pid in workers if alive(pid)], what=f"workers {workers} to die")
-                    wait_until(lambda: server.health()["subscribers"] == 0, what="their streams to close")
+                    wait_for_subscribers(server.port, 0)  # their streams closed
                 finally:
                     if bench.poll() is None:
                         bench.kill()
@@ -98,7 +98,8 @@ class BenchTest(unittest.TestCase):
                             os.kill(pid, signal.SIGKILL)
 
     def test_bench_imports_nothing_else_of_the_package(self):
-        source = open(f"{ROOT}/sseserver/bench.py", encoding="utf-8").read()
+        with open(f"{ROOT}/sseserver/bench.py", encoding="utf-8") as handle:
+            source = handle.read()
         self.assertNotIn("from . ", source)
         self.assertNotIn("from .", source.replace("from .bench", ""))
         self.assertNotIn("import sseserver", source)

@@ -5,13 +5,13 @@ order. A screenshot is saved in the test's temp dir and checked."""
 import json
 import os
 import shutil
-import signal
 import tempfile
 import threading
 import unittest
 
 from tests.browser import Browser
-from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, daemon_process, listening_socket, request, wait_until)
+from tests.support import (IO_TIMEOUT, daemon_process, listening_socket, request, stop_daemon,
+                           wait_for_subscribers, write_config)
 
 ITEM_IDS = "Array.from(document.querySelectorAll('#events li')).map(li => li.dataset.id).reverse()"
 
@@ -22,18 +22,13 @@ class BrowserTest(unittest.TestCase):
         self.addCleanup(self.browser.close)
         self.tmp = tempfile.mkdtemp(prefix="sseserver-browser-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
-        self.config = os.path.join(self.tmp, "sseserver.toml")
-        with open(self.config, "w") as handle:
-            handle.write(f'history_file = "{self.tmp}/history.log"\nretry_ms = 200\n')
+        self.config = write_config(self.tmp, history_file=os.path.join(self.tmp, "history.log"), retry_ms=200)
         self.listener = listening_socket()  # kept across the restart, as systemd's socket would be
         self.addCleanup(self.listener.close)
         self.port = self.listener.getsockname()[1]
 
     def daemon(self):
         return daemon_process("-c", self.config, listen_socket=self.listener)
-
-    def subscribers(self):
-        return json.loads(request(self.port, "GET", "/health")[2])["subscribers"]
 
     def test_page_receives_events_and_reconnects_across_a_restart(self):
         browser = self.browser
@@ -48,13 +43,12 @@ class BrowserTest(unittest.TestCase):
         with self.daemon() as (first, _):
             browser.open(f"http://127.0.0.1:{self.port}/")
             browser.wait_for("document.getElementById('state').textContent === 'connected'", what="connected")
-            wait_until(lambda: self.subscribers() == 1)
+            wait_for_subscribers(self.port, 1)
             publish("first message")
             publish("line one\nline two")
             publish("<b>not html</b>")
             browser.wait_for(f"{ITEM_IDS}.length === 3", what="3 events on the page")
-            first.send_signal(signal.SIGTERM)
-            self.assertEqual(first.wait(STOP_TIMEOUT), 0)
+            stop_daemon(first)
         # Between the daemons: the page notices and waits to reconnect; a publish now waits in the backlog.
         browser.wait_for("document.getElementById('state').textContent === 'reconnecting'", what="reconnecting")
         late = threading.Thread(target=publish, args=("published while down",))
@@ -63,7 +57,7 @@ class BrowserTest(unittest.TestCase):
             late.join(IO_TIMEOUT)
             browser.wait_for("document.getElementById('state').textContent === 'connected'", timeout=30,
                              what="EventSource to reconnect by itself")
-            wait_until(lambda: self.subscribers() == 1)
+            wait_for_subscribers(self.port, 1)
             publish("after the restart")
             publish("second after")
             browser.wait_for(f"{ITEM_IDS}.length >= 6", what="6 events on the page")
@@ -80,10 +74,9 @@ class BrowserTest(unittest.TestCase):
                 png = handle.read()
             self.assertTrue(png.startswith(b"\x89PNG\r\n\x1a\n"))
             self.assertGreater(len(png), 10000)  # a rendered page, not a blank one
-            second.send_signal(signal.SIGTERM)
-            second.wait(STOP_TIMEOUT)
+            stop_daemon(second)
 
-    def test_publish_form_and_filter(self):
+    def test_the_form_publishes_and_the_filter_shows_only_the_named_events_on_a_phone_sized_page(self):
         with self.daemon() as (process, _):
             browser = self.browser
             browser.open(f"http://127.0.0.1:{self.port}/", width=390, height=844)  # a phone
@@ -97,7 +90,7 @@ class BrowserTest(unittest.TestCase):
                              what="the form's event on the page")
             browser.evaluate("document.getElementById('filter').value = 'only.this';"
                              "document.getElementById('filterform').requestSubmit()")
-            wait_until(lambda: self.subscribers() == 1)
+            wait_for_subscribers(self.port, 1)
             browser.wait_for("document.getElementById('state').textContent === 'connected'")
             request(self.port, "POST", "/publish?event=other", "not shown")
             request(self.port, "POST", "/publish?event=only.this", "shown")
@@ -107,8 +100,7 @@ class BrowserTest(unittest.TestCase):
             overflow = browser.evaluate("document.documentElement.scrollWidth > window.innerWidth")
             self.assertFalse(overflow, "the page scrolls sideways on a phone")
             browser.screenshot(os.path.join(self.tmp, "phone.png"))
-            process.send_signal(signal.SIGTERM)
-            process.wait(STOP_TIMEOUT)
+            stop_daemon(process)
 
 
 if __name__ == "__main__":

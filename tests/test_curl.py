@@ -4,19 +4,19 @@ import json
 import subprocess
 import unittest
 
-from tests.support import IO_TIMEOUT, RunningServer, require_binary, wait_until
+from tests.support import IO_TIMEOUT, RunningServer, require_binary, wait_for_subscribers
 
 
 class CurlTest(unittest.TestCase):
     def setUp(self):
         self.curl = require_binary("curl")
 
-    def test_blog_post_commands(self):
+    def test_the_blog_posts_curl_commands_subscribe_and_publish(self):
         with RunningServer() as server:
             base = f"http://127.0.0.1:{server.port}"
             subscriber = subprocess.Popen([self.curl, "-N", "-s", f"{base}/subscribe"], stdout=subprocess.PIPE)
             try:
-                wait_until(lambda: server.health()["subscribers"] == 1, what="curl subscribed")
+                wait_for_subscribers(server.port, 1)  # curl subscribed
                 for _ in range(3):
                     out = subprocess.run([self.curl, "-s", "-X", "POST", f"{base}/publish", "-d", "Hey!"],
                                          capture_output=True, timeout=IO_TIMEOUT, check=True).stdout
@@ -30,6 +30,7 @@ class CurlTest(unittest.TestCase):
             finally:
                 subscriber.kill()
                 subscriber.wait(IO_TIMEOUT)
+                subscriber.stdout.close()
 
     def test_chunked_upload_with_curl_T(self):
         with RunningServer() as server:

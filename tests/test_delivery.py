@@ -6,7 +6,7 @@ import unittest
 
 from sseserver.bouncer import Bouncer
 from sseserver.delivery import STREAM_INPUT_LIMIT, Delivery
-from tests.support import IO_TIMEOUT, RunningServer, wait_until
+from tests.support import IO_TIMEOUT, RunningServer, wait_for_subscribers
 
 
 class StoppedWriterTest(unittest.TestCase):
@@ -36,7 +36,7 @@ class StoppedWriterTest(unittest.TestCase):
 class StreamInputTest(unittest.TestCase):
     def test_a_client_flooding_its_own_stream_is_dropped_and_a_stray_line_end_is_not(self):
         with RunningServer(heartbeat_interval=60) as server, server.subscribe() as client:
-            wait_until(lambda: server.health()["subscribers"] == 1)
+            wait_for_subscribers(server.port, 1)
             client.sock.sendall(b"\r\n")  # what a sloppy client may send after its request: ignored
             server.publish("still here")
             self.assertEqual([e.data for e in client.read_events(1)], ["still here"])
@@ -46,7 +46,7 @@ class StreamInputTest(unittest.TestCase):
                     client.sock.sendall(junk)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # dropped on the way, as it should be
-            wait_until(lambda: server.health()["subscribers"] == 0, what="the flooding stream to be dropped")
+            wait_for_subscribers(server.port, 0)  # the flooding stream dropped
             self.assertEqual(server.server.delivery.dropped().get("flooding"), 1)
             self.assertEqual(client.read_until_closed(), [])
         self.assertLess(STREAM_INPUT_LIMIT, 4 * 1024 * 1024)

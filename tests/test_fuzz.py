@@ -11,14 +11,13 @@ import concurrent.futures
 import json
 import os
 import random
-import signal
 import socket
 import struct
 import tempfile
 import unittest
 
-from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, SSEClient, daemon_process, request, split_responses,
-                           wait_until)
+from tests.support import (IO_TIMEOUT, SSEClient, daemon_process, request, split_responses, stop_daemon,
+                           wait_for_subscribers, wait_until, write_config)
 
 CASES = int(os.environ.get("SSESERVER_FUZZ_CASES", "5000"))
 SEED = int(os.environ.get("SSESERVER_FUZZ_SEED", "20261123"))
@@ -136,10 +135,8 @@ def process_counts(pid: int) -> tuple[int, int]:
 class FuzzTest(unittest.TestCase):
     def test_malformed_requests_never_break_the_server(self):
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "fuzz.toml")
-            with open(path, "w") as handle:
-                handle.write("request_timeout = 0.5\nkeepalive_timeout = 0.5\nmax_message_bytes = 4096\n"
-                             "max_header_bytes = 8192\nheartbeat_interval = 1\n")
+            path = write_config(tmp, "fuzz.toml", request_timeout=0.5, keepalive_timeout=0.5,
+                                max_message_bytes=4096, max_header_bytes=8192, heartbeat_interval=1)
             with daemon_process("--port", "0", "-c", path, "--log-level", "debug") as (process, port):
                 request(port, "GET", "/health")
                 baseline = process_counts(process.pid)
@@ -165,11 +162,10 @@ class FuzzTest(unittest.TestCase):
                            what=f"threads/fds back to {baseline}, now {process_counts(process.pid)}")
                 # And the daemon still does its job.
                 with SSEClient(port) as client:
-                    wait_until(lambda: json.loads(request(port, "GET", "/health")[2])["subscribers"] == 1)
+                    wait_for_subscribers(port, 1)
                     self.assertEqual(request(port, "POST", "/publish", "after the storm")[0], 200)
                     self.assertEqual(client.read_events(1)[0].data, "after the storm")
-                process.send_signal(signal.SIGTERM)
-                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                stop_daemon(process)
             log = "\n".join(process.log_lines)
             self.assertNotIn("Traceback", log)
             self.assertNotIn("internal error", log)

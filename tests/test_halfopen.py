@@ -5,16 +5,15 @@ about two heartbeat intervals, through TCP_USER_TIMEOUT on its heartbeats and TC
 Needs root and iproute2 (`ip netns`). The addresses live only inside the namespace and link this test makes.
 """
 
-import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import unittest
 
-from tests.support import REQUIRE_ALL, STOP_TIMEOUT, daemon_process, request, require_binary, wait_until
+from tests.support import (REQUIRE_ALL, STOP_TIMEOUT, daemon_process, request, require_binary, stop_daemon,
+                           wait_for_subscribers, write_config)
 
 HOST_ADDRESS, PEER_ADDRESS = "10.213.7.1", "10.213.7.2"
 HEARTBEAT = 1.0
@@ -59,19 +58,16 @@ class HalfOpenPeerTest(unittest.TestCase):
 
     def test_a_pulled_cable_is_noticed_within_about_two_heartbeats(self):
         with tempfile.TemporaryDirectory() as tmp:
-            config = os.path.join(tmp, "sseserver.toml")
-            with open(config, "w") as handle:
-                handle.write(f"heartbeat_interval = {HEARTBEAT}\n")
+            config = write_config(tmp, heartbeat_interval=HEARTBEAT)
             with daemon_process("--host", "0.0.0.0", "--port", "0", "-c", config) as (process, port):
                 client = subprocess.Popen([self.ip, "netns", "exec", self.namespace, sys.executable, "-c", CLIENT,
                                            HOST_ADDRESS, str(port)], stdout=subprocess.PIPE)
                 try:
                     self.assertEqual(client.stdout.readline(), b"subscribed\n")
-                    wait_until(lambda: json.loads(request(port, "GET", "/health")[2])["subscribers"] == 1)
+                    wait_for_subscribers(port, 1)
                     subprocess.run([self.ip, "link", "set", self.host_link, "down"], check=True, timeout=30)
                     pulled = time.monotonic()
-                    wait_until(lambda: json.loads(request(port, "GET", "/health")[2])["subscribers"] == 0,
-                               timeout=30, what="the half-open stream to be forgotten")
+                    wait_for_subscribers(port, 0, timeout=30)  # the half-open stream forgotten
                     elapsed = time.monotonic() - pulled
                     # ~2 intervals by design (a heartbeat, then TCP_USER_TIMEOUT of one interval + 1 s); TCP on
                     # its own would keep retransmitting for about 15 minutes.
@@ -82,8 +78,8 @@ class HalfOpenPeerTest(unittest.TestCase):
                 finally:
                     client.kill()
                     client.wait(STOP_TIMEOUT)
-                process.send_signal(signal.SIGTERM)
-                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                    client.stdout.close()
+                stop_daemon(process)
 
 
 if __name__ == "__main__":
