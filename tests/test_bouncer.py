@@ -29,7 +29,7 @@ class BouncerTest(unittest.TestCase):
         bouncer.unsubscribe(everyone)
         self.assertEqual((bouncer.subscriber_count, bouncer.publish("x")[1]), (2, 0))
 
-    def test_limit(self):
+    def test_subscribe_refuses_past_the_total_limit_and_past_the_per_peer_limit(self):
         bouncer = Bouncer(10, 4, first_id=1)
         self.assertNotIsInstance(bouncer.subscribe(None, None, limit=1), str)
         self.assertEqual(bouncer.subscribe(None, None, limit=1), "full")
@@ -61,7 +61,7 @@ class BouncerTest(unittest.TestCase):
                 self.assertEqual(reader.last_id, "3")
                 self.assertEqual(ids_of(bouncer, replay.subscriber), [4, 5, 6, 7, 8])
 
-    def test_empty_history(self):
+    def test_with_no_history_only_the_newest_id_resumes_without_a_reset(self):
         bouncer = Bouncer(history_size=0, queue_size=2, first_id=1)
         self.assertIsNone(bouncer.subscribe(None, "0").reset)
         bouncer.publish("x")
@@ -69,7 +69,7 @@ class BouncerTest(unittest.TestCase):
         notice = FeedReader().feed(bouncer.subscribe(None, "0").reset)[0]
         self.assertEqual(json.loads(notice.data)["oldest_id"], None)
 
-    def test_filtered_replay(self):
+    def test_replay_skips_events_outside_the_stream_filter(self):
         bouncer = Bouncer(history_size=10, queue_size=2, first_id=1)
         for name in ("a", "b", "a", "c"):
             bouncer.publish(name, name)
@@ -87,7 +87,7 @@ class BouncerTest(unittest.TestCase):
         bouncer.publish("x", "a")
         self.assertTrue(bouncer.is_slow(bouncer.ring, sub, bouncer.head))
 
-    def test_eviction_is_reported(self):
+    def test_a_subscriber_whose_next_event_was_evicted_collects_nothing_and_is_slow(self):
         bouncer = Bouncer(history_size=2, queue_size=1, first_id=1)
         sub = bouncer.subscribe(None, None).subscriber
         for _ in range(5):

@@ -20,8 +20,8 @@ from sseserver.bouncer import Bouncer
 from sseserver.cluster import RedisBridge
 from sseserver.config import ConfigError
 from tests.test_framing import FeedReader
-from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, RunningServer, SSEClient, daemon_process, request,
-                           require_binary, run_cli, wait_until, write_config)
+from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, RunningServer, SSEClient, daemon_process, health, request,
+                           require_binary, run_cli, stop_daemon, wait_for_subscribers, wait_until, write_config)
 
 # The follower's backoff doubles from 0.1 s to 5 s: after a fault is mended it is back within this.
 RECOVERY_TIMEOUT = 20.0
@@ -104,10 +104,6 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def health(port):
-    return json.loads(request(port, "GET", "/health")[2])
-
-
 def publish(port, data, event=None):
     status, _, body = request(port, "POST", "/publish" + (f"?event={event}" if event else ""), data)
     return status, json.loads(body)
@@ -145,7 +141,8 @@ class ClusterTest(unittest.TestCase):
         first, second = self.two_daemons()
         with first as (a, port_a), second as (b, port_b):
             with SSEClient(port_a) as on_a, SSEClient(port_b) as on_b:
-                wait_until(lambda: health(port_a)["subscribers"] == 1 and health(port_b)["subscribers"] == 1)
+                wait_for_subscribers(port_a, 1)
+                wait_for_subscribers(port_b, 1)
                 ids = []
                 for index in range(20):
                     floor = time.time_ns() // 1000
@@ -158,14 +155,13 @@ class ClusterTest(unittest.TestCase):
                                      [(str(ids[i]), f"event {i}") for i in range(20)])
             self.assertEqual(health(port_a)["redis"], "up")
             for process in (a, b):
-                process.send_signal(signal.SIGTERM)
-                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                stop_daemon(process)
 
     def test_a_browser_moving_to_the_other_instance_resumes_without_gap_or_duplicate(self):
         first, second = self.two_daemons()
         with first as (a, port_a), second as (b, port_b):
             with SSEClient(port_a) as on_a:
-                wait_until(lambda: health(port_a)["subscribers"] == 1)
+                wait_for_subscribers(port_a, 1)
                 for index in range(5):
                     publish(port_a, f"e{index}")
                 seen = on_a.read_events(5)
@@ -187,14 +183,13 @@ class ClusterTest(unittest.TestCase):
             with daemon_process("--port", "0", "-c", self.config) as (c, port_c):
                 with SSEClient(port_c, headers={"Last-Event-ID": "0"}) as on_c:
                     self.assertEqual([e.data for e in on_c.read_events(10)][:3], ["e0", "e1", "e2"])
-                c.send_signal(signal.SIGTERM)
-                c.wait(STOP_TIMEOUT)
+                stop_daemon(c)
 
     def test_redis_down_then_back_streams_stay_open_and_nothing_stored_is_missed(self):
         first, second = self.two_daemons()
         with first as (a, port_a), second as (b, port_b):
             with SSEClient(port_a) as client:
-                wait_until(lambda: health(port_a)["subscribers"] == 1)
+                wait_for_subscribers(port_a, 1)
                 for index in range(3):
                     publish(port_b, f"before {index}")
                 self.assertEqual(len(client.read_events(3)), 3)
@@ -253,7 +248,8 @@ class ClusterTest(unittest.TestCase):
         with first as (_, port_a), second as (__, port_b), Nginx([port_a, port_b]) as nginx:
             clients = [SSEClient(nginx.connect) for _ in range(4)]  # round robin: two on each instance
             try:
-                wait_until(lambda: health(port_a)["subscribers"] == 2 and health(port_b)["subscribers"] == 2)
+                wait_for_subscribers(port_a, 2)
+                wait_for_subscribers(port_b, 2)
                 ids = [json.loads(request(nginx.connect, "POST", "/publish", f"via nginx {i}")[2])["id"]
                        for i in range(6)]
                 for client in clients:
@@ -298,7 +294,8 @@ class RedisFaultTest(unittest.TestCase):
         first, second = daemon_process("--port", "0", "-c", config), daemon_process("--port", "0", "-c", config)
         with first as (_, port_a), second as (__, port_b):
             with SSEClient(port_a) as on_a, SSEClient(port_b) as on_b:
-                wait_until(lambda: health(port_a)["subscribers"] == 1 and health(port_b)["subscribers"] == 1)
+                wait_for_subscribers(port_a, 1)
+                wait_for_subscribers(port_b, 1)
                 before = [published_id(port_a, f"before {i}") for i in range(3)]
                 for client in (on_a, on_b):
                     self.assertEqual([e.data for e in client.read_events(3)], ["before 0", "before 1", "before 2"])
@@ -324,7 +321,7 @@ class RedisFaultTest(unittest.TestCase):
         redis = self.start_redis(persistent=False)
         with daemon_process("--port", "0", "-c", self.config(redis)) as (_, port):
             with SSEClient(port) as client:
-                wait_until(lambda: health(port)["subscribers"] == 1)
+                wait_for_subscribers(port, 1)
                 before = [published_id(port, f"before {i}") for i in range(3)]
                 self.assertEqual(len(client.read_events(3)), 3)
                 redis.restart()
@@ -342,7 +339,7 @@ class RedisFaultTest(unittest.TestCase):
         redis = self.start_redis()
         with daemon_process("--port", "0", "-c", self.config(redis)) as (_, port):
             with SSEClient(port) as client:
-                wait_until(lambda: health(port)["subscribers"] == 1)
+                wait_for_subscribers(port, 1)
                 before = [published_id(port, f"before {i}") for i in range(3)]  # leaves a pooled connection
                 self.assertEqual(len(client.read_events(3)), 3)
                 redis.restart()  # the append-only file keeps the stream; every pooled connection is now dead
@@ -363,7 +360,7 @@ class RedisFaultTest(unittest.TestCase):
             self.assertIn("WRONGPASS", down["redis_error"])
             self.assertEqual(publish(port, "refused")[0], 503)
             with SSEClient(port) as client:
-                wait_until(lambda: health(port)["subscribers"] == 1)
+                wait_for_subscribers(port, 1)
                 redis.command("CONFIG", "SET", "requirepass", "wrong-password")  # the operator mends Redis's side
                 redis.password = "wrong-password"
                 wait_until(lambda: redis_is_up(port), RECOVERY_TIMEOUT, "the follower to log in")
@@ -391,7 +388,7 @@ class RedisFaultTest(unittest.TestCase):
         redis = self.start_redis()
         with daemon_process("--port", "0", "-c", self.config(redis)) as (process, port):
             with SSEClient(port) as client:
-                wait_until(lambda: health(port)["subscribers"] == 1)
+                wait_for_subscribers(port, 1)
                 published_id(port, "before")
                 self.assertEqual(client.read_events(1)[0].data, "before")
                 failures = metric(port, "sseserver_redis_reconnects_total")
@@ -416,7 +413,7 @@ class RedisFaultTest(unittest.TestCase):
         redis = self.start_redis(persistent=False)
         with daemon_process("--port", "0", "-c", self.config(redis)) as (process, port):
             with SSEClient(port) as client:
-                wait_until(lambda: health(port)["subscribers"] == 1)
+                wait_for_subscribers(port, 1)
                 published_id(port, "before")
                 self.assertEqual(client.read_events(1)[0].data, "before")
                 # A snapshot with enough keys, each loaded with a delay, that the restarted redis-server answers
@@ -439,7 +436,8 @@ class RedisFaultTest(unittest.TestCase):
         first, second = daemon_process("--port", "0", "-c", config_a), daemon_process("--port", "0", "-c", config_b)
         with first as (_, port_a), second as (__, port_b):
             with SSEClient(port_a) as on_a, SSEClient(port_b) as on_b:
-                wait_until(lambda: health(port_a)["subscribers"] == 1 and health(port_b)["subscribers"] == 1)
+                wait_for_subscribers(port_a, 1)
+                wait_for_subscribers(port_b, 1)
                 for index in range(3):
                     published_id(port_b, f"before {index}")
                 for client in (on_a, on_b):
@@ -541,7 +539,7 @@ class RespConnectionTest(unittest.TestCase):
 
 
 class RedisUrlTest(unittest.TestCase):
-    def test_urls(self):
+    def test_redis_urls_parse_into_their_parts_and_bad_ones_are_config_errors(self):
         address = resp.parse_url("redis://:s3cret@10.0.0.5:6380/2")
         self.assertEqual((address.host, address.port, address.password, address.db), ("10.0.0.5", 6380, "s3cret", 2))
         self.assertNotIn("s3cret", repr(address))
@@ -572,8 +570,7 @@ class RedisUrlTest(unittest.TestCase):
                 self.assertEqual(publish(port, "x")[0], 503)
                 with SSEClient(port) as client:
                     self.assertEqual(client.status, 200)
-                process.send_signal(signal.SIGTERM)
-                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                stop_daemon(process)
 
 
 if __name__ == "__main__":

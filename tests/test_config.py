@@ -7,7 +7,7 @@ import tomllib
 import unittest
 
 from sseserver import config
-from tests.support import ROOT
+from tests.support import ROOT, write_config
 
 BAD_VALUES = [
     ("port", 70000, "between"),
@@ -30,7 +30,7 @@ BAD_VALUES = [
 
 
 class ConfigTest(unittest.TestCase):
-    def test_defaults(self):
+    def test_an_empty_mapping_gives_the_defaults(self):
         cfg = config.from_mapping({})
         self.assertEqual((cfg.host, cfg.port, cfg.queue_size, cfg.history_size), ("127.0.0.1", 5000, 16, 1000))
         self.assertEqual((cfg.heartbeat_interval, cfg.max_message_bytes, cfg.shutdown_timeout), (15.0, 65536, 5.0))
@@ -55,10 +55,10 @@ class ConfigTest(unittest.TestCase):
         with self.assertRaises(dataclasses.FrozenInstanceError):
             config.from_mapping({}).port = 1
 
-    def test_file_errors(self):
+    def test_a_file_that_is_not_toml_or_cannot_be_read_is_a_config_error(self):
         with tempfile.TemporaryDirectory() as tmp:
             broken = os.path.join(tmp, "broken.toml")
-            with open(broken, "w") as handle:
+            with open(broken, "w") as handle:  # by hand: write_config only writes valid TOML
                 handle.write("port = \n")
             with self.assertRaisesRegex(config.ConfigError, "not valid TOML"):
                 config.load(broken)
@@ -88,14 +88,12 @@ class ConfigTest(unittest.TestCase):
 
     def test_command_line_overrides_layer_over_the_file(self):
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "c.toml")
-            with open(path, "w") as handle:
-                handle.write('log_level = "error"\nport = 1\nqueue_size = 7\n')
+            path = write_config(tmp, "c.toml", log_level="error", port=1, queue_size=7)
             layered = config.load_layered(path, {"log_level": "debug", "port": 0})
             self.assertEqual((layered.log_level, layered.port, layered.queue_size), ("debug", 0, 7))
             self.assertEqual(config.load_layered(None, {}), config.from_mapping({}))
 
-    def test_restart_keys(self):
+    def test_only_keys_that_need_a_restart_are_reported_as_changed(self):
         old = config.from_mapping({})
         new = config.from_mapping({"port": 6000, "queue_size": 5})
         self.assertEqual(config.restart_keys_changed(old, new), ["port"])

@@ -71,7 +71,7 @@ class FramingTest(unittest.TestCase):
         self.assertEqual(framing.encode_comment("hi\ndata: x"), b": hi\n: data: x\n\n")
         self.assertEqual(FeedReader().feed(framing.encode_comment("hi\ndata: x")), [])
 
-    def test_retry_only_digits(self):
+    def test_retry_is_written_only_for_a_non_negative_integer(self):
         self.assertEqual(framing.encode_retry(2500), b"retry: 2500\n\n")
         for bad in (-1, 1.5, True, "10"):
             with self.subTest(bad=bad), self.assertRaises(ValueError):
@@ -87,7 +87,7 @@ class FramingTest(unittest.TestCase):
         self.assertEqual(reader.feed(b":\n" + framing.encode_id_only(42)), [])
         self.assertEqual(reader.last_id, "42")
 
-    def test_event_names(self):
+    def test_event_names_are_1_to_64_of_a_z_0_9_dot_colon_dash_underscore_and_not_reserved(self):
         for good in ("a", "order.created", "A-Z_0:9", "x" * 64):
             self.assertIsNone(framing.event_name_error(good), good)
         for bad in ("", "x" * 65, "a b", "a\nb", "a\rb", "caf\u00e9", "sseserver.reset", "sseserver.x"):

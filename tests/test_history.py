@@ -13,8 +13,8 @@ import zlib
 from sseserver import history
 from sseserver.config import ConfigError
 from tests.faults import PrivateTmpfs, strace_prefix
-from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, RunningServer, SSEClient, connect, daemon_process,
-                           read_response, request, run_cli, wait_until, write_config)
+from tests.support import (IO_TIMEOUT, RunningServer, SSEClient, assert_exit, connect, daemon_process,
+                           health, read_response, request, run_cli, stop_daemon, wait_until, write_config)
 
 
 def publish_ids(port, count, prefix="e"):
@@ -22,7 +22,7 @@ def publish_ids(port, count, prefix="e"):
 
 
 class RecordFormatTest(unittest.TestCase):
-    def test_round_trip_and_tail_rules(self):
+    def test_records_round_trip_a_torn_last_record_is_dropped_and_damage_before_the_end_is_an_error(self):
         records = [history.encode_record(i, i - 1, name, data) for i, name, data in
                    [(1, "message", "a"), (2, "x.y", "caf\u00e9\nline"), (3, "message", "")]]
         blob = history.MAGIC + b"".join(records)
@@ -63,8 +63,7 @@ class RestartTest(unittest.TestCase):
             with daemon_process("--port", "0", "-c", config) as (process, port):
                 ids = publish_ids(port, 5)
                 request(port, "POST", "/publish?event=other", "named")
-                process.send_signal(signal.SIGTERM)
-                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                stop_daemon(process)
             self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
             with daemon_process("--port", "0", "-c", config) as (process, port):
                 self.assertTrue(any("6 events read" in line for line in process.log_lines), process.log_lines)
@@ -75,8 +74,7 @@ class RestartTest(unittest.TestCase):
                     self.assertEqual([(e.id, e.type, e.data) for e in events],
                                      [(ids[3], "message", "e3"), (ids[4], "message", "e4"),
                                       (str(int(ids[4]) + 1), "other", "named"), (new, "message", "new0")])
-                process.send_signal(signal.SIGTERM)
-                process.wait(STOP_TIMEOUT)
+                stop_daemon(process)
 
     def test_kill_9_loses_no_acknowledged_event(self):
         for mode in ("always", "interval"):
@@ -108,7 +106,7 @@ class RestartTest(unittest.TestCase):
                         thread.start()
                     wait_until(lambda: len(acknowledged) >= 500, what="500 acknowledged publishes")
                     process.send_signal(signal.SIGKILL)  # mid-stream: publishes are in flight right now
-                    process.wait(STOP_TIMEOUT)
+                    assert_exit(process, -signal.SIGKILL)
                     stop.set()
                     for thread in threads:
                         thread.join(IO_TIMEOUT)
@@ -121,8 +119,7 @@ class RestartTest(unittest.TestCase):
                                 replayed[event.id] = event.data
                     for event_id, data in acknowledged.items():
                         self.assertEqual(replayed.get(event_id), data, f"acknowledged event {event_id} lost")
-                    process.send_signal(signal.SIGTERM)
-                    process.wait(STOP_TIMEOUT)
+                    stop_daemon(process)
 
 
 class DamagedFileTest(unittest.TestCase):
@@ -132,8 +129,7 @@ class DamagedFileTest(unittest.TestCase):
         self.config = write_config(self.tmp, history_file=self.path)
         with daemon_process("--port", "0", "-c", self.config) as (process, port):
             self.ids = publish_ids(port, 3)
-            process.send_signal(signal.SIGTERM)
-            process.wait(STOP_TIMEOUT)
+            stop_daemon(process)
 
     def tearDown(self):
         import shutil
@@ -146,8 +142,7 @@ class DamagedFileTest(unittest.TestCase):
             self.assertTrue(any("ignoring a partial record at the end" in line for line in process.log_lines),
                             process.log_lines)
             new = publish_ids(port, 1)
-            process.send_signal(signal.SIGTERM)
-            process.wait(STOP_TIMEOUT)
+            stop_daemon(process)
         events, _, dropped = history.decode_records(open(self.path, "rb").read(), self.path)
         self.assertEqual(([e.id for e in events], dropped), ([int(i) for i in self.ids + new], None))
 
@@ -162,7 +157,7 @@ class DamagedFileTest(unittest.TestCase):
         self.assertIn("corrupt", err)
         self.assertNotIn("Traceback", err)
 
-    def test_not_a_history_file_and_unreadable_directory(self):
+    def test_a_file_that_is_not_history_or_cannot_be_opened_is_exit_2(self):
         with open(self.path, "wb") as handle:
             handle.write(b"hello, I am a text file\n")
         result = run_cli("--port", "0", "-c", self.config)
@@ -179,8 +174,7 @@ class DamagedFileTest(unittest.TestCase):
         with daemon_process("--port", "0", "-c", self.config) as (process, port):
             with SSEClient(port, headers={"Last-Event-ID": "0"}) as client:
                 self.assertEqual([e.data for e in client.read_events(4)][1:], ["e0", "e1", "e2"])
-            process.send_signal(signal.SIGTERM)
-            process.wait(STOP_TIMEOUT)
+            stop_daemon(process)
         self.assertFalse(os.path.exists(self.path + ".compact"))
 
 
@@ -217,10 +211,6 @@ class CompactionTest(unittest.TestCase):
             self.assertEqual(ids, sorted(ids))
             self.assertEqual(ids[-50:], sorted(acknowledged)[-50:])
             self.assertEqual(ids, list(range(ids[0], ids[-1] + 1)))  # no gap inside what was kept
-
-
-if __name__ == "__main__":
-    unittest.main()
 
 
 def ascii_record_inside(event_id: int) -> str:
@@ -271,8 +261,7 @@ class FormatTest(unittest.TestCase):
             with daemon_process("--port", "0", "-c", config) as (process, port):
                 with SSEClient(port, headers={"Last-Event-ID": "4"}) as client:  # 5's predecessor: no reset
                     self.assertEqual([(e.id, e.data) for e in client.read_events(2)], [("5", "a"), ("6", "b")])
-                process.send_signal(signal.SIGTERM)
-                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                stop_daemon(process)
             with open(path, "rb") as handle:
                 self.assertTrue(handle.read().startswith(history.MAGIC))
 
@@ -303,7 +292,7 @@ class FileFaultTest(unittest.TestCase):
                 for i in range(280, 420):
                     publish(i)
                 process.send_signal(signal.SIGKILL)  # a crash, right after the failures (nsenter exec'd the daemon)
-                process.wait(STOP_TIMEOUT)
+                assert_exit(process, -signal.SIGKILL)
                 log = process.log_lines
             os.unlink(disk.path("filler"))
             with daemon_process("--port", "0", "-c", config, prefix=disk.prefix()) as (process, port):
@@ -312,8 +301,7 @@ class FileFaultTest(unittest.TestCase):
                     replayed = {e.id: e.data for e in client.read_events(101) if e.type == "message"}
                 for event_id in newest:
                     self.assertEqual(replayed.get(event_id), acknowledged[event_id], f"event {event_id} lost")
-                process.send_signal(signal.SIGTERM)
-                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                stop_daemon(process)
             self.assertGreater(refused, 0, "the disk never filled up")
             self.assertTrue(any("compaction failed" in line for line in log), log)
 
@@ -322,8 +310,7 @@ class FileFaultTest(unittest.TestCase):
             path = os.path.join(tmp, "history.log")
             config = write_config(tmp, history_file=path, history_fsync="always")
             with daemon_process("--port", "0", "-c", config) as (process, port):  # creates the file
-                process.send_signal(signal.SIGTERM)
-                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                stop_daemon(process)
             # strace counts calls per thread: on one keep-alive connection (one request thread) the first
             # publish's fsync succeeds and every later one fails. Starting on an existing file needs no fsync.
             with daemon_process("--port", "0", "-c", config, prefix=strace_prefix("fsync", "EIO", 2)) as (
@@ -340,8 +327,7 @@ class FileFaultTest(unittest.TestCase):
                             buffer.clear()
                             publisher.close()
                             publisher = connect(port)
-                    os.kill(child_pid(process.pid), signal.SIGTERM)  # the daemon, not strace
-                    self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                    stop_daemon(process, pid=child_pid(process.pid))  # the daemon, not strace
                     self.assertEqual([e.data for e in client.read_until_closed()], ["stored"])
                 self.assertFalse(any("Traceback" in line for line in process.log_lines), process.log_lines)
             with daemon_process("--port", "0", "-c", config) as (process, port):
@@ -349,8 +335,7 @@ class FileFaultTest(unittest.TestCase):
                     self.assertEqual([e.data for e in client.read_events(2)][1:], ["stored"])
                     self.assertEqual(request(port, "POST", "/publish", "retried")[0], 200)
                     self.assertEqual([e.data for e in client.read_events(1)], ["retried"])
-                process.send_signal(signal.SIGTERM)
-                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                stop_daemon(process)
             events, _, _ = history.decode_records(open(path, "rb").read(), path)
             self.assertEqual([e.data for e in events], ["stored", "retried"])
 
@@ -378,7 +363,7 @@ class FileFaultTest(unittest.TestCase):
                         status, _, body = read_response(publisher, buffer)
                         acknowledged.append(json.loads(body)["id"])
                 os.kill(child_pid(process.pid), signal.SIGKILL)
-                process.wait(STOP_TIMEOUT)
+                assert_exit(process, -signal.SIGKILL)  # strace ends as its child did
             events, _, _ = history.decode_records(open(path, "rb").read(), path)
             self.assertEqual([str(e.id) for e in events][-10:], acknowledged[-10:])
 
@@ -389,13 +374,11 @@ class FileFaultTest(unittest.TestCase):
             with daemon_process("--port", "0", "-c", config) as (process, port):
                 ids = publish_ids(port, 3)
                 inode = os.stat(path).st_ino
-                process.send_signal(signal.SIGTERM)
-                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                stop_daemon(process)
             self.assertEqual(os.stat(path).st_ino, inode)
             with daemon_process("--port", "0", "-c", config) as (process, port):
                 self.assertGreater(int(publish_ids(port, 1)[0]), int(ids[-1]))  # never back to 1
-                process.send_signal(signal.SIGTERM)
-                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                stop_daemon(process)
 
     def test_a_history_file_deleted_while_running_is_written_anew(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -413,8 +396,7 @@ class FileFaultTest(unittest.TestCase):
                         return False
                     return [str(e.id) for e in events] == ids
                 wait_until(rewritten, what="the history file written anew")
-                process.send_signal(signal.SIGTERM)
-                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                stop_daemon(process)
 
     def test_raising_history_size_on_reload_moves_the_compaction_threshold(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -428,8 +410,7 @@ class FileFaultTest(unittest.TestCase):
                 publish_ids(port, 200)  # past 2 x 10 + 100, far below 2 x 1000 + 100
                 self.assertEqual(request(port, "GET", "/health")[0], 200)
                 self.assertEqual(os.stat(path).st_ino, inode, "the file was compacted for the old size")
-                process.send_signal(signal.SIGTERM)
-                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                stop_daemon(process)
 
 
 class ReloadTest(unittest.TestCase):
@@ -445,8 +426,7 @@ class ReloadTest(unittest.TestCase):
                     reloads += 1
                     wait_until(lambda: sum("reloaded" in line for line in process.log_lines) == reloads,
                                what="the reload")
-                    health = json.loads(request(port, "GET", "/health")[2])
-                    retained = health["history_size"]
+                    retained = health(port)["history_size"]
                     self.assertLessEqual(retained, len(ids))
                     held = ids[len(ids) - retained:]
                     # Every id replays exactly what is held after it, or resets: never a 500, never a gap.
@@ -462,5 +442,8 @@ class ReloadTest(unittest.TestCase):
                                 self.assertEqual(notice.type, "sseserver.reset")
                                 self.assertEqual([e.id for e in rest], held)
                     ids += publish_ids(port, 2)
-                process.send_signal(signal.SIGTERM)
-                self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                stop_daemon(process)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -6,7 +6,7 @@ import threading
 import unittest
 
 from tests.support import (IO_TIMEOUT, RunningServer, connect, raw_exchange, read_response, request,
-                           wait_until)
+                           wait_for_subscribers, wait_until)
 
 
 class SubscribeAndPublishTest(unittest.TestCase):
@@ -31,7 +31,7 @@ class SubscribeAndPublishTest(unittest.TestCase):
 
     def test_publish_reaches_every_subscriber_with_exact_bytes(self):
         with self.server.subscribe() as first, self.server.subscribe() as second:
-            wait_until(lambda: self.server.health()["subscribers"] >= 2, what="two subscribers")
+            wait_for_subscribers(self.server.port, 2)
             status, headers, body = self.server.publish("Hey!")
             self.assertEqual(status, 200)
             self.assertEqual(headers["content-type"], "application/json")
@@ -45,7 +45,7 @@ class SubscribeAndPublishTest(unittest.TestCase):
     def test_multiline_unicode_and_empty_payloads(self):
         payloads = ["a\r\nb\rc\nd", "", "caf\u00e9 \u2603", "x" * 60000, "\n"]
         with self.server.subscribe() as client:
-            wait_until(lambda: self.server.health()["subscribers"] >= 1)
+            wait_for_subscribers(self.server.port, 1)
             for payload in payloads:
                 self.assertEqual(self.server.publish(payload)[0], 200)
             got = client.read_events(len(payloads))
@@ -55,9 +55,9 @@ class SubscribeAndPublishTest(unittest.TestCase):
         ids = [int(json.loads(self.server.publish("x")[2])["id"]) for _ in range(20)]
         self.assertEqual(ids, sorted(set(ids)))
 
-    def test_event_filter(self):
+    def test_an_event_filter_delivers_only_the_named_events(self):
         with self.server.subscribe("/subscribe?event=a&event=c") as client:
-            wait_until(lambda: self.server.health()["subscribers"] >= 1)
+            wait_for_subscribers(self.server.port, 1)
             for name in ("a", "b", "c"):
                 self.server.publish(name, event=name)
             self.server.publish("plain")
@@ -67,7 +67,7 @@ class SubscribeAndPublishTest(unittest.TestCase):
 
     def test_message_filter_gets_unnamed_events(self):
         with self.server.subscribe("/subscribe?event=message") as client:
-            wait_until(lambda: self.server.health()["subscribers"] >= 1)
+            wait_for_subscribers(self.server.port, 1)
             self.server.publish("named", event="other")
             self.server.publish("plain")
             (event,) = client.read_events(1)
@@ -81,13 +81,13 @@ class SubscribeAndPublishTest(unittest.TestCase):
                 status, headers, _ = read_response(sock, buffer)
                 self.assertEqual((status, headers["connection"]), (200, "keep-alive"))
 
-    def test_pipelined_requests(self):
+    def test_three_pipelined_requests_get_three_answers(self):
         raw = (b"POST /publish HTTP/1.1\r\nContent-Length: 1\r\n\r\nA"
                b"GET /health HTTP/1.1\r\n\r\nPOST /publish HTTP/1.1\r\nConnection: close\r\nContent-Length: 1\r\n\r\nB")
         out = raw_exchange(self.server.port, raw)
         self.assertEqual(out.count(b"HTTP/1.1 200 OK"), 3)
 
-    def test_chunked_publish(self):
+    def test_a_chunked_publish_body_becomes_one_event(self):
         with connect(self.server.port) as sock:
             sock.sendall(b"POST /publish HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
                          b"4\r\nHey \r\n7\r\nchunked\r\n0\r\n\r\n")
@@ -99,7 +99,7 @@ class SubscribeAndPublishTest(unittest.TestCase):
     def test_put_is_an_alias_for_post(self):
         self.assertEqual(request(self.server.port, "PUT", "/publish", "x")[0], 200)
 
-    def test_expect_100_continue(self):
+    def test_expect_100_continue_gets_the_interim_answer_before_the_body_is_sent(self):
         with connect(self.server.port) as sock:
             sock.sendall(b"POST /publish HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"
                          b"Connection: close\r\n\r\n")
@@ -108,7 +108,7 @@ class SubscribeAndPublishTest(unittest.TestCase):
             sock.sendall(b"hello")
             self.assertEqual(read_response(sock)[0], 200)
 
-    def test_health(self):
+    def test_health_is_200_ok_with_its_fields_and_head_has_no_body(self):
         status, headers, body = request(self.server.port, "GET", "/health")
         self.assertEqual(status, 200)
         health = json.loads(body)
@@ -118,10 +118,10 @@ class SubscribeAndPublishTest(unittest.TestCase):
         status, headers, body = request(self.server.port, "HEAD", "/health")
         self.assertEqual((status, body), (200, b""))
 
-    def test_http_1_0_stream(self):
+    def test_an_http_1_0_client_gets_a_stream(self):
         with connect(self.server.port) as sock:
             sock.sendall(b"GET /subscribe HTTP/1.0\r\n\r\n")
-            wait_until(lambda: self.server.health()["subscribers"] >= 1)
+            wait_for_subscribers(self.server.port, 1)
             self.server.publish("old client")
             data = bytearray()
             while b"old client" not in data:
@@ -185,7 +185,7 @@ class ErrorTest(unittest.TestCase):
             self.assertEqual((status, headers["connection"]), (200, "close"))
             self.assertEqual(sock.recv(100), b"")  # the body was not taken for a second request
 
-    def test_garbage_request_line(self):
+    def test_a_garbage_request_line_is_400_with_a_json_error(self):
         out = raw_exchange(self.server.port, b"\x00\x01garbage\r\n\r\n")
         self.assertTrue(out.startswith(b"HTTP/1.1 400 "))
         self.assertIn(b'{"error": "malformed request line"}', out)
@@ -210,8 +210,8 @@ class UnreadResponsesTest(unittest.TestCase):
                 sock.settimeout(IO_TIMEOUT)
                 sock.connect(("127.0.0.1", server.port))
                 sock.sendall(b"GET / HTTP/1.1\r\n\r\n" * 2000)  # ~30 MB of demo pages asked for
-                wait_until(lambda: server.health()["subscribers"] == 0 and not server.server._connections,
-                           what="the connection to be given up")
+                wait_for_subscribers(server.port, 0)
+                wait_until(lambda: not server.server._connections, what="the connection to be given up")
                 while sock.recv(65536):  # what the kernel buffered, then the end
                     pass
             self.assertNotIn(500, server.server.statuses.snapshot())
@@ -293,7 +293,7 @@ class BouncerBehaviourTest(unittest.TestCase):
 
     def test_filtered_stream_heartbeat_moves_the_last_id(self):
         with RunningServer(heartbeat_interval=0.2) as server, server.subscribe("/subscribe?event=a") as client:
-            wait_until(lambda: server.health()["subscribers"] == 1)
+            wait_for_subscribers(server.port, 1)
             reply = json.loads(server.publish("not for you", event="b")[2])
             client.wait_for(lambda c: c.last_id == reply["id"], what="id-only block")
             self.assertEqual(client.pending, [])
@@ -301,10 +301,10 @@ class BouncerBehaviourTest(unittest.TestCase):
     def test_disconnected_subscriber_is_forgotten(self):
         with RunningServer(heartbeat_interval=60) as server:
             client = server.subscribe()
-            wait_until(lambda: server.health()["subscribers"] == 1)
+            wait_for_subscribers(server.port, 1)
             client.close()
             # well within one heartbeat interval: the writer watches every stream for EOF
-            wait_until(lambda: server.health()["subscribers"] == 0, timeout=IO_TIMEOUT, what="count back to 0")
+            wait_for_subscribers(server.port, 0)
 
     def test_slow_subscriber_is_dropped_and_fast_one_is_not(self):
         with RunningServer(queue_size=4, history_size=10) as server:
@@ -312,7 +312,7 @@ class BouncerBehaviourTest(unittest.TestCase):
             slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             slow.sendall(b"GET /subscribe HTTP/1.1\r\n\r\n")
             with server.subscribe() as fast:
-                wait_until(lambda: server.health()["subscribers"] == 2)
+                wait_for_subscribers(server.port, 2)
                 payload = "z" * 60000
                 sent = 0
                 # publish until the slow one (which never reads) is dropped; the fast one reads everything
@@ -327,9 +327,9 @@ class BouncerBehaviourTest(unittest.TestCase):
                 self.assertEqual(fast.read_events(1)[0].data, "after")
             slow.close()
 
-    def test_max_subscribers(self):
+    def test_past_max_subscribers_a_client_gets_503_and_a_browser_a_retry_and_an_end(self):
         with RunningServer(max_subscribers=1) as server, server.subscribe():
-            wait_until(lambda: server.health()["subscribers"] == 1)
+            wait_for_subscribers(server.port, 1)
             status, headers, body = request(server.port, "GET", "/subscribe")
             self.assertEqual(status, 503)
             self.assertIn("retry-after", headers)
@@ -355,7 +355,7 @@ class BouncerBehaviourTest(unittest.TestCase):
         server = RunningServer(retry_ms=1000)
         with server:
             clients = [server.subscribe() for _ in range(3)]
-            wait_until(lambda: server.health()["subscribers"] == 3)
+            wait_for_subscribers(server.port, 3)
             server.publish("last words")
             server.request_stop()
             for client in clients:

@@ -7,7 +7,7 @@ import re
 import unittest
 
 from sseserver import logs
-from tests.support import RunningServer, request, wait_until
+from tests.support import RunningServer, request, wait_for_subscribers, wait_until
 
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
 LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\\\|\\"|\\n)*"'
@@ -87,7 +87,7 @@ class MetricsTest(unittest.TestCase):
                 self.assertIn(name, before)
             self.assertEqual(before["sseserver_publish_to_write_seconds"]["type"], "histogram")
             with server.subscribe() as first, server.subscribe() as second:
-                wait_until(lambda: server.health()["subscribers"] == 2)
+                wait_for_subscribers(server.port, 2)
                 for index in range(3):
                     server.publish(f"e{index}")
                 first.read_events(3)
@@ -120,7 +120,7 @@ class MetricsTest(unittest.TestCase):
                 server.publish(f"nobody {index}")  # no stream: never written
             with server.subscribe() as first, server.subscribe() as second, \
                     server.subscribe("/subscribe?event=a") as only_a:
-                wait_until(lambda: server.health()["subscribers"] == 3)
+                wait_for_subscribers(server.port, 3)
                 for name in ("a", "b", "c"):
                     server.publish(name, event=name)
                 for client in (first, second):
@@ -131,7 +131,7 @@ class MetricsTest(unittest.TestCase):
             server.publish("after everyone left")
             self.assertEqual(written(), 3)
 
-    def test_metrics_token(self):
+    def test_metrics_with_a_token_configured_is_401_without_it_and_403_with_a_wrong_one(self):
         with RunningServer(metrics_token="metrics-secret-1") as server:
             self.assertEqual(request(server.port, "GET", "/metrics")[0], 401)
             self.assertEqual(request(server.port, "GET", "/metrics",
@@ -152,12 +152,13 @@ class AccessLogTest(unittest.TestCase):
         saved = (logger.handlers[:], logger.level, logger.propagate)
         logs.configure("info", stream=stream, environ={})
         try:
-            with RunningServer(access_log=True, log_level="info", subscribe_tokens=["secret-sub-token", "hidden-pass-phrase-9"]) as server:
+            with RunningServer(access_log=True, log_level="info",
+                               subscribe_tokens=["secret-sub-token", "hidden-pass-phrase-9"]) as server:
                 logs.set_level("info")
                 server.publish("x", event="a")
                 request(server.port, "GET", "/nope")
                 with server.subscribe("/subscribe?token=secret-sub-token&event=a") as client:
-                    wait_until(lambda: server.health()["subscribers"] == 1)
+                    wait_for_subscribers(server.port, 1)
                     server.publish("y", event="a")
                     client.read_events(1)
                 wait_until(lambda: "stream end" in stream.getvalue(), what="stream end line")
@@ -181,7 +182,7 @@ class AccessLogTest(unittest.TestCase):
 
 
 class HealthAndPageTest(unittest.TestCase):
-    def test_health_fields(self):
+    def test_health_reports_status_subscribers_last_id_history_size_and_uptime(self):
         with RunningServer() as server:
             published = json.loads(server.publish("x")[2])["id"]
             health = server.health()

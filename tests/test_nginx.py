@@ -18,8 +18,9 @@ import threading
 import time
 import unittest
 
-from tests.support import (IO_TIMEOUT, ROOT, STOP_TIMEOUT, SSEClient, daemon_process, listening_socket,
-                           request, require_binary, wait_until)
+from tests.support import (IO_TIMEOUT, ROOT, STOP_TIMEOUT, SSEClient, assert_exit, daemon_process,
+                           listening_socket, request, require_binary, wait_for_subscribers, wait_until,
+                           write_config)
 
 # Issue requirement: an event must cross nginx within this long of its publish, i.e. unbuffered.
 UNBUFFERED_MS = 200
@@ -123,7 +124,7 @@ class NginxTest(unittest.TestCase):
             with SSEClient(nginx.connect) as client:
                 self.assertEqual(client.status, 200)
                 self.assertEqual(client.headers["content-type"], "text/event-stream; charset=utf-8")
-                wait_until(lambda: json.loads(request(self.port, "GET", "/health")[2])["subscribers"] == 1)
+                wait_for_subscribers(self.port, 1)
                 ids = []
                 for index in range(10):
                     sent = time.monotonic()
@@ -152,20 +153,18 @@ class NginxTest(unittest.TestCase):
     def test_client_survives_a_daemon_restart_without_losing_an_event(self):
         history_dir = tempfile.mkdtemp()
         self.addCleanup(subprocess.run, ["rm", "-rf", history_dir], check=False)
-        config = os.path.join(history_dir, "sseserver.toml")
-        with open(config, "w") as handle:
-            handle.write(f'history_file = "{history_dir}/history.log"\n')
+        config = write_config(history_dir, history_file=os.path.join(history_dir, "history.log"))
         with Nginx(self.port) as nginx:
             received, acknowledged = [], []
             with self.daemon("-c", config) as (first, _):
                 client = SSEClient(nginx.connect)
-                wait_until(lambda: json.loads(request(self.port, "GET", "/health")[2])["subscribers"] == 1)
+                wait_for_subscribers(self.port, 1)
                 for index in range(3):
                     acknowledged.append(f"before {index}")
                     self.assertEqual(request(nginx.connect, "POST", "/publish", acknowledged[-1])[0], 200)
                 first.send_signal(signal.SIGTERM)
                 received += [e.data for e in client.read_until_closed()]  # a graceful end: nothing undelivered
-                self.assertEqual(first.wait(STOP_TIMEOUT), 0)
+                assert_exit(first, 0)
                 last_id = client.last_id
                 client.close()
             acknowledged.append("while down")  # published between the two daemons: it waits in the backlog
@@ -176,7 +175,7 @@ class NginxTest(unittest.TestCase):
                 # What a browser does next: reconnect with its Last-Event-ID. The history file kept the ids, so
                 # it resumes exactly where it was: no reset, no gap, no duplicate.
                 with SSEClient(nginx.connect, headers={"Last-Event-ID": last_id}) as again:
-                    wait_until(lambda: json.loads(request(self.port, "GET", "/health")[2])["subscribers"] == 1)
+                    wait_for_subscribers(self.port, 1)
                     for index in range(3):
                         acknowledged.append(f"after {index}")
                         self.assertEqual(request(nginx.connect, "POST", "/publish", acknowledged[-1])[0], 200)

@@ -37,21 +37,21 @@ BAD_HEADS = [
 
 
 class ParseHeadTest(unittest.TestCase):
-    def test_good(self):
+    def test_good_heads_parse_into_method_path_query_headers_and_keep_alive(self):
         for head, (method, path, query, headers, keep_alive) in GOOD_HEADS:
             with self.subTest(head=head):
                 request = parse_head(head, 256)
                 self.assertEqual((request.method, request.path, request.query, request.headers,
                                   request.keep_alive), (method, path, query, headers, keep_alive))
 
-    def test_bad(self):
+    def test_each_bad_head_is_an_http_error_with_its_status(self):
         for head, status in BAD_HEADS:
             with self.subTest(head=head[:40]):
                 with self.assertRaises(HTTPError) as caught:
                     parse_head(head, 256)
                 self.assertEqual(caught.exception.status, status)
 
-    def test_body_length(self):
+    def test_body_length_comes_from_content_length_or_chunked_and_each_bad_framing_has_its_status(self):
         def request(**headers):
             return parse_head(b"POST /publish HTTP/1.1\r\n" + b"".join(
                 f"{k.replace('_', '-')}: {v}\r\n".encode() for k, v in headers.items()), 1024)

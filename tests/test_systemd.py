@@ -13,8 +13,8 @@ import time
 import unittest
 
 from sseserver import systemd
-from tests.support import (IO_TIMEOUT, ROOT, STOP_TIMEOUT, SSEClient, daemon_process, request, require_binary,
-                           wait_until)
+from tests.support import (IO_TIMEOUT, ROOT, STOP_TIMEOUT, SSEClient, assert_exit, daemon_process, request,
+                           require_binary, stop_daemon, wait_for_subscribers, write_config)
 
 
 class NotifySocket:
@@ -60,25 +60,23 @@ class NotifyTest(unittest.TestCase):
         notify = NotifySocket()
         self.addCleanup(notify.close)
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "sseserver.toml")
-            with open(path, "w") as handle:
-                handle.write("heartbeat_interval = 5\n")
+            path = write_config(tmp, heartbeat_interval=5)
             with daemon_process("--port", "0", "-c", path, env={"NOTIFY_SOCKET": notify.address}) as (process, port):
                 ready = notify.next_matching(r"^READY=1")
                 self.assertRegex(ready, r"STATUS=0 subscribers")
                 with SSEClient(port):
-                    wait_until(lambda: '"subscribers": 1' in request(port, "GET", "/health")[2].decode())
+                    wait_for_subscribers(port, 1)
                     process.send_signal(signal.SIGHUP)
                     reloading = notify.next_matching(r"RELOADING=1")
                     self.assertRegex(reloading, r"MONOTONIC_USEC=\d+")
                     notify.next_matching(r"^READY=1")
                     process.send_signal(signal.SIGTERM)
                     notify.next_matching(r"^STOPPING=1$")
-                    self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+                    assert_exit(process, 0)
         kinds = [m.split("=")[0] for m in notify.messages if not m.startswith("STATUS=")]
         self.assertEqual(kinds, ["READY", "RELOADING", "READY", "STOPPING"])
 
-    def test_abstract_socket_and_watchdog(self):
+    def test_an_abstract_notify_socket_gets_ready_and_then_watchdog_pings(self):
         notify = NotifySocket(abstract=True)
         self.addCleanup(notify.close)
         env = {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "200000"}
@@ -86,10 +84,9 @@ class NotifyTest(unittest.TestCase):
             notify.next_matching(r"^READY=1")
             for _ in range(3):
                 notify.next_matching(r"^WATCHDOG=1$")
-            process.send_signal(signal.SIGTERM)
-            self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+            stop_daemon(process)
 
-    def test_notify_without_socket_does_nothing(self):
+    def test_notify_without_a_usable_socket_does_nothing_and_does_not_raise(self):
         self.assertFalse(systemd.notify("READY=1", environ={}))
         self.assertFalse(systemd.notify("READY=1", environ={"NOTIFY_SOCKET": "/nonexistent/socket"}))
         self.assertFalse(systemd.notify("READY=1", environ={"NOTIFY_SOCKET": "relative"}))
@@ -119,11 +116,10 @@ class SocketActivationTest(unittest.TestCase):
             status, _, body = request(port, "GET", "/health")  # the first connection makes it exec the daemon
             self.assertEqual(status, 200)
             with SSEClient(port) as client:
-                wait_until(lambda: '"subscribers": 1' in request(port, "GET", "/health")[2].decode())
+                wait_for_subscribers(port, 1)
                 self.assertEqual(request(port, "POST", "/publish", "activated")[0], 200)
                 self.assertEqual(client.read_events(1)[0].data, "activated")
-            process.send_signal(signal.SIGTERM)
-            self.assertEqual(process.wait(STOP_TIMEOUT), 0)
+            stop_daemon(process)
             log = process.stderr.read().decode()
             self.assertIn(f"listening on http://127.0.0.1:{port} (inherited socket", log)
         finally:
