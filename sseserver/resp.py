@@ -69,6 +69,7 @@ def parse_url(url: str) -> RedisAddress:
 class Connection:
     def __init__(self, address: RedisAddress, timeout: float):
         self.address = address
+        sock = None
         try:
             if address.path:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -80,6 +81,8 @@ class Connection:
                 if address.scheme == "rediss":
                     sock = ssl.create_default_context().wrap_socket(sock, server_hostname=address.host)
         except OSError as exc:
+            if sock is not None:
+                sock.close()  # a failed connect must not leak its socket (a follower retries for hours)
             raise RedisUnavailable(f"cannot connect to {address!r}: {exc.strerror or exc}") from None
         self.sock = sock
         self._buffer = bytearray()
