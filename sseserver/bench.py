@@ -1,17 +1,39 @@
 """`python3 -m sseserver.bench`: measure any sseserver deployment from the outside, as one JSON line.
 
-Owns: a load-generating HTTP client (subscriber worker processes multiplexing their sockets with selectors, and
-keep-alive publisher threads), the latency histogram, and the verdict on whether the client itself was the
-bottleneck. Imports nothing else from the package: it is only an HTTP client, so it measures what users see,
-including any proxy in front of the daemon.
+Owns: a load-generating HTTP client (subscriber worker processes, each multiplexing its streams with one selector,
+and keep-alive publisher threads in the bench process), the latency histogram, and the verdict on whether the
+client itself was the bottleneck.
+Must not know: anything else of the package. It imports nothing from it (a test checks): it is only an HTTP
+client, so it measures what users see, including any proxy in front of the daemon.
 
-Every payload is "b:<seq>:<CLOCK_MONOTONIC ns at send>:" padded to --size bytes; subscribers run on the same
-machine and read the same clock, so publish-to-receive latency needs no clock sync. Run it on the machine the
-daemon is on, or any machine that reaches it; point it at nginx to include the proxy hop.
+A run, in order (run() below reads the same way):
+1. Probe every URL once, so that an address where nothing listens fails the run within seconds.
+2. Fork the subscriber workers. Each opens its share of --subs streams, spread over every --url, and reports how
+   far it has got in shared counters (Progress) that the bench polls.
+3. Warm up: publish "w" events until every open stream has received one, because a server (or a proxy) may
+   register a stream lazily, and a stream that is not live yet would count its first events as lost.
+4. Measure: publish --msgs "b" events at --rate over --pub-conns connections to the first URL, then wait up to
+   --drain seconds for every stream to receive every one of them.
+5. Stop the workers, merge their histograms and counts, and print one JSON line.
+
+Every payload is "<kind>:<seq>:<CLOCK_MONOTONIC ns at send>:<publisher connection>:" padded with "x" to --size
+bytes. Subscribers run on the same machine as the publisher and read the same clock, so publish-to-receive latency
+needs no clock sync. Run it on the machine the daemon is on, or any machine that reaches it; point it at nginx to
+include the proxy hop.
+
+Deliberate choices, so nobody "fixes" them:
+- Subscribers live in worker processes, not threads: parsing hundreds of thousands of events per second takes
+  more than the one core a GIL allows. Publishers are threads: they mostly wait for the server's replies.
+- A sequence number is counted once per stream; a second copy is a duplicate, not a delivery. Reordering is
+  judged per publisher connection only: the connections race each other, so their events may interleave in any
+  order, but the events of one keep-alive connection are published one after another and must arrive so.
+- The bench polls the workers' shared counters (every 10-50 ms) instead of waiting for messages from them: a
+  worker only ever writes its own slots and never waits for the bench.
 """
 
 import argparse
 import ctypes
+import itertools
 import json
 import math
 import multiprocessing
@@ -22,13 +44,34 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import IntEnum
 from urllib.parse import urlsplit
 
-_BUCKETS_PER_DOUBLING = 64  # ~1.1% latency resolution
+DEFAULT_URL = "http://127.0.0.1:5000"
+# The payload kinds: warm-up events make a stream count as live; only measured events count for latency.
+WARM_UP = b"w"
+MEASURED = b"b"
+
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # How long the first connection to each URL may take: an address where nothing listens must be reported at once,
 # not after --connect-timeout (which is for thousands of streams queueing at a busy server).
 _PROBE_TIMEOUT = 3.0
+# A publish the server has not answered in this long is an error (and a new connection), not a slow run.
+_PUBLISH_TIMEOUT = 30
+_RECV_BYTES = 262144  # one recv() per ready stream; large enough to take a whole burst of batched events
+# How long the bench waits for the workers' reports, and then for each to exit, once they are told to stop.
+_REPORT_TIMEOUT = 60
+_JOIN_TIMEOUT = 10
+
+
+# -- the latency histogram ---------------------------------------------------------------------------------------------
+# Log-scale buckets: constant relative resolution from microseconds to minutes, and a histogram is a small dict of
+# non-empty buckets, so each worker keeps its own and the bench merges them at the end.
+
+_BUCKETS_PER_DOUBLING = 64  # ~1.1% latency resolution
+Histogram = dict[int, int]  # bucket -> how many deliveries fell into it
 
 
 def bucket_of(microseconds: float) -> int:
@@ -36,10 +79,12 @@ def bucket_of(microseconds: float) -> int:
 
 
 def value_of(bucket: int) -> float:
+    """The bucket's middle, in microseconds."""
     return 0.0 if bucket == 0 else 2 ** ((bucket - 0.5) / _BUCKETS_PER_DOUBLING)
 
 
-def percentile(histogram: dict[int, int], fraction: float) -> float | None:
+def percentile(histogram: Histogram, fraction: float) -> float | None:
+    """The value of the smallest bucket at or below which `fraction` of the deliveries fall; None when empty."""
     total = sum(histogram.values())
     if not total:
         return None
@@ -52,28 +97,210 @@ def percentile(histogram: dict[int, int], fraction: float) -> float | None:
     return None
 
 
+def merge(histograms: Iterable[Histogram]) -> Histogram:
+    merged: Histogram = {}
+    for histogram in histograms:
+        for bucket, count in histogram.items():
+            merged[bucket] = merged.get(bucket, 0) + count
+    return merged
+
+
+# -- where to connect --------------------------------------------------------------------------------------------------
+
 class Target:
+    """One server or proxy URL, and the requests the bench sends it, built once."""
+
     def __init__(self, url: str, subscribe_path: str, publish_path: str, token: str | None):
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"--url must look like http://HOST:PORT, not {url!r}")
+        self.url = url
         self.host = parts.hostname
         self.port = parts.port or 80
-        self.prefix = parts.path.rstrip("/")
-        self.subscribe_path = self.prefix + subscribe_path
-        self.publish_path = self.prefix + publish_path
-        self.auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        prefix = parts.path.rstrip("/")
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        self.subscribe_request = (f"GET {prefix}{subscribe_path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                                  f"Accept: text/event-stream\r\n{auth}\r\n").encode()
+        self._publish_head = (f"POST {prefix}{publish_path} HTTP/1.1\r\nHost: {self.host}\r\n"
+                              f"Content-Type: text/plain\r\n{auth}").encode()
+
+    def publish_request(self, body: bytes) -> bytes:
+        return self._publish_head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    def probe(self) -> None:
+        """Connect once, so that a URL where nothing listens fails the run within seconds, with one clear line."""
+        try:
+            socket.create_connection((self.host, self.port), timeout=_PROBE_TIMEOUT).close()
+        except OSError as exc:
+            raise ConnectionError(f"cannot connect to {self.url}: {exc.strerror or exc}") from None
 
 
-def probe(target: Target, url: str) -> None:
-    """Connect once, so that a URL where nothing listens fails the run within seconds, with one clear line."""
-    try:
-        socket.create_connection((target.host, target.port), timeout=_PROBE_TIMEOUT).close()
-    except OSError as exc:
-        raise ConnectionError(f"cannot connect to {url}: {exc.strerror or exc}") from None
+# -- what the bench and its workers share ------------------------------------------------------------------------------
+
+class Phase(IntEnum):
+    """Where the run is, set by the bench in a shared Value and read by every worker."""
+    CONNECT = 0  # open streams, then warm up: events are counted, but no CPU time is
+    MEASURE = 1  # the workers' CPU time counts from here (client_worker_cpu_util_max)
+    STOP = 2  # report and exit
 
 
-# -- subscriber workers (separate processes) ------------------------------------------------------------------
+class Progress:
+    """How far each subscriber worker has got, in shared memory: one slot per worker in each counter. A slot is
+    written only by its own worker, so no update is lost; the bench polls the totals."""
+
+    def __init__(self, context, workers: int):
+        self.streaming = context.Array("q", workers)  # streams whose 200 response head has arrived
+        self.warm = context.Array("q", workers)  # streams that have received any bench event
+        self.delivered = context.Array("q", workers)  # measured events received, duplicates not counted
+
+    def total_streaming(self) -> int:
+        return sum(self.streaming[:])
+
+    def total_warm(self) -> int:
+        return sum(self.warm[:])
+
+    def total_delivered(self) -> int:
+        return sum(self.delivered[:])
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What one worker is asked to do."""
+    index: int
+    streams: int
+    targets: list[Target]
+    connect_timeout: float
+    parent_pid: int
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """What one worker sends back when told to stop."""
+    histogram: Histogram
+    delivered: int
+    duplicates: int
+    reordered: int
+    ended: int  # streams that ended early: refused, closed by the server, or failed
+    cpu_seconds: float  # spent while measuring
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """`total` as `parts` shares that differ by at most one, the larger first."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+# -- a subscriber worker (a separate process) --------------------------------------------------------------------------
+
+class Tally:
+    """One worker's counts. The three the bench waits on are also written to the worker's slots in Progress as
+    they change; the rest travel in its WorkerReport at the end."""
+
+    __slots__ = ("_progress", "_worker", "streaming", "warm", "delivered", "duplicates", "reordered", "ended",
+                 "histogram")
+
+    def __init__(self, progress: Progress, worker: int):
+        self._progress = progress
+        self._worker = worker
+        self.streaming = self.warm = self.delivered = 0
+        self.duplicates = self.reordered = self.ended = 0
+        self.histogram: Histogram = {}
+
+    def add_streaming(self) -> None:
+        self.streaming += 1
+        self._progress.streaming[self._worker] = self.streaming
+
+    def add_warm(self) -> None:
+        self.warm += 1
+        self._progress.warm[self._worker] = self.warm
+
+    def add_delivered(self, count: int) -> None:
+        self.delivered += count
+        self._progress.delivered[self._worker] = self.delivered
+
+    def report(self, cpu_seconds: float) -> WorkerReport:
+        return WorkerReport(self.histogram, self.delivered, self.duplicates, self.reordered, self.ended, cpu_seconds)
+
+
+class Stream:
+    """One subscriber stream in a worker: its socket, the bytes not parsed yet, and what it has received."""
+
+    __slots__ = ("sock", "pending", "streaming", "warm", "seen", "last_seq")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.pending = b""  # a response head or an event line cut by recv(), until the rest arrives
+        self.streaming = False  # its 200 response head has arrived
+        self.warm = False  # it has received a bench event (of either kind)
+        self.seen: set[int] = set()  # the measured seqs received, to tell duplicates
+        self.last_seq: dict[bytes, int] = {}  # publisher connection -> the last seq received from it
+
+    def receive(self, chunk: bytes, now_ns: int, tally: Tally) -> bool:
+        """Count what `chunk`, read at `now_ns`, completes. False when the server refused the stream (a status
+        other than 200): the caller closes it."""
+        data = self.pending + chunk
+        if not self.streaming:
+            head_end = data.find(b"\r\n\r\n")
+            if head_end < 0:
+                self.pending = data
+                return True
+            if not data.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
+                return False
+            self.streaming = True
+            tally.add_streaming()
+            data = data[head_end + 4:]
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            self.pending = data
+            return True
+        self.pending = data[cut + 1:]
+        self._count_events(data[:cut].split(b"\n"), now_ns, tally)
+        return True
+
+    def _count_events(self, lines: list[bytes], now_ns: int, tally: Tally) -> None:
+        # The hot loop of the whole bench (once per event per stream): plain locals, one shared-counter write per
+        # chunk, not per event.
+        histogram = tally.histogram
+        delivered = 0
+        for line in lines:
+            if not line.startswith(b"data: "):
+                continue  # id:, event:, retry:, heartbeats and blank lines carry nothing to count
+            fields = line[6:].split(b":", 3)
+            if len(fields) < 3:
+                continue  # not a bench payload
+            if not self.warm:
+                self.warm = True
+                tally.add_warm()
+            if fields[0] != MEASURED:
+                continue
+            seq, sent_ns = int(fields[1]), int(fields[2])
+            if seq in self.seen:
+                tally.duplicates += 1
+                continue
+            self.seen.add(seq)
+            connection = fields[3][:2] if len(fields) > 3 else b""  # the publisher connection's two digits
+            if seq < self.last_seq.get(connection, -1):
+                tally.reordered += 1
+            self.last_seq[connection] = seq
+            delivered += 1
+            bucket = bucket_of((now_ns - sent_ns) / 1000)
+            histogram[bucket] = histogram.get(bucket, 0) + 1
+        if delivered:
+            tally.add_delivered(delivered)
+
+
+def subscriber_worker(plan: WorkerPlan, phase, progress: Progress, reports) -> None:
+    """A worker process: open the plan's streams, count every event until the bench says stop, then report."""
+    die_with_parent(plan.parent_pid)
+    tally = Tally(progress, plan.index)
+    selector = selectors.DefaultSelector()
+    streams = open_streams(plan)
+    for stream in streams:
+        selector.register(stream.sock, selectors.EVENT_READ, stream)
+    cpu_seconds = read_until_stopped(selector, phase, tally, plan.parent_pid)
+    reports.put(tally.report(cpu_seconds))
+    for stream in streams:
+        stream.sock.close()
+
 
 def die_with_parent(parent_pid: int) -> None:
     """Make this worker die with the bench: a killed bench (SIGTERM, SIGKILL) runs no cleanup of its own, and
@@ -91,137 +318,123 @@ def orphaned(parent_pid: int) -> bool:
     return os.getppid() != parent_pid
 
 
-def subscriber_worker(targets: list[Target], count: int, connect_timeout: float, phase, counters, results,
-                      index: int, parent_pid: int):
-    """Open `count` streams (spread over `targets`, round robin), count every event, and report a histogram
-    when told to stop. counters[index*3 + 0/1/2]: streams with headers, streams that got any event, measured
-    deliveries."""
-    die_with_parent(parent_pid)
-    selector = selectors.DefaultSelector()
-    streams = {}
-    deadline = time.monotonic() + connect_timeout
-    for number in range(count):
-        target = targets[(number + index) % len(targets)]
-        request = (f"GET {target.subscribe_path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
-                   f"Accept: text/event-stream\r\n{target.auth}\r\n").encode()
-        while True:
-            try:
-                sock = socket.create_connection((target.host, target.port), timeout=max(0.1, deadline - time.monotonic()))
-                break
-            except OSError:
-                if time.monotonic() > deadline or orphaned(parent_pid):
-                    sock = None
-                    break
-                time.sleep(0.05)  # back off before retrying a refused connect (listen queue full)
+def open_streams(plan: WorkerPlan) -> list[Stream]:
+    """Open the plan's streams one after another, each request sent, until all are open or the connect timeout
+    runs out; the streams that did open are measured (subs_connected says how many)."""
+    deadline = time.monotonic() + plan.connect_timeout
+    streams = []
+    for number in range(plan.streams):
+        # Round robin over the URLs, starting at the worker's index, so that workers with few streams each still
+        # spread over every URL.
+        target = plan.targets[(number + plan.index) % len(plan.targets)]
+        sock = connect_by(target, deadline, plan.parent_pid)
         if sock is None:
             break
-        sock.sendall(request)
+        sock.sendall(target.subscribe_request)
         sock.setblocking(False)
-        state = {"buf": b"", "headers": False, "warm": False, "last": {}, "seen": set()}
-        streams[sock] = state
-        selector.register(sock, selectors.EVENT_READ, state)
-    histogram: dict[int, int] = {}
-    delivered = dups = reordered = ended = 0
+        streams.append(Stream(sock))
+    return streams
+
+
+def connect_by(target: Target, deadline: float, parent_pid: int) -> socket.socket | None:
+    """Connect, retrying until `deadline`: thousands of streams opening at once overflow a server's listen queue,
+    and that is load to wait out, not an error. None when time ran out (or the bench died)."""
+    while True:
+        try:
+            return socket.create_connection((target.host, target.port), timeout=max(0.1, deadline - time.monotonic()))
+        except OSError:
+            if time.monotonic() > deadline or orphaned(parent_pid):
+                return None
+            time.sleep(0.05)  # back off before retrying a refused connect (listen queue full)
+
+
+def read_until_stopped(selector: selectors.BaseSelector, phase, tally: Tally, parent_pid: int) -> float:
+    """Read every stream and count its events until the bench sets Phase.STOP. Returns the CPU seconds spent
+    from Phase.MEASURE on."""
     cpu_at_measure = None
-    base = index * 3
-    while phase.value < 3:
+    while phase.value < Phase.STOP:
         if orphaned(parent_pid):
             os._exit(1)
-        if phase.value == 2 and cpu_at_measure is None:
+        if cpu_at_measure is None and phase.value == Phase.MEASURE:
             cpu_at_measure = time.process_time()
-        for key, _ in selector.select(0.05):
-            sock, state = key.fileobj, key.data
+        for key, _ in selector.select(0.05):  # the timeout bounds how late a phase change is noticed
+            stream = key.data
             try:
-                chunk = sock.recv(262144)
+                chunk = stream.sock.recv(_RECV_BYTES)
             except BlockingIOError:
                 continue
             except OSError:
                 chunk = b""
-            if not chunk:
-                selector.unregister(sock)
-                sock.close()
-                ended += 1
-                continue
-            now = time.monotonic_ns()
-            data = state["buf"] + chunk
-            if not state["headers"]:
-                head_end = data.find(b"\r\n\r\n")
-                if head_end < 0:
-                    state["buf"] = data
-                    continue
-                if not data.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
-                    selector.unregister(sock)
-                    sock.close()
-                    ended += 1
-                    continue
-                state["headers"] = True
-                with counters.get_lock():
-                    counters[base] += 1
-                data = data[head_end + 4:]
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                state["buf"] = data
-                continue
-            state["buf"] = data[cut + 1:]
-            for line in data[:cut].split(b"\n"):
-                if not line.startswith(b"data: "):
-                    continue
-                fields = line[6:].split(b":", 3)
-                if len(fields) < 3:
-                    continue
-                if not state["warm"]:
-                    state["warm"] = True
-                    with counters.get_lock():
-                        counters[base + 1] += 1
-                if fields[0] != b"b":
-                    continue
-                seq, sent_ns = int(fields[1]), int(fields[2])
-                if seq in state["seen"]:
-                    dups += 1
-                    continue
-                state["seen"].add(seq)
-                connection = fields[3][:2] if len(fields) > 3 else b""
-                if seq < state["last"].get(connection, -1):
-                    reordered += 1
-                state["last"][connection] = seq
-                delivered += 1
-                bucket = bucket_of((now - sent_ns) / 1000)
-                histogram[bucket] = histogram.get(bucket, 0) + 1
-            with counters.get_lock():
-                counters[base + 2] = delivered
-    cpu = time.process_time() - (cpu_at_measure or time.process_time())
-    results.put({"index": index, "histogram": histogram, "delivered": delivered, "dups": dups,
-                 "reordered": reordered, "ended": ended, "cpu": cpu})
-    for sock in list(streams):
-        sock.close()
+            if not chunk or not stream.receive(chunk, time.monotonic_ns(), tally):
+                selector.unregister(stream.sock)
+                stream.sock.close()
+                tally.ended += 1
+    return time.process_time() - (cpu_at_measure or time.process_time())
 
 
-# -- the publisher (threads in the main process) --------------------------------------------------------------
+# -- the bench's side of the workers -----------------------------------------------------------------------------------
 
-class Publisher:
-    def __init__(self, target: Target, connections: int, size: int):
+class Workers:
+    """The subscriber worker processes, seen from the bench: started at once; their progress; the phase they are
+    told; their reports."""
+
+    def __init__(self, targets: list[Target], subscribers: int, procs: int, connect_timeout: float):
+        count = max(1, min(procs, subscribers)) if subscribers else 0
+        # Forked, so that each worker inherits the targets and the shared memory as they are.
+        context = multiprocessing.get_context("fork")
+        self._phase = context.Value("i", Phase.CONNECT)
+        self.progress = Progress(context, count)
+        self._reports = context.Queue()
+        parent_pid = os.getpid()
+        self._processes = [
+            context.Process(target=subscriber_worker, daemon=True,
+                            args=(WorkerPlan(index, streams, targets, connect_timeout, parent_pid), self._phase,
+                                  self.progress, self._reports))
+            for index, streams in enumerate(split_evenly(subscribers, count))]
+        for process in self._processes:
+            process.start()
+
+    def start_measuring(self) -> None:
+        self._phase.value = Phase.MEASURE
+
+    def stop(self) -> list[WorkerReport]:
+        self._phase.value = Phase.STOP
+        reports = [self._reports.get(timeout=_REPORT_TIMEOUT) for _ in self._processes]
+        for process in self._processes:
+            process.join(_JOIN_TIMEOUT)
+        return reports
+
+
+def poll_until(done: Callable[[], bool], deadline: float, interval: float) -> None:
+    """Wait until `done()` or `deadline`, whichever comes first. The counters it reads are written by other
+    processes, so there is nothing to wait on but time."""
+    while not done() and time.monotonic() < deadline:
+        time.sleep(interval)
+
+
+# -- the publisher (threads in the bench process) ----------------------------------------------------------------------
+
+def payload(kind: bytes, seq: int, connection: int, size: int) -> bytes:
+    """A bench event's data, stamped with the monotonic clock now, padded to `size` bytes (never cut)."""
+    body = b"%s:%d:%d:%02d:" % (kind, seq, time.monotonic_ns(), connection)
+    return body + b"x" * max(0, size - len(body))
+
+
+class Connection:
+    """One keep-alive publisher connection: a POST, then the whole response, so the next POST can follow."""
+
+    def __init__(self, target: Target):
         self.target = target
-        self.connections = connections
-        self.size = size
-        self.lock = threading.Lock()
-        self.next_seq = 0
-        self.ok = self.errors = 0
-        self.first_send = self.last_reply = 0
-        self.max_lag_ns = 0
+        self.sock = socket.create_connection((target.host, target.port), timeout=_PUBLISH_TIMEOUT)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buffer = bytearray()  # received, not yet consumed
 
-    def _payload(self, kind: str, seq: int, connection: int) -> bytes:
-        body = f"{kind}:{seq}:{time.monotonic_ns()}:{connection:02d}:".encode()
-        return body + b"x" * max(0, self.size - len(body))
-
-    def _post(self, sock, buffer: bytearray, body: bytes) -> int:
-        sock.sendall(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: text/plain\r\n%sContent-Length: %d\r\n\r\n%s"
-                     % (self.target.publish_path.encode(), self.target.host.encode(), self.target.auth.encode(),
-                        len(body), body))
+    def post(self, body: bytes) -> int:
+        """Publish `body`; returns the response's status code."""
+        sock, buffer = self.sock, self._buffer
+        sock.sendall(self.target.publish_request(body))
         while b"\r\n\r\n" not in buffer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("publisher connection closed")
-            buffer += chunk
+            buffer += self._recv()
         head_end = buffer.find(b"\r\n\r\n") + 4
         status = int(buffer[9:12])
         length = 0
@@ -229,65 +442,106 @@ class Publisher:
             if line.lower().startswith(b"content-length:"):
                 length = int(line.split(b":")[1])
         while len(buffer) < head_end + length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("publisher connection closed")
-            buffer += chunk
+            buffer += self._recv()
         del buffer[:head_end + length]
         return status
 
-    def connect(self):
-        sock = socket.create_connection((self.target.host, self.target.port), timeout=30)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("publisher connection closed")
+        return chunk
 
-    def warm(self, sock, buffer, seq):
-        return self._post(sock, buffer, self._payload("w", seq, 0))
+    def close(self) -> None:
+        self.sock.close()
 
-    def run(self, messages: int, rate: float, duration: float):
-        start = time.monotonic_ns()
-        self.first_send = start
-        stop_at = start + int(duration * 1e9)
-        threads = [threading.Thread(target=self._loop, args=(i, messages, rate, start, stop_at), daemon=True)
-                   for i in range(self.connections)]
+
+@dataclass(frozen=True)
+class Schedule:
+    """When each measured event is due: seq × interval after the start (interval 0: as fast as possible)."""
+    messages: int
+    start_ns: int
+    interval_ns: float
+    stop_ns: int  # --duration: no event is sent after this
+
+    def due_ns(self, seq: int) -> int:
+        return self.start_ns + int(seq * self.interval_ns)
+
+
+class Publisher:
+    """Publishes the measured events over `connections` keep-alive connections, a thread each. The threads take
+    sequence numbers from one counter and keep one schedule, so together they publish at the rate asked for.
+    Its counts are read after run() returns."""
+
+    def __init__(self, target: Target, connections: int, size: int):
+        self.target = target
+        self.connections = connections
+        self.size = size
+        # Sequence numbers: next() on an itertools.count is atomic under the GIL, so threads need no lock for it.
+        self._seqs = itertools.count()
+        self._lock = threading.Lock()  # every connection's thread writes what follows
+        self.ok = 0  # publishes answered 2xx
+        self.errors = 0  # publishes answered otherwise, or lost with their connection
+        self.start_ns = 0  # the schedule's start
+        self.last_reply_ns = 0
+        self.max_lag_ns = 0  # how late, at worst, an event was sent against its schedule
+
+    def run(self, messages: int, rate: float, duration: float) -> None:
+        start_ns = time.monotonic_ns()
+        self.start_ns = start_ns
+        schedule = Schedule(messages, start_ns, 1e9 / rate if rate > 0 else 0, start_ns + int(duration * 1e9))
+        threads = [threading.Thread(target=self._publish, args=(number, schedule), daemon=True,
+                                    name=f"bench-publisher-{number}")
+                   for number in range(self.connections)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
 
-    def _loop(self, connection: int, messages: int, rate: float, start: int, stop_at: int):
-        sock, buffer = self.connect(), bytearray()
-        interval = 1e9 / rate if rate > 0 else 0
-        while True:
-            with self.lock:
-                seq = self.next_seq
-                if seq >= messages:
-                    break
-                self.next_seq += 1
-            if interval:
-                due = start + int(seq * interval)
-                wait = due - time.monotonic_ns()
-                if wait > 0:
-                    time.sleep(wait / 1e9)  # pacing the schedule, not synchronising
-                else:
-                    self.max_lag_ns = max(self.max_lag_ns, -wait)
-            if time.monotonic_ns() > stop_at:
+    def _publish(self, number: int, schedule: Schedule) -> None:
+        connection = Connection(self.target)
+        while (seq := next(self._seqs)) < schedule.messages:
+            if schedule.interval_ns:  # paced (--rate)
+                self._wait_for_turn(seq, schedule)
+            if time.monotonic_ns() > schedule.stop_ns:
                 break
             try:
-                status = self._post(sock, buffer, self._payload("b", seq, connection))
+                status = connection.post(payload(MEASURED, seq, number, self.size))
             except OSError:
-                with self.lock:
+                with self._lock:
                     self.errors += 1
-                sock.close()
-                sock, buffer = self.connect(), bytearray()
+                connection.close()
+                connection = Connection(self.target)
                 continue
-            with self.lock:
+            with self._lock:
                 if 200 <= status < 300:
                     self.ok += 1
                 else:
                     self.errors += 1
-                self.last_reply = time.monotonic_ns()
-        sock.close()
+                self.last_reply_ns = time.monotonic_ns()
+        connection.close()
+
+    def _wait_for_turn(self, seq: int, schedule: Schedule) -> None:
+        wait = schedule.due_ns(seq) - time.monotonic_ns()
+        if wait > 0:
+            time.sleep(wait / 1e9)  # pacing the schedule, not synchronising
+        else:
+            with self._lock:
+                self.max_lag_ns = max(self.max_lag_ns, -wait)
+
+
+def warm_up(target: Target, size: int, progress: Progress, connected: int, timeout: float) -> int:
+    """Publish warm-up events, one at a time, until every connected stream has received one or `timeout` runs out.
+    Returns how many streams are warm: the ones whose deliveries are expected."""
+    connection = Connection(target)
+    deadline = time.monotonic() + timeout
+    seq = 0
+    while progress.total_warm() < connected and time.monotonic() < deadline:
+        connection.post(payload(WARM_UP, seq, 0, size))
+        seq += 1
+        poll_until(lambda: progress.total_warm() >= connected, time.monotonic() + 0.2, 0.01)
+    connection.close()
+    return progress.total_warm()
 
 
 def machine_busy_seconds() -> float | None:
@@ -302,111 +556,130 @@ def machine_busy_seconds() -> float | None:
     return (sum(fields[:8]) - idle) / ticks
 
 
-# -- the run ------------------------------------------------------------------------------------------------
+# -- the measurement and its verdict -----------------------------------------------------------------------------------
 
-def run(args) -> dict:
-    urls = args.url or ["http://127.0.0.1:5000"]
-    targets = [Target(url, args.subscribe_path, args.publish_path, args.token) for url in urls]
-    target = targets[0]  # publishes go to the first URL; subscribers are spread over all of them
-    for url, each in zip(urls, targets):
-        probe(each, url)
-    procs = max(1, min(args.procs, args.subs)) if args.subs else 0
-    context = multiprocessing.get_context("fork")
-    phase = context.Value("i", 0)
-    counters = context.Array("q", max(1, procs) * 3)
-    results = context.Queue()
-    shares = [args.subs // procs + (1 if i < args.subs % procs else 0) for i in range(procs)]
-    me = os.getpid()
-    workers = [context.Process(target=subscriber_worker, daemon=True,
-                               args=(targets, share, args.connect_timeout, phase, counters, results, i, me))
-               for i, share in enumerate(shares)]
-    for worker in workers:
-        worker.start()
+@dataclass(frozen=True)
+class Window:
+    """The measured interval, as the bench process saw it (times are time.monotonic() seconds)."""
+    started: float  # publishing began
+    published: float  # every publisher thread had finished
+    ended: float  # every expected delivery had arrived, or --drain ran out
+    publisher_cpu: float  # CPU seconds of the bench process (the publisher threads and the polling)
+    machine_busy: float | None  # CPU seconds all cores spent busy; None where /proc/stat is missing
 
-    def total(offset):
-        return sum(counters[i * 3 + offset] for i in range(procs))
 
-    deadline = time.monotonic() + args.connect_timeout
-    while total(0) < args.subs and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling shared counters of other processes
-    connected = total(0)
-    # Warm-up: publish "w" events until every stream has received one (a server may register lazily).
-    publisher = Publisher(target, args.pub_conns, args.size)
-    sock, buffer = publisher.connect(), bytearray()
-    warm_deadline = time.monotonic() + args.connect_timeout
-    seq = 0
-    while total(1) < connected and time.monotonic() < warm_deadline:
-        publisher.warm(sock, buffer, seq)
-        seq += 1
-        wait_until = time.monotonic() + 0.2
-        while total(1) < connected and time.monotonic() < wait_until:
-            time.sleep(0.01)
-    sock.close()
-    ready = total(1)
-    phase.value = 2
+def measure(workers: Workers, publisher: Publisher, ready: int, args) -> Window:
+    """Publish the measured events, then wait up to --drain seconds for every ready stream to receive them."""
+    workers.start_measuring()
     cpu_before = time.process_time()
     busy_before = machine_busy_seconds()
-    wall_start = time.monotonic()
+    started = time.monotonic()
     publisher.run(args.msgs, args.rate, args.duration)
-    publish_end = time.monotonic()
+    published = time.monotonic()
     expected = ready * publisher.ok
-    drain_deadline = publish_end + args.drain
-    while total(2) < expected and time.monotonic() < drain_deadline:
-        time.sleep(0.01)
-    last_delivery = time.monotonic()
+    poll_until(lambda: workers.progress.total_delivered() >= expected, published + args.drain, 0.01)
+    ended = time.monotonic()
     publisher_cpu = time.process_time() - cpu_before
     busy_after = machine_busy_seconds()
-    phase.value = 3
-    reports = [results.get(timeout=60) for _ in workers]
-    for worker in workers:
-        worker.join(10)
-    histogram: dict[int, int] = {}
-    for report in reports:
-        for bucket, n in report["histogram"].items():
-            histogram[bucket] = histogram.get(bucket, 0) + n
-    delivered = sum(r["delivered"] for r in reports)
-    measure_wall = max(1e-9, last_delivery - wall_start)
-    publish_span = max(1e-9, (publisher.last_reply - publisher.first_send) / 1e9)
-    worker_util = max((r["cpu"] / measure_wall for r in reports), default=0.0)
-    publisher_util = publisher_cpu / max(1e-9, publish_end - wall_start)
+    return Window(started, published, ended, publisher_cpu,
+                  None if busy_before is None else busy_after - busy_before)
+
+
+def behind_schedule(rate: float, msgs: int, duration: float, achieved: float) -> bool:
+    """Whether a paced run (--rate) published more than 5% slower than asked: the pace is --rate, or less when
+    --msgs over --duration asks for less."""
+    return rate > 0 and achieved < 0.95 * min(rate, msgs / max(duration, 1e-9))
+
+
+@dataclass(frozen=True)
+class ClientLoad:
+    """How hard the client itself worked over the measured window, as fractions."""
+    worker_util: float  # the busiest worker's CPU time over the window
+    publisher_util: float  # the bench process's CPU time over its publishing time
+    behind_schedule: bool
+    machine_util: float | None  # every core's busy time over (window × cores); None where unknown
+    client_share: float  # the client's CPU time over (window × cores)
+
+    def is_bottleneck(self) -> bool:
+        # The client is the bottleneck when one of its processes ran flat out; when a paced publisher fell behind
+        # its schedule while busy; or when the machine had no idle CPU left and the client took a large part of it
+        # (then the server, on the same machine, was starved).
+        return (self.worker_util > 0.85 or self.publisher_util > 0.85
+                or (self.behind_schedule and self.publisher_util > 0.6)
+                or (self.machine_util is not None and self.machine_util > 0.9 and self.client_share > 0.3))
+
+
+def milliseconds(microseconds: float | None) -> float | None:
+    return None if microseconds is None else round(microseconds / 1000, 3)
+
+
+def summarize(args, urls: list[str], connected: int, ready: int, publisher: Publisher, window: Window,
+              reports: list[WorkerReport]) -> dict:
+    """The JSON line: its keys and their meaning are a published interface (README), keep them."""
+    histogram = merge(report.histogram for report in reports)
+    delivered = sum(report.delivered for report in reports)
+    expected = ready * publisher.ok
+    measure_wall = max(1e-9, window.ended - window.started)
+    publish_span = max(1e-9, (publisher.last_reply_ns - publisher.start_ns) / 1e9)
     achieved = publisher.ok / publish_span if publisher.ok else 0.0
-    behind_schedule = args.rate > 0 and achieved < 0.95 * min(args.rate, args.msgs / max(args.duration, 1e-9))
     cores = os.cpu_count() or 1
-    client_cpu = publisher_cpu + sum(r["cpu"] for r in reports)
-    machine_util = None if busy_before is None else (busy_after - busy_before) / (measure_wall * cores)
-    client_share = client_cpu / (measure_wall * cores)
-    # The client is the bottleneck when one of its processes ran flat out, or when the machine had no idle CPU
-    # left and the client took a large part of it (then the server, on the same machine, was starved).
-    bottleneck = (worker_util > 0.85 or publisher_util > 0.85 or bool(behind_schedule and publisher_util > 0.6)
-                  or (machine_util is not None and machine_util > 0.9 and client_share > 0.3))
-
-    def ms(value):
-        return None if value is None else round(value / 1000, 3)
-
+    client_cpu = window.publisher_cpu + sum(report.cpu_seconds for report in reports)
+    load = ClientLoad(
+        worker_util=max((report.cpu_seconds / measure_wall for report in reports), default=0.0),
+        publisher_util=window.publisher_cpu / max(1e-9, window.published - window.started),
+        behind_schedule=behind_schedule(args.rate, args.msgs, args.duration, achieved),
+        machine_util=None if window.machine_busy is None else window.machine_busy / (measure_wall * cores),
+        client_share=client_cpu / (measure_wall * cores))
     return {
         "url": urls[0] if len(urls) == 1 else urls, "subs": args.subs, "subs_connected": connected, "subs_ready": ready,
         "msgs": args.msgs, "rate": args.rate, "pub_conns": args.pub_conns, "size": args.size,
         "published": publisher.ok, "publish_errors": publisher.errors,
         "expected": expected, "delivered": delivered, "lost": expected - delivered,
-        "duplicates": sum(r["dups"] for r in reports), "reordered": sum(r["reordered"] for r in reports),
-        "streams_ended": sum(r["ended"] for r in reports),
-        "p50_ms": ms(percentile(histogram, 0.50)), "p90_ms": ms(percentile(histogram, 0.90)),
-        "p99_ms": ms(percentile(histogram, 0.99)), "max_ms": ms(value_of(max(histogram)) if histogram else None),
+        "duplicates": sum(report.duplicates for report in reports),
+        "reordered": sum(report.reordered for report in reports),
+        "streams_ended": sum(report.ended for report in reports),
+        "p50_ms": milliseconds(percentile(histogram, 0.50)), "p90_ms": milliseconds(percentile(histogram, 0.90)),
+        "p99_ms": milliseconds(percentile(histogram, 0.99)),
+        "max_ms": milliseconds(value_of(max(histogram)) if histogram else None),
         "publishes_per_s": round(achieved, 1), "deliveries_per_s": round(delivered / measure_wall, 1),
         "publisher_max_lag_ms": round(publisher.max_lag_ns / 1e6, 3),
-        "client_worker_cpu_util_max": round(worker_util, 3), "client_publisher_cpu_util": round(publisher_util, 3),
-        "client_cpu_share": round(client_share, 3),
-        "machine_cpu_util": None if machine_util is None else round(machine_util, 3),
+        "client_worker_cpu_util_max": round(load.worker_util, 3),
+        "client_publisher_cpu_util": round(load.publisher_util, 3),
+        "client_cpu_share": round(load.client_share, 3),
+        "machine_cpu_util": None if load.machine_util is None else round(load.machine_util, 3),
         # True means the numbers measure this client, not the server: add --procs, lower the load, or run the
         # client on another machine.
-        "client_bottleneck": bottleneck,
+        "client_bottleneck": load.is_bottleneck(),
     }
+
+
+# -- the run -----------------------------------------------------------------------------------------------------------
+
+def run(args) -> dict:
+    urls = args.url or [DEFAULT_URL]
+    targets = [Target(url, args.subscribe_path, args.publish_path, args.token) for url in urls]
+    for target in targets:
+        target.probe()
+    workers = Workers(targets, args.subs, args.procs, args.connect_timeout)
+    connect_deadline = time.monotonic() + args.connect_timeout
+    poll_until(lambda: workers.progress.total_streaming() >= args.subs, connect_deadline, 0.05)
+    connected = workers.progress.total_streaming()
+    # Publishes go to the first URL; subscribers are spread over all of them.
+    ready = warm_up(targets[0], args.size, workers.progress, connected, args.connect_timeout)
+    publisher = Publisher(targets[0], args.pub_conns, args.size)
+    window = measure(workers, publisher, ready, args)
+    reports = workers.stop()
+    return summarize(args, urls, connected, ready, publisher, window, reports)
+
+
+# Options that must be at least this much; argparse checks only their type.
+_MINIMUMS = {"subs": 0, "msgs": 0, "pub_conns": 1, "procs": 1}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python3 -m sseserver.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", action="append",
-                        help="base URL of the server or proxy (default http://127.0.0.1:5000). Repeat it for a "
+                        help=f"base URL of the server or proxy (default {DEFAULT_URL}). Repeat it for a "
                              "cluster: subscribers are spread over every URL, publishes go to the first")
     parser.add_argument("--subscribe-path", default="/subscribe")
     parser.add_argument("--publish-path", default="/publish")
@@ -426,14 +699,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("subs", "msgs", "pub_conns", "procs"):
-        if getattr(args, name) < (1 if name in ("pub_conns", "procs") else 0):
+    for name, minimum in _MINIMUMS.items():
+        if getattr(args, name) < minimum:
             parser.exit(2, f"bench: --{name.replace('_', '-')} is too small\n")
     try:
         result = run(args)
-    except (ValueError, OSError) as exc:
+    except ValueError as exc:  # a bad --url (or a response that is not HTTP)
         sys.stderr.write(f"bench: {exc}\n")
-        return 1 if isinstance(exc, OSError) else 2
+        return 2
+    except OSError as exc:  # a server that cannot be reached, or a connection lost
+        sys.stderr.write(f"bench: {exc}\n")
+        return 1
     print(json.dumps(result))
     return 0
 
