@@ -8,10 +8,12 @@ the history is on disk.
 
 The format (all integers big-endian):
     file   = MAGIC record*
-    record = length:u32 crc32:u32 payload          crc32 over the payload
+    record = length:u32 length_crc:u32 crc32:u32 payload    length_crc = crc32 of the 4 length bytes
     payload= id:u64 prev_id:u64 name_length:u8 name data       name and data UTF-8
 `prev_id` is the id just before this one in the sequence, so replay after a restart stays exact even for the
-oldest kept record. Files of the first format (MAGIC1, no prev_id) are read and rewritten in this one at start.
+oldest kept record. `length_crc` lets a damaged length be told from a record cut short: a crash can cut a record,
+but it cannot write a wrong length. Files of the first format (MAGIC1: `length crc32 id name_length name data`)
+are read and rewritten in this one at start.
 
 Guarantees, by `history_fsync`:
 - every mode: a record is written (os.write, no user-space buffer) before the publisher gets its 200, so a
@@ -29,17 +31,23 @@ more than ~2 GiB at once); a record that cannot be written whole is cut off agai
 record boundary. Compaction rewrites the newest events into `<file>.compact`, fsyncs it, renames it over the
 file and fsyncs the directory. Any failure before the rename (a full disk) leaves the old file in force and
 untouched, and compaction is retried with backoff. A crash before the rename leaves the old file whole (the
-leftover is deleted at the next start); a crash after it leaves the new file whole. A file deleted or replaced
-behind the daemon's back is noticed within a second and written anew from the retained events.
+leftover is deleted at the next start); a crash after it leaves the new file whole. 
 
 Recovery never depends on what publishers put in events: a crash can only leave a torn *last* record (appends
-are single writes at the end of the file), so damage is accepted as a torn tail exactly when it reaches the end
-of the file (a record cut short, one whose checksum fails and that ends at the end of the file, or only zero
-bytes left); damage followed by more data is corruption and stops the start.
+are single writes at the end of the file), so damage is accepted as a torn tail exactly when it is what a cut
+write leaves: a header cut short, a whole header (its length checked) whose record runs past the end of the file,
+a last record whose checksum fails, or only zero bytes. Anything else (a damaged length, damage followed by more
+data) is corruption and stops the start.
+
+The file is locked (flock) while a daemon has it open: a second daemon pointed at the same file refuses to start
+instead of interleaving records. A file deleted, replaced or truncated behind the daemon's back (logrotate's
+copytruncate) is noticed within a second and written anew from the retained events.
 """
 
 import contextlib
+import enum
 import errno
+import fcntl
 import logging
 import os
 import struct
@@ -53,7 +61,9 @@ log = logging.getLogger("sseserver.history")
 
 MAGIC = b"SSEHIST2\n"
 MAGIC1 = b"SSEHIST1\n"  # the first format: payload = id:u64 name_length:u8 name data
-_HEADER = struct.Struct(">II")
+_HEADER = struct.Struct(">III")  # length, crc32 of the length bytes, crc32 of the payload
+_HEADER1 = struct.Struct(">II")  # the first format: length, crc32 of the payload
+_LENGTH = struct.Struct(">I")
 _IDS = struct.Struct(">QQB")
 _ID1 = struct.Struct(">QB")
 MAX_RECORD = 64 * 1024 * 1024 + 300
@@ -72,7 +82,7 @@ class StoredEvent:
 def encode_record(event_id: int, prev_id: int, name: str, data: str) -> bytes:
     name_bytes = name.encode("utf-8")
     payload = _IDS.pack(event_id, prev_id, len(name_bytes)) + name_bytes + data.encode("utf-8")
-    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+    return _HEADER.pack(len(payload), zlib.crc32(_LENGTH.pack(len(payload))), zlib.crc32(payload)) + payload
 
 
 def encode_records(events) -> bytes:
@@ -83,21 +93,21 @@ def decode_records(blob: bytes, path: str) -> tuple[list[StoredEvent], int, str 
     """Parse a whole file. Returns (events, length of the valid prefix, why the tail was dropped or None).
     Raises ConfigError when the file is not ours or is damaged anywhere but at its very end."""
     if blob.startswith(MAGIC):
-        ids = _IDS
+        ids, header = _IDS, _HEADER
     elif blob.startswith(MAGIC1):
-        ids = _ID1
+        ids, header = _ID1, _HEADER1
     elif MAGIC.startswith(blob):
         return [], 0, "empty file"  # created, then crashed before the magic was complete
     else:
         raise ConfigError("history_file", f"{path} is not an sseserver history file")
     events, offset = [], len(MAGIC)
     while offset < len(blob):
-        problem, end = _damage(blob, offset, ids.size)
+        problem, torn, end = _damage(blob, offset, header, ids.size)
         if problem:
-            if end >= len(blob) or not blob.strip(b"\0")[offset:]:
+            if torn or not blob[offset:].strip(b"\0"):
                 return events, offset, f"{problem} at the end (offset {offset}), left by a crash"
             raise ConfigError("history_file", f"{path} is corrupt: {problem} at offset {offset} of {len(blob)}")
-        payload = blob[offset + _HEADER.size:end]
+        payload = blob[offset + header.size:end]
         if ids is _IDS:
             event_id, prev_id, name_length = ids.unpack_from(payload)
         else:
@@ -116,19 +126,25 @@ def decode_records(blob: bytes, path: str) -> tuple[list[StoredEvent], int, str 
     return events, offset, None
 
 
-def _damage(blob: bytes, offset: int, ids_size: int) -> tuple[str | None, int]:
-    """What is wrong with the record at `offset` (None if nothing), and where it claims to end."""
-    if len(blob) - offset < _HEADER.size:
-        return "a partial record header", len(blob)
-    length, crc = _HEADER.unpack_from(blob, offset)
-    end = offset + _HEADER.size + length
+def _damage(blob: bytes, offset: int, header: struct.Struct, ids_size: int) -> tuple[str | None, bool, int]:
+    """What is wrong with the record at `offset` (None if nothing), whether it is what a cut write leaves at the
+    end of a file (a torn tail), and where the record ends."""
+    if len(blob) - offset < header.size:
+        return "a partial record header", True, len(blob)
+    if header is _HEADER:
+        length, length_crc, crc = header.unpack_from(blob, offset)
+        if zlib.crc32(blob[offset:offset + _LENGTH.size]) != length_crc:
+            return "a damaged record length", False, len(blob)
+    else:
+        length, crc = header.unpack_from(blob, offset)
+    end = offset + header.size + length
     if length < ids_size or length > MAX_RECORD:
-        return "an impossible record length", end
+        return "an impossible record length", False, end
     if end > len(blob):
-        return "a partial record", end
-    if zlib.crc32(blob[offset + _HEADER.size:end]) != crc:
-        return "a record whose checksum does not match", end
-    return None, end
+        return "a partial record", True, end
+    if zlib.crc32(blob[offset + header.size:end]) != crc:
+        return "a record whose checksum does not match", end == len(blob), end
+    return None, False, end
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -140,6 +156,21 @@ def write_all(fd: int, data: bytes) -> None:
         if written <= 0:
             raise OSError(errno.ENOSPC, "no space left for the history file")
         view = view[written:]
+
+
+class FileState(enum.Enum):
+    """Where the file stands after a failure. Appends are refused in every state but OK.
+
+    OK --fsync fails--> FAILED --the failing publisher cuts the file back (discard_unsynced)--> CUT
+    CUT --an fsync succeeds (background)--> OK
+    FAILED/CUT --the cut itself fails, or a torn record cannot be cut--> REWRITE --a compaction succeeds--> OK
+    A compaction never runs in FAILED: the records after the last good fsync must first be cut (and their
+    publishers answered 503), or the rewrite would keep them."""
+
+    OK = "ok"
+    FAILED = "records after the last good fsync must be cut off"
+    CUT = "waiting for an fsync to succeed"
+    REWRITE = "the file must be rewritten from the retained events"
 
 
 class HistoryFile:
@@ -160,8 +191,8 @@ class HistoryFile:
         self._tail = (0, 0)
         self.synced = 0  # every ticket up to this one is on disk
         self._synced_size = 0  # the file's size at that fsync: where a failed fsync cuts the file back to
-        self._broken: str | None = None  # why appends are refused (a failed fsync, a record that would not cut)
-        self._needs_rewrite = False  # the file may hold records nobody acknowledged: rewrite it before appending
+        self._state = FileState.OK  # changed only under _sync_lock
+        self._why = ""  # the failure that left OK, for the log and the 503
         self._sync_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -183,6 +214,11 @@ class HistoryFile:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise ConfigError("history_file", f"cannot open {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError("history_file", f"{self.path} is in use by another sseserver process") from None
         try:
             blob = _read_all(fd)
             events, valid, dropped = decode_records(blob, self.path)
@@ -224,8 +260,8 @@ class HistoryFile:
     def append(self, event_id: int, prev_id: int, name: str, data: str) -> int:
         """Write one record (under the bouncer's lock). Returns a ticket for sync(). Raises OSError when the
         record could not be written whole: it is cut off again, and the caller must not acknowledge it."""
-        if self._broken:
-            raise OSError(errno.EIO, self._broken)
+        if self._state is not FileState.OK:
+            raise OSError(errno.EIO, f"{self._why} ({self._state.value})")
         record = encode_record(event_id, prev_id, name, data)
         try:
             write_all(self._fd, record)
@@ -233,9 +269,8 @@ class HistoryFile:
             try:
                 os.ftruncate(self._fd, self._size)  # the file must end on a record boundary
             except OSError as exc:
-                self._broken = f"a torn record could not be cut off: {exc.strerror or exc}"
-                self._needs_rewrite = True
-                self.compact_requested.set()
+                with self._sync_lock:
+                    self._enter(FileState.REWRITE, f"a torn record could not be cut off: {exc.strerror or exc}")
             raise
         self._size += len(record)
         self.records += 1
@@ -255,31 +290,30 @@ class HistoryFile:
         with self._sync_lock:
             if self.synced >= ticket:
                 return
-            if self._broken:
-                raise OSError(errno.EIO, self._broken)
+            if self._state is not FileState.OK:
+                raise OSError(errno.EIO, f"{self._why} ({self._state.value})")
             target, size = self._tail
             try:
                 os.fsync(self._fd)
             except OSError as exc:
-                self._broken = f"fsync failed: {exc.strerror or exc}"
+                self._enter(FileState.FAILED, f"fsync failed: {exc.strerror or exc}")
                 raise
             self.synced, self._synced_size = target, size
 
     def discard_unsynced(self) -> None:
-        """After a failed fsync (under the bouncer's lock): cut the file back to the last fsync that succeeded,
-        so none of the failed records can come back at the next start. Appends stay refused until an fsync
-        succeeds again (the background thread keeps trying); if even the cut fails, it rewrites the file from the
-        retained events instead."""
+        """After a failed fsync (under the bouncer's lock, so no append runs meanwhile): cut the file back to the
+        last fsync that succeeded, so none of the failed records can come back at the next start. Appends stay
+        refused until an fsync succeeds again (the background thread keeps trying); if even the cut fails, the
+        file is rewritten from the retained events instead."""
         with self._sync_lock:
-            if not self._broken or self._needs_rewrite:
-                return
+            if self._state is not FileState.FAILED:
+                return  # already cut (another failing publisher came first), or waiting for a rewrite
             try:
                 os.ftruncate(self._fd, self._synced_size)
             except OSError as exc:
                 log.error("history file %s: could not cut off records after a failed fsync (%s); publishing is "
                           "refused until the file is rewritten", self.path, exc.strerror or exc)
-                self._needs_rewrite = True
-                self.compact_requested.set()
+                self._enter(FileState.REWRITE, self._why)
                 return
             dropped = self._appended - self.synced
             self._size = self._synced_size
@@ -288,21 +322,28 @@ class HistoryFile:
             # exactly the records up to `synced`, and every ticket so far is settled, one way or the other.
             self.synced = self._appended
             self._tail = (self._appended, self._size)
+            self._enter(FileState.CUT, self._why)
             log.error("history file %s: %s; %d unacknowledged record(s) removed, publishing refused until an fsync "
-                      "succeeds", self.path, self._broken, dropped)
+                      "succeeds", self.path, self._why, dropped)
 
     def _recover(self) -> None:
         """Background: a file cut back after a failed fsync is whole again once an fsync of it succeeds."""
         with self._sync_lock:
-            if not self._broken or self._needs_rewrite:
+            if self._state is not FileState.CUT:
                 return
             try:
                 os.fsync(self._fd)
             except OSError:
                 return
             self._synced_size = self._size
-            self._broken = None
+            self._enter(FileState.OK, "")
         log.warning("history file %s: fsync works again; publishing resumes", self.path)
+
+    def _enter(self, state: FileState, why: str) -> None:
+        """Change state (under _sync_lock). A rewrite is the background thread's job: wake it."""
+        self._state, self._why = state, why
+        if state is FileState.REWRITE:
+            self.compact_requested.set()
 
     # -- background --------------------------------------------------------------------------------------------
 
@@ -321,11 +362,16 @@ class HistoryFile:
             write_all(fd, rest)
             os.fsync(fd)
             with self._sync_lock:  # no fsync of the old file may count for the new one
+                if self._state is FileState.FAILED:
+                    # Publishers whose fsync failed have not been answered yet: `newer` may hold their events,
+                    # which must not be kept. Try again once they are settled.
+                    raise OSError(errno.EAGAIN, "a failed fsync is being settled")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the new file is ours before it has the name
                 os.rename(temp, self.path)
                 swapped = True
                 old = self._fd
                 self._adopt(fd, size + len(rest), len(kept) + len(newer))
-                self._broken, self._needs_rewrite = None, False
+                self._enter(FileState.OK, "")
             os.close(old)
             try:
                 _fsync_directory(self.path)
@@ -379,10 +425,10 @@ class HistoryFile:
             if now >= next_check:
                 next_check = now + CHECK_INTERVAL
                 if self._file_lost():
-                    log.error("history file %s was deleted or replaced while running; writing it anew", self.path)
+                    log.error("history file %s was deleted, replaced or truncated while running; writing it anew", self.path)
                     pending = True
                 self._recover()
-                pending = pending or self._needs_rewrite
+                pending = pending or self._state is FileState.REWRITE
             if pending and now >= retry_at and self._on_compact is not None:
                 try:
                     self._on_compact()
@@ -407,13 +453,20 @@ class HistoryFile:
                 log.error("history fsync failed: %s", exc.strerror or exc)
 
     def _file_lost(self) -> bool:
+        """The path no longer names our file (deleted, replaced), or our file is shorter than what we wrote
+        (truncated in place, e.g. logrotate's copytruncate: O_APPEND writes would then start a headerless file)."""
         try:
             stat = os.stat(self.path)
         except FileNotFoundError:
             return True
         except OSError:
             return False
-        return (stat.st_dev, stat.st_ino) != self._identity
+        with self._sync_lock:  # no cut-back in progress: the size we expect is the size it should have
+            try:
+                shorter = os.fstat(self._fd).st_size < self._size
+            except OSError:
+                return False
+        return (stat.st_dev, stat.st_ino) != self._identity or shorter
 
     def on_compact(self, callback) -> None:
         self._on_compact = callback

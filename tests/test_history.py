@@ -14,7 +14,8 @@ from sseserver import history
 from sseserver.config import ConfigError
 from tests.faults import PrivateTmpfs, strace_prefix
 from tests.support import (IO_TIMEOUT, RunningServer, SSEClient, assert_exit, connect, daemon_process,
-                           health, read_response, request, run_cli, stop_daemon, wait_until, write_config)
+                           health, read_response, request, require_binary, run_cli, stop_daemon, wait_until,
+                           write_config)
 
 
 def publish_ids(port, count, prefix="e"):
@@ -443,6 +444,86 @@ class ReloadTest(unittest.TestCase):
                                 self.assertEqual([e.id for e in rest], held)
                     ids += publish_ids(port, 2)
                 stop_daemon(process)
+
+
+
+class FileFaultReviewTest(unittest.TestCase):
+    """Faults a hostile review found after the first round of fixes; each failed then."""
+
+    def test_a_damaged_length_anywhere_is_corruption_never_a_torn_tail(self):
+        records = [history.encode_record(i, i - 1, "message", f"event-{i}") for i in range(1, 6)]
+        blob = history.MAGIC + b"".join(records)
+        offset = len(history.MAGIC)
+        for index, record in enumerate(records):
+            for bit in range(32):  # every bit of the length field: one bit flip must never look like a crash
+                damaged = bytearray(blob)
+                damaged[offset + bit // 8] ^= 1 << (bit % 8)
+                with self.subTest(record=index, bit=bit), self.assertRaisesRegex(ConfigError, "corrupt"):
+                    history.decode_records(bytes(damaged), "f")
+            offset += len(record)
+
+    def test_a_second_daemon_on_the_same_file_refuses_to_start(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            config = write_config(tmp, history_file=os.path.join(tmp, "history.log"))
+            with daemon_process("--port", "0", "-c", config) as (process, port):
+                publish_ids(port, 2)
+                result = run_cli("--port", "0", "-c", config)
+                self.assertEqual(result.returncode, 2)
+                self.assertIn("in use by another sseserver process", result.stderr.decode())
+                publish_ids(port, 1)  # the first one is unharmed
+                stop_daemon(process)
+
+    def test_a_file_truncated_in_place_is_written_anew(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.log")
+            config = write_config(tmp, history_file=path)
+            with daemon_process("--port", "0", "-c", config) as (process, port):
+                ids = publish_ids(port, 5)
+                os.truncate(path, 0)  # logrotate's copytruncate
+                ids += publish_ids(port, 5, "after")
+                wait_until(lambda: any("truncated" in line for line in process.log_lines),
+                           what="the truncation noticed")
+                stop_daemon(process)
+            with daemon_process("--port", "0", "-c", config) as (process, port):
+                with SSEClient(port, headers={"Last-Event-ID": "0"}) as client:
+                    self.assertEqual([e.id for e in client.read_events(11)][1:], ids)
+                stop_daemon(process)
+
+    def test_a_failed_fsync_racing_with_the_background_retry_never_brings_the_event_back(self):
+        """X's third fsync is slow and fails; Y takes the bouncer lock and holds it (a slow write) while X waits
+        to settle, and the background thread meanwhile finds fsync working again. X and Y get 503, and neither
+        event may reach a stream or come back after a restart."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "history.log")
+            config = write_config(tmp, history_file=path, history_fsync="always")
+            with daemon_process("--port", "0", "-c", config) as (process, port):  # creates the file
+                stop_daemon(process)
+            injection = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync,write",
+                         "-e", "inject=fsync:error=EIO:delay_enter=400000:when=3",
+                         "-e", "inject=write:delay_exit=1500000:when=1"]
+            require_binary("strace")
+            statuses = {}
+            with daemon_process("--port", "0", "-c", config, prefix=injection) as (process, port):
+                with SSEClient(port) as client, connect(port) as x:
+                    buffer_x = bytearray()
+                    for data in (b"p1", b"p2", b"p3"):
+                        x.sendall(b"POST /publish HTTP/1.1\r\nContent-Length: 2\r\n\r\n" + data)
+                        if data != b"p3":
+                            statuses[data] = read_response(x, buffer_x)[0]
+                    with connect(port) as y:
+                        y.sendall(b"POST /publish HTTP/1.1\r\nContent-Length: 2\r\n\r\np4")
+                        statuses[b"p3"] = read_response(x, buffer_x)[0]
+                        statuses[b"p4"] = read_response(y, bytearray())[0]
+                    with connect(port) as z:
+                        z.sendall(b"POST /publish HTTP/1.1\r\nContent-Length: 2\r\n\r\np5")
+                        statuses[b"p5"] = read_response(z, bytearray())[0]
+                    stop_daemon(process, pid=child_pid(process.pid))
+                    delivered = [e.data for e in client.read_until_closed()]
+            self.assertEqual((statuses[b"p1"], statuses[b"p2"]), (200, 200))
+            published = [data.decode() for data, status in sorted(statuses.items()) if status == 200]
+            self.assertEqual(delivered, published)
+            events, _, _ = history.decode_records(open(path, "rb").read(), path)
+            self.assertEqual([e.data for e in events], published)
 
 
 if __name__ == "__main__":
