@@ -64,9 +64,11 @@ def render_response(status: int, headers: bytes, body: bytes, keep_alive: bool =
     Content-Length computed from `body`, the Connection header, and the body (left out for HEAD, which still
     says the length a GET would get). The only response not built here is a live stream's head, whose body
     ends when the connection closes (see stream_head())."""
-    return b"".join((status_line(status), headers, b"Content-Length: %d\r\n" % len(body),
+    # RFC 9110 8.6: no Content-Length on a 204 (a CORS preflight's answer); it never has a body.
+    length = b"" if status == 204 else b"Content-Length: %d\r\n" % len(body)
+    return b"".join((status_line(status), headers, length,
                      b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n",
-                     b"" if head_only else body))
+                     b"" if head_only or status == 204 else body))
 
 
 def stream_head(common: bytes) -> bytes:

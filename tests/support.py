@@ -147,7 +147,8 @@ def read_response(sock: socket.socket, buffer: bytearray | None = None, head_req
         data += chunk
     head, _, rest = bytes(data).partition(b"\r\n\r\n")
     status, headers = parse_head(head)
-    if head_request:
+    if head_request or status == 204:
+        assert status != 204 or "content-length" not in headers, "a 204 must not carry Content-Length"
         data[:] = rest
         return status, headers, b""
     if "content-length" in headers:
@@ -236,7 +237,7 @@ def split_responses(data: bytes, head_request: bool = False) -> list[tuple[int, 
         status, headers = parse_head(head)
         answers_head = (head_request and not any(s >= 200 for s, _, _ in found)
                         and (not rest or rest.startswith(b"HTTP/1.")))
-        if status < 200 or answers_head:
+        if status < 200 or status == 204 or answers_head:
             body, data = b"", rest  # interim (100 Continue) or the answer to HEAD: no body
         elif "content-length" not in headers:
             body, data = rest, b""
