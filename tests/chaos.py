@@ -40,939 +40,44 @@ deadline. All timeouts are the named constants below.
 """
 
 import argparse
-import bisect
 import contextlib
 import dataclasses
 import fnmatch
 import json
 import os
-import random
 import re
-import select
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+from urllib.parse import urlencode
 
+from tests.chaosenv import (IO_TIMEOUT, POLL, REDIS_TIMEOUT, DaemonProcess, KeepAlive, NoAnswer, RedisReplyError,
+                            RedisServer, Response, StartFailed, TmpfsHolder, http, render_config)
+from tests.chaosmodel import (ABSENT, ACKED, FUTURE_MARGIN, LIMIT, MAYBE, MODES, NAMES, REFUSED, TAG, Domain, Index,
+                              Model, Op, Publish, Start, Status, make_payload, make_plan)
 from tests.ssereader import Event, IdOnly, Retry, StreamReader, open_stream
 from tests.tcpproxy import TcpProxy
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ("memory", "file-always", "file-interval", "file-never", "redis", "redis-aof")
-
 # -- timeouts (generous: the CI machine has two cores shared with other work) -----------------------------------
-START_TIMEOUT = 30.0  # a daemon's "listening on" line (strace slows the start)
-IO_TIMEOUT = 15.0  # one HTTP request
 SETTLE_TIMEOUT = 15.0  # streams receiving every event they must have
 HEALTH_TIMEOUT = 15.0  # /health agreeing with the model (a closed stream takes a moment to be noticed)
 QUIESCE_TIMEOUT = 20.0  # fds and threads back at their baseline
-REDIS_TIMEOUT = 30.0  # redis-server answering PING; a daemon's follower reconnecting (backoff up to 5 s)
 BURST_TIMEOUT = 30.0  # a concurrent publish burst
-POLL = 0.02  # the sleep inside every polling loop that has a deadline
+PROGRESS_EVERY = 1000  # steps between progress lines in a long run
 
 # -- the daemon's configuration under test ------------------------------------------------------------------------
-LIMIT = 16384  # max_message_bytes
 RETRY_MS = 250
 SHUTDOWN_TIMEOUT = 2.0
 FSYNC_INTERVAL = 0.2
 TMPFS_SIZE = 16 * 1024 * 1024
-NAMES = ("message", "a.one", "a.two", "b", "c:x-y")
 PUBLISH_TOKEN = "chaos-publisher-token-1"
 SUBSCRIBE_TOKEN = "chaos-subscriber-token-1"
 SCOPED_TOKEN, SCOPE = "chaos-scoped-token-1", "a.*"
-FUTURE_MARGIN = 10 ** 12  # a "future" Last-Event-ID is this far beyond every id handed out
 GARBAGE_IDS = ("abc", "-1", "1e5", "0x10", "12345678901234567890123", "18446744073709551616", "\u0663\u0664",
                "7;8", "9.5", "+3", "null", "undefined")
-HISTORY_SIZES = (0, 1, 3, 10, 50, 200, 1000)
-QUEUE_SIZES = (1, 2, 4, 16, 256)
-HEARTBEATS = (0.2, 0.5, 1.0, 5.0)
-
-
-# =================================================================================================================
-# The plan: a seeded list of operations that never depends on what the daemon does.
-# =================================================================================================================
-
-@dataclasses.dataclass
-class Op:
-    kind: str
-    args: dict
-
-    def __str__(self) -> str:
-        shown = []
-        for key, value in self.args.items():
-            if key == "payloads":
-                value = f"[{sum(len(p) for p in value)} publishes on {len(value)} connections]"
-            elif key == "burst" and value:
-                value = f"[{sum(len(p) for p in value)} publishes on {len(value)} connections]"
-            shown.append(f"{key}={value}")
-        return f"{self.kind} {' '.join(shown)}".strip()
-
-
-class Planner:
-    """Draws operations with weights that depend on the mode and on the structural state the plan itself creates
-    (which instances run, which fault is active). Faults are healed by a later operation of the plan."""
-
-    def __init__(self, mode: str, seed: int):
-        self.mode = mode
-        self.rng = random.Random(f"sseserver-chaos:{mode}:{seed}")
-        self.redis = mode.startswith("redis")
-        self.file = mode.startswith("file")
-        self.serial = 0  # payload tags: unique over the plan
-        self.second = False  # redis modes: the second instance runs
-        self.disk_full = 0  # steps left until the plan frees the disk (0: the disk is not full)
-        self.traced = 0  # steps left in a lifetime under strace fault injection
-        self.redis_down = 0
-        self.link = 0  # steps left with the link to Redis cut
-        self.link_how = ""
-        self.tokens = False
-        self.config = self.random_config(initial=True)
-
-    def random_config(self, initial: bool = False) -> dict:
-        rng = self.rng
-        sizes = HISTORY_SIZES if not initial else HISTORY_SIZES[1:]
-        config = {
-            "history_size": rng.choice(sizes),
-            "queue_size": rng.choice(QUEUE_SIZES),
-            "heartbeat_interval": rng.choice(HEARTBEATS),
-        }
-        if not initial and rng.random() < 0.3:
-            self.tokens = not self.tokens
-        config["tokens"] = self.tokens
-        return config
-
-    def payload(self, rng=None) -> tuple:
-        rng = rng or self.rng
-        self.serial += 1
-        kind = rng.choices(("plain", "lines", "sse", "unicode", "record", "empty", "max", "over"),
-                           (30, 20, 10, 15, 8, 4, 4, 4))[0]
-        size = rng.choice((rng.randint(0, 80), rng.randint(0, 80), rng.randint(80, 2000), rng.randint(2000, LIMIT)))
-        name = rng.choice(NAMES)
-        return (self.serial, name, kind, size, rng.randrange(1 << 30))
-
-    def burst(self) -> list:
-        threads = self.rng.randint(2, 4)
-        return [[self.payload() for _ in range(self.rng.randint(3, 12))] for _ in range(threads)]
-
-    def next(self) -> Op:
-        for counter in ("disk_full", "traced", "redis_down", "link"):
-            if getattr(self, counter):
-                setattr(self, counter, getattr(self, counter) - 1)
-        rng = self.rng
-        # Heals come when their time is up.
-        if self.file and self.disk_full == 1:
-            self.disk_full = 0
-            return Op("disk_free", {})
-        if self.file and self.traced == 1:
-            self.traced = 0
-            return self.restart(plain=True)
-        if self.redis and self.redis_down == 1:
-            self.redis_down = 0
-            return Op("redis_start", {})
-        if self.redis and self.link == 1:
-            self.link = 0
-            return Op("link_restore", {})
-        if self.link and self.link_how == "blackhole":
-            # Every Redis command hangs for the daemon's command timeout: publish once (the reply can be lost),
-            # then restore the link.
-            self.link = 2
-            return Op("publish", {"instance": round(rng.random(), 4), "payload": self.payload(), "keepalive": False})
-        choices = {
-            "publish": 30, "burst": 5, "subscribe": 16, "disconnect": 8, "resume": 3, "reload": 4,
-            "restart": 4, "quiesce": 2, "bad_requests": 3,
-        }
-        if self.file:
-            choices["disk_full"] = 0 if self.disk_full else 2.5
-            if self.traced:
-                choices["restart"] = 0  # the traced lifetime ends when the plan says so
-        if self.redis:
-            choices["redis_stop"] = 0 if (self.redis_down or self.link) else 1.5
-            choices["flushall"] = 0 if (self.redis_down or self.link) else 1.0
-            choices["link_cut"] = 0 if (self.redis_down or self.link) else 2.0
-            choices["join"] = 0 if self.second else 2.0
-            choices["leave"] = 1.0 if self.second else 0
-        kind = rng.choices(list(choices), list(choices.values()))[0]
-        return getattr(self, "op_" + kind)()
-
-    # -- one method per operation kind: the arguments are all drawn here ---------------------------------------
-
-    def op_publish(self) -> Op:
-        return Op("publish", {"instance": round(self.rng.random(), 4), "payload": self.payload(),
-                              "keepalive": self.rng.random() < 0.4})
-
-    def op_burst(self) -> Op:
-        return Op("burst", {"instance": round(self.rng.random(), 4), "payloads": self.burst()})
-
-    def op_subscribe(self) -> Op:
-        rng = self.rng
-        names = None if rng.random() < 0.5 else tuple(sorted(rng.sample(NAMES, rng.randint(1, 3))))
-        last = rng.choices(("none", "current", "stale", "previous", "future", "garbage", "zero", "newest"),
-                           (30, 22, 10, 6, 5, 10, 4, 13))[0]
-        return Op("subscribe", {
-            "instance": round(rng.random(), 4), "names": names, "last": last, "pick": round(rng.random(), 4),
-            "query": rng.random() < 0.15, "scoped": rng.random() < 0.15, "stalled": rng.random() < 0.12,
-        })
-
-    def op_disconnect(self) -> Op:
-        return Op("disconnect", {"pick": round(self.rng.random(), 4), "how": self.rng.choice(("fin", "rst"))})
-
-    def op_resume(self) -> Op:
-        return Op("resume", {"pick": round(self.rng.random(), 4)})
-
-    def op_reload(self) -> Op:
-        self.config = self.random_config()
-        return Op("reload", dict(self.config))
-
-    def op_restart(self) -> Op:
-        return self.restart(plain=False)
-
-    def restart(self, plain: bool) -> Op:
-        rng = self.rng
-        args = {"instance": round(rng.random(), 4), "how": rng.choice(("term", "kill")), "burst": None, "wrapper": "plain"}
-        if rng.random() < 0.25:
-            args["burst"] = self.burst()
-        if self.file and not plain and rng.random() < 0.4:
-            args["wrapper"] = rng.choice(("fsync", "write"))
-            args["when"] = rng.choice(("1+", "2+", "1+2", "3+"))
-            self.traced = rng.randint(3, 8)
-        return Op("restart", args)
-
-    def op_quiesce(self) -> Op:
-        return Op("quiesce", {})
-
-    def op_bad_requests(self) -> Op:
-        kinds = ("reserved_name", "bad_name", "too_big", "not_utf8", "wrong_token", "no_token", "bad_filter",
-                 "scope_outside")
-        return Op("bad_requests", {"instance": round(self.rng.random(), 4),
-                                   "which": tuple(self.rng.sample(kinds, self.rng.randint(1, 3)))})
-
-    def op_disk_full(self) -> Op:
-        self.disk_full = self.rng.randint(2, 8)
-        return Op("disk_full", {"free": self.rng.choice((0, 4096, 16384, 65536))})
-
-    def op_redis_stop(self) -> Op:
-        self.redis_down = self.rng.randint(2, 6)
-        return Op("redis_stop", {"how": self.rng.choice(("term", "kill"))})
-
-    def op_flushall(self) -> Op:
-        return Op("flushall", {})
-
-    def op_link_cut(self) -> Op:
-        self.link_how = "blackhole" if self.rng.random() < 0.15 else "reset"
-        self.link = self.rng.randint(2, 6) if self.link_how == "reset" else 3
-        return Op("link_cut", {"how": self.link_how, "burst": self.burst() if self.rng.random() < 0.3 else None})
-
-    def op_join(self) -> Op:
-        self.second = True
-        return Op("join", {})
-
-    def op_leave(self) -> Op:
-        self.second = False
-        return Op("leave", {"how": self.rng.choice(("term", "kill"))})
-
-
-def make_plan(mode: str, seed: int, steps: int) -> tuple[dict, list[Op]]:
-    """(initial config, operations): a pure function of its arguments."""
-    planner = Planner(mode, seed)
-    initial = dict(planner.config)
-    return initial, [planner.next() for _ in range(steps)]
-
-
-# =================================================================================================================
-# Payloads: what publishers send. Every payload but the empty one starts with a unique tag, so a delivered event
-# can be traced back to its publish even when its id is unknown (a Redis publish answered 503).
-# =================================================================================================================
-
-_TAG = re.compile(r"^<(\d+)>")
-_UNICODE = ("\u00e9", "\u00df", "\u4e2d", "\u6587", "\U0001f642", "\U0001f680", "\u2028", "\u2029", "\u0085",
-            "\ufeff", "\ufffd", "\x00", "\x1b", "\x7f", "\t", "\v", "\f", "\x1c", "\x1d", "\x1e", "\u200b",
-            "\U0010ffff", "a", "z", " ", ":", "\u00a0")
-_SSE_LIKE = ("id: 1", "id: 999999999999999", "id:", "event: sseserver.reset", "event: message",
-             "data: {\"last_event_id\": \"1\", \"oldest_id\": null}", "data:", "retry: 1", ": comment", ":",
-             "", "HTTP/1.1 200 OK", "Content-Length: 0", "\x00", "id: 5\x00")
-_BREAKS = ("\n", "\r", "\r\n")
-
-
-def wire_form(data: str) -> str:
-    """What a client reads back: the SSE format turns CRLF and lone CR into LF."""
-    return data.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def _record_like(rng: random.Random, id_hint: int) -> str:
-    """Text whose UTF-8 bytes are a valid record of the history file's current format (with its magic), so
-    a torn write next to it can look like a whole record. Falls back to a look-alike if the format is unknown."""
-    try:
-        from sseserver import history
-        import inspect
-        encode = history.encode_record
-        arity = len(inspect.signature(encode).parameters)
-        magic = getattr(history, "MAGIC", b"")
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return "SSEHIST2\n\x00\x00\x00\x20fake-record"
-    # Clear the high bit of every byte of the ids (so they are ASCII) and retry the data until the CRC is too.
-    event_id = id_hint & 0x7F7F7F7F7F7F7F7F
-    for _ in range(400):
-        data = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789 ") for _ in range(rng.randint(1, 60)))
-        try:
-            args = (event_id, event_id - 1, "message", data) if arity == 4 else (event_id, "message", data)
-            blob = magic + encode(*args)
-            return blob.decode("utf-8") + blob.decode("utf-8")[len(magic):]
-        except (UnicodeDecodeError, TypeError, ValueError, OverflowError):
-            continue
-    return "SSEHIST2\n\x00\x00\x00\x20fake-record"
-
-
-def make_payload(spec: tuple, id_hint: int) -> tuple[str, str, bytes]:
-    """(tag, event name, body bytes) for a payload spec from the plan."""
-    serial, name, kind, size, seed = spec
-    rng = random.Random(seed)
-    tag = f"<{serial}>"
-    if kind == "empty":
-        return tag, name, b""
-    if kind in ("max", "over"):
-        target = LIMIT if kind == "max" else LIMIT + 1 + rng.randint(0, 100)
-        return tag, name, (tag + "m" * (target - len(tag))).encode()
-    if kind == "plain":
-        text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ABC.,-0123456789") for _ in range(size))
-    elif kind == "lines":
-        pieces = ["".join(rng.choice("abcxyz ") for _ in range(rng.randint(0, 12))) for _ in range(max(1, size // 8))]
-        text = "".join(piece + rng.choice(_BREAKS) for piece in pieces)
-        if rng.random() < 0.5:
-            text = rng.choice(_BREAKS) + text
-        if rng.random() < 0.5:
-            text = text.rstrip("\r\n")
-    elif kind == "sse":
-        text = rng.choice(_BREAKS) + "".join(rng.choice(_SSE_LIKE) + rng.choice(_BREAKS)
-                                             for _ in range(max(1, size // 12)))
-    elif kind == "unicode":
-        text = "".join(rng.choice(_UNICODE) for _ in range(max(1, size // 2)))
-    else:  # record
-        text = _record_like(rng, id_hint) * max(1, size // 400)
-    body = (tag + text).encode("utf-8")
-    if len(body) > LIMIT:
-        body = body[:LIMIT].decode("utf-8", "ignore").encode("utf-8")
-    return tag, name, body
-
-
-# =================================================================================================================
-# The model: every publish, what the daemon answered, and which events each daemon must still hold.
-# =================================================================================================================
-
-PENDING, ACKED, MAYBE, REFUSED = "pending", "acknowledged", "maybe stored", "refused"
-ABSENT = "not in Redis"  # a Redis-mode 503 that the stream shows was not stored (it may still arrive late)
-
-
-class Publish:
-    __slots__ = ("tag", "name", "wire", "status", "id", "sent_seq", "ack_seq", "id_floor", "domain", "instance")
-
-    def __init__(self, tag, name, wire, sent_seq, id_floor, domain, instance):
-        self.tag, self.name, self.wire = tag, name, wire
-        self.status = PENDING
-        self.id = None
-        self.sent_seq, self.ack_seq = sent_seq, None
-        self.id_floor = id_floor  # every id acknowledged before this publish was sent
-        self.domain = domain
-        self.instance = instance
-
-
-class Index:
-    """Event ids, sorted, overall and per name, for "which matching events lie between two ids"."""
-
-    def __init__(self):
-        self.ids: list[int] = []
-        self.by_name: dict[str, list[int]] = {name: [] for name in NAMES}
-
-    def add(self, event_id: int, name: str) -> None:
-        bisect.insort(self.ids, event_id)
-        bisect.insort(self.by_name[name], event_id)
-
-    def between(self, low: int | None, high: int | None, names: frozenset) -> list[int]:
-        """Ids of events named in `names` with low < id < high (None: unbounded)."""
-        found = []
-        for name in names:
-            ids = self.by_name[name]
-            start = 0 if low is None else bisect.bisect_right(ids, low)
-            end = len(ids) if high is None else bisect.bisect_left(ids, high)
-            found.extend(ids[start:end])
-        return sorted(found)
-
-    def newest(self, names: frozenset) -> int | None:
-        tops = [self.by_name[name][-1] for name in names if self.by_name[name]]
-        return max(tops) if tops else None
-
-
-class Domain(Index):
-    """Events that share one retention: one process lifetime (memory), the history file (the whole run), or the
-    Redis stream between two losses of its data (an epoch). `floor_id`: every event of the domain with an id at
-    or above it must still be retained; it only rises (a reload that shrinks history_size evicts for good)."""
-
-    def __init__(self, key: str):
-        super().__init__()
-        self.key = key
-        self.floor_id = 0
-        self.unresolved = 0  # publishes that may have been stored (ids unknown): they take room in history too
-        self.refused = 0  # 503s and lost replies: the daemon may have spent an id on them
-
-    def raise_floor(self, history_size: int) -> None:
-        keep = max(0, history_size - self.unresolved)
-        if not self.ids:
-            return
-        if keep == 0:
-            self.floor_id = max(self.floor_id, self.ids[-1] + 1)
-        elif len(self.ids) > keep:
-            self.floor_id = max(self.floor_id, self.ids[-keep])
-
-    def must(self) -> list[int]:
-        return self.ids[bisect.bisect_left(self.ids, self.floor_id):]
-
-    def floor_index(self) -> int:
-        return bisect.bisect_left(self.ids, self.floor_id)
-
-
-class Model:
-    """What was acknowledged. Publishes may run on several threads (bursts): everything goes through the lock."""
-
-    def __init__(self, mode: str):
-        self.mode = mode
-        self.redis = mode.startswith("redis")
-        self.lock = threading.Lock()
-        self.seq = 0  # a logical clock: publishes sent and answered, streams opened
-        self.publishes: dict[str, Publish] = {}
-        self.by_id: dict[int, Publish] = {}
-        self.max_acked = 0
-        self.acknowledged = 0
-        self.everything = Index()  # every event of the run (the gap space outside memory mode)
-        self.domains: list[Domain] = []
-        self.domain = self.new_domain("start")
-        self.problems: list[tuple[str, str]] = []  # (kind, message) found on publisher threads
-
-    def tick(self) -> int:
-        with self.lock:
-            self.seq += 1
-            return self.seq
-
-    def new_domain(self, key: str) -> Domain:
-        domain = Domain(key)
-        self.domains.append(domain)
-        self.domain = domain
-        return domain
-
-    def begin(self, tag: str, name: str, body: bytes, instance: str) -> Publish:
-        with self.lock:
-            self.seq += 1
-            publish = Publish(tag, name, wire_form(body.decode("utf-8", "replace")), self.seq, self.max_acked,
-                              self.domain, instance)
-            self.publishes[tag] = publish
-            return publish
-
-    def acknowledge(self, publish: Publish, event_id: int) -> None:
-        with self.lock:
-            self.seq += 1
-            publish.ack_seq = self.seq
-            self._assign(publish, event_id)
-            publish.status = ACKED
-            self.acknowledged += 1
-            self.max_acked = max(self.max_acked, event_id)
-
-    def _assign(self, publish: Publish, event_id: int) -> None:
-        if event_id <= publish.id_floor:
-            self.problems.append(("ids go backwards", f"publish {publish.tag} got id {event_id}, but id "
-                                  f"{publish.id_floor} had already been acknowledged before it was sent"))
-        other = self.by_id.get(event_id)
-        if other is not None and other is not publish:
-            self.problems.append(("id reused", f"id {event_id} was given to {other.tag} ({other.status}) and "
-                                  f"again to {publish.tag}"))
-        publish.id = event_id
-        self.by_id[event_id] = publish
-        publish.domain.add(event_id, publish.name)
-        self.everything.add(event_id, publish.name)
-
-    def fail(self, publish: Publish, maybe: bool) -> None:
-        with self.lock:
-            self.seq += 1
-            publish.status = MAYBE if maybe else REFUSED
-            publish.domain.refused += 1
-            if maybe:
-                publish.domain.unresolved += 1
-
-    def promote(self, publish: Publish, event_id: int) -> None:
-        """A publish that may have been stored was seen in a stream: from now on every matching stream needs it."""
-        with self.lock:
-            self._assign(publish, event_id)
-            if publish.status == MAYBE:
-                publish.domain.unresolved -= 1
-            publish.status = ACKED
-
-    def resolve_absent(self, publish: Publish) -> None:
-        """Redis shows this maybe-stored publish was not stored: it no longer takes room in the retained set."""
-        with self.lock:
-            if publish.status == MAYBE:
-                publish.status = ABSENT
-                publish.domain.unresolved -= 1
-
-    def take_problems(self) -> list[tuple[str, str]]:
-        with self.lock:
-            problems, self.problems = self.problems, []
-            return problems
-
-    def unresolved(self) -> int:
-        return sum(domain.unresolved for domain in self.domains)
-
-    def classify(self, text: str | None, domain: Domain, foreign: bool) -> str:
-        """What a stream opened with this Last-Event-ID must start with: "live" (no id), "exact" (replay exactly
-        the events after it, no reset), "reset" (a reset, then everything retained) or "either" (the model cannot
-        know whether the daemon still holds that id: both are right if what follows is)."""
-        if text is None:
-            return "live"
-        if not (text.isascii() and text.isdigit() and len(text) <= 20):
-            return "reset"
-        value = int(text)
-        if foreign:  # from an earlier process lifetime (memory mode): never honoured
-            return "reset"
-        everything = self.everything.ids
-        if everything and value > everything[-1] + FUTURE_MARGIN // 2:
-            return "reset"
-        ids = domain.ids
-        if not ids:
-            return "reset" if self.mode == "memory" else "either"
-        if value > ids[-1]:
-            return "either" if self.redis else "reset"
-        index = bisect.bisect_left(ids, value)
-        floor = domain.floor_index()
-        if floor == len(ids):
-            return "either"  # nothing must be retained (history_size 0 at some point)
-        if ids[index] == value:
-            if index >= floor - 1:
-                return "exact"
-            return "either"
-        if ids[index] == value + 1:  # the predecessor of a retained (or evicted) event
-            return "exact" if index == floor == 0 and len(self.domains) == 1 and not self.redis else "either"
-        if self.redis or domain.unresolved:
-            return "either"
-        return "reset"
-
-
-# =================================================================================================================
-# Processes: the daemon, redis-server, the namespace that holds the small disk.
-# =================================================================================================================
-
-def render_config(values: dict) -> str:
-    """TOML: JSON literals are valid TOML for strings, numbers, booleans and lists of strings."""
-    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
-
-
-def clean_env() -> dict:
-    env = dict(os.environ)
-    for name in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "JOURNAL_STREAM", "WATCHDOG_USEC", "WATCHDOG_PID"):
-        env.pop(name, None)
-    return env
-
-
-class DaemonProcess:
-    """One daemon lifetime: `python3 -m sseserver -c CONFIG`, maybe behind wrappers (nsenter into the tmpfs
-    namespace, strace injecting faults). Knows its log, port, real pid (the wrappers' child under strace) and the
-    fd and thread counts it started with."""
-
-    def __init__(self, label: str, config_path: str, log_path: str, wrapper: list[str], redis_port: int | None):
-        self.label = label
-        self.config_path = config_path
-        self.log_path = log_path
-        self.wrapper = wrapper
-        self.redis_port = redis_port
-        self.lines: list[str] = []
-        self.port = None
-        self.pid = None
-        self.process = None
-        self.baseline = None  # (fds, threads) right after the start, before any client
-        self.checked_lines = 0
-        self.slow_explained = 0  # "dropped as slow" log lines already matched to a stream that ended
-        self._listening = threading.Event()
-        self._pump = None
-
-    def start(self) -> None:
-        argv = self.wrapper + [sys.executable, "-m", "sseserver", "-c", self.config_path]
-        self.process = subprocess.Popen(argv, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE)
-        self._pump = threading.Thread(target=self._read_log, name="chaos-log", daemon=True)
-        self._pump.start()
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self._listening.wait(POLL):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.poll()
-                raise StartFailed(f"{self.label} did not start (exit {self.process.returncode}): "
-                                  + " | ".join(self.lines[-8:]))
-        self.pid = self._find_pid(deadline)
-        self.baseline = (self.fd_count()[0], self.thread_count())
-
-    def _read_log(self) -> None:
-        with open(self.log_path, "a") as log:
-            log.write(f"--- {self.label} started: {' '.join(self.wrapper)} ---\n")
-            for raw in self.process.stderr:
-                line = raw.decode("utf-8", "replace").rstrip("\n")
-                self.lines.append(line)
-                log.write(f"[{self.label}] {line}\n")
-                log.flush()
-                if self.port is None and "listening on http://" in line:
-                    self.port = int(line.split("listening on http://")[1].split(" ")[0].rsplit(":", 1)[1])
-                    self._listening.set()
-
-    def _find_pid(self, deadline: float) -> int:
-        """The python process itself: the Popen pid, or (under strace) the descendant running sseserver."""
-        while True:
-            frontier = [self.process.pid]
-            while frontier:
-                pid = frontier.pop()
-                if self._is_python(pid):
-                    return pid
-                try:
-                    for task in os.listdir(f"/proc/{pid}/task"):
-                        with open(f"/proc/{pid}/task/{task}/children") as handle:
-                            frontier.extend(int(child) for child in handle.read().split())
-                except OSError:
-                    continue
-            if time.monotonic() > deadline:
-                raise StartFailed(f"{self.label}: cannot find the daemon's pid")
-            time.sleep(POLL)
-
-    @staticmethod
-    def _is_python(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                argv = handle.read().split(b"\0")
-        except OSError:
-            return False
-        return bool(argv) and b"python" in os.path.basename(argv[0]) and b"sseserver" in argv
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def signal(self, signum: int) -> None:
-        try:
-            os.kill(self.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    def wait(self, timeout: float) -> int | None:
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> None:
-        if self.alive():
-            self.signal(signal.SIGKILL)
-            try:
-                self.process.kill()  # strace too, if it outlived its tracee
-            except OSError:
-                pass
-            self.process.wait(IO_TIMEOUT)
-        if self._pump is not None:
-            self._pump.join(IO_TIMEOUT)
-
-    def count(self, text: str) -> int:
-        return sum(1 for line in list(self.lines) if text in line)
-
-    def slow_drops(self) -> int:
-        return self.count("dropped as slow")
-
-    def fd_count(self) -> tuple[int, list[str]]:
-        """(fds that are not connections to Redis, all fd targets). Redis connections are pooled by design
-        (bounded); they are checked separately."""
-        redis_inodes = self._redis_inodes()
-        targets = []
-        try:
-            for fd in os.listdir(f"/proc/{self.pid}/fd"):
-                try:
-                    targets.append(os.readlink(f"/proc/{self.pid}/fd/{fd}"))
-                except OSError:
-                    pass
-        except OSError:
-            return 0, []
-        own = [t for t in targets if not (t.startswith("socket:[") and t[8:-1] in redis_inodes)]
-        return len(own), targets
-
-    def redis_connections(self) -> int:
-        inodes = self._redis_inodes()
-        count = 0
-        try:
-            for fd in os.listdir(f"/proc/{self.pid}/fd"):
-                try:
-                    target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
-                except OSError:
-                    continue
-                count += target.startswith("socket:[") and target[8:-1] in inodes
-        except OSError:
-            pass
-        return count
-
-    def _redis_inodes(self) -> set[str]:
-        if self.redis_port is None:
-            return set()
-        inodes = set()
-        try:
-            with open(f"/proc/{self.pid}/net/tcp") as handle:
-                next(handle)
-                for line in handle:
-                    fields = line.split()
-                    if int(fields[2].split(":")[1], 16) == self.redis_port:
-                        inodes.add(fields[9])
-        except (OSError, StopIteration, IndexError, ValueError):
-            pass
-        return inodes
-
-    def thread_count(self) -> int:
-        try:
-            return len(os.listdir(f"/proc/{self.pid}/task"))
-        except OSError:
-            return 0
-
-
-class StartFailed(Exception):
-    pass
-
-
-class TmpfsHolder:
-    """A private mount namespace with a small tmpfs at `directory`, held open by a sleeping process for the whole
-    run. Daemons are started inside it with nsenter, so the history file lives on a disk the test can fill (through
-    /proc/PID/root) and survives the daemon's restarts and crashes."""
-
-    def __init__(self, directory: str, size: int):
-        self.directory = directory
-        self.size = size
-        self.process = None
-        self.filler_bytes = 0
-
-    def start(self) -> None:
-        os.makedirs(self.directory, exist_ok=True)
-        user = [] if os.geteuid() == 0 else ["-r"]
-        script = (f"mount -t tmpfs -o size={self.size},mode=0700 chaos-disk '{self.directory}' && echo ready "
-                  "&& exec sleep 1000000")
-        self.process = subprocess.Popen(["unshare", *user, "-m", "--propagation", "private", "sh", "-c", script],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        ready, _, _ = select.select([self.process.stdout], [], [], START_TIMEOUT)
-        line = self.process.stdout.readline() if ready else b""
-        if line.strip() != b"ready":
-            error = self.process.stderr.read1(4096) if self.process.poll() is not None else b""
-            self.stop()
-            raise StartFailed(f"cannot mount a tmpfs in a private mount namespace: {error!r}")
-
-    def enter(self) -> list[str]:
-        user = [] if os.geteuid() == 0 else ["-U", "--preserve-credentials"]
-        # setns() into a mount namespace moves the working directory to its root: name ours again.
-        return ["nsenter", "-t", str(self.process.pid), *user, "-m", f"--wd={ROOT}", "--"]
-
-    def path(self, name: str) -> str:
-        """The namespace's file as the test (outside the namespace) reaches it."""
-        return f"/proc/{self.process.pid}/root{self.directory}/{name}"
-
-    def fill(self, leave_free: int) -> None:
-        """Fill the disk, then give back `leave_free` bytes (tmpfs counts whole pages)."""
-        path = self.path("filler")
-        chunk = b"\0" * (1 << 20)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            while True:
-                try:
-                    if os.write(fd, chunk) < len(chunk):
-                        continue  # a short write: the next one meets ENOSPC
-                except OSError:
-                    break
-            size = os.fstat(fd).st_size
-            os.ftruncate(fd, max(0, size - leave_free))
-        finally:
-            os.close(fd)
-        self.filler_bytes = max(0, size - leave_free)
-
-    def free(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path("filler"))
-        self.filler_bytes = 0
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(IO_TIMEOUT)
-
-
-class RedisServer:
-    """A throwaway redis-server on a unix socket in `directory`: without persistence, or with appendonly and
-    appendfsync always (then a restart, even after kill -9, keeps every event it acknowledged)."""
-
-    def __init__(self, directory: str, persistent: bool):
-        self.directory = directory
-        self.persistent = persistent
-        self.socket = os.path.join(directory, "redis.sock")
-        self.process = None
-        os.makedirs(directory, exist_ok=True)
-
-    def start(self) -> None:
-        argv = [shutil.which("redis-server"), "--port", "0", "--unixsocket", self.socket, "--unixsocketperm", "700",
-                "--dir", self.directory, "--save", "", "--logfile", os.path.join(self.directory, "redis.log"),
-                "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always"]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + REDIS_TIMEOUT
-        while True:
-            try:
-                if self.command("PING") == "PONG":
-                    return
-            except (OSError, RedisReplyError):
-                pass  # not listening yet, or -LOADING the append-only file
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise StartFailed("redis-server did not answer PING")
-            time.sleep(POLL)
-
-    def stop(self, how: str) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL if how == "kill" else signal.SIGTERM)
-            self.process.wait(REDIS_TIMEOUT)
-
-    def command(self, *args: str):
-        """One command over a fresh connection; a minimal RESP client of our own (the daemon's is under test)."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(IO_TIMEOUT)
-            sock.connect(self.socket)
-            request = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args)
-            sock.sendall(request)
-            return self._reply(sock.makefile("rb"))
-
-    def _reply(self, reply):
-        first = reply.readline()
-        if first.startswith(b"-"):
-            raise RedisReplyError(first[1:].decode().strip())
-        if first.startswith(b"+"):
-            return first[1:].decode().strip()
-        if first.startswith(b":"):
-            return int(first[1:])
-        if first.startswith(b"$"):
-            length = int(first[1:])
-            return None if length < 0 else reply.read(length + 2)[:-2].decode("utf-8", "replace")
-        if first.startswith(b"*"):
-            length = int(first[1:])
-            return None if length < 0 else [self._reply(reply) for _ in range(length)]
-        raise RedisReplyError(f"unexpected reply {first!r}")
-
-
-class RedisReplyError(Exception):
-    pass
-
-
-# =================================================================================================================
-# HTTP: one request per connection (so Content-Length can be checked against the bytes that really came), and
-# keep-alive publishers (a connection is one request thread in the daemon: strace counts its calls per thread).
-# =================================================================================================================
-
-class Response:
-    def __init__(self, status: int, headers: dict, body: bytes):
-        self.status, self.headers, self.body = status, headers, body
-
-    def json(self):
-        return json.loads(self.body)
-
-
-class NoAnswer(Exception):
-    """No response came back. `sent`: the request went out, so the daemon may have acted on it."""
-
-    def __init__(self, message: str, sent: bool):
-        super().__init__(message)
-        self.sent = sent
-
-
-def _head_and_body(sock: socket.socket, buffer: bytearray, deadline: float, until_close: bool) -> Response:
-    while b"\r\n\r\n" not in buffer:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed before a response")
-        buffer += chunk
-    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ")[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "-1"))
-    body = bytearray(rest)
-    if status in (100,):
-        buffer[:] = body
-        return _head_and_body(sock, buffer, deadline, until_close)
-    while (until_close or length < 0) or len(body) < length:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    if length >= 0 and not until_close:
-        buffer[:] = body[length:]
-        body = body[:length]
-    else:
-        buffer.clear()
-    response = Response(status, headers, bytes(body))
-    response.length_ok = length < 0 or length == len(body)
-    return response
-
-
-def http(port: int, method: str, target: str, body: bytes | None = None, headers: dict | None = None,
-         timeout: float = IO_TIMEOUT) -> Response:
-    """One request with Connection: close; the body is read to the end, so a wrong Content-Length shows."""
-    lines = [f"{method} {target} HTTP/1.1", "Host: chaos", "Connection: close"]
-    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-    if body is not None:
-        lines.append(f"Content-Length: {len(body)}")
-    raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + (body or b"")
-    try:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    except OSError as exc:
-        raise NoAnswer(f"connect: {exc}", sent=False) from None
-    with sock:
-        try:
-            sock.sendall(raw)
-        except OSError as exc:
-            raise NoAnswer(f"send: {exc}", sent=True) from None
-        try:
-            return _head_and_body(sock, bytearray(), time.monotonic() + timeout, until_close=True)
-        except (OSError, ValueError, IndexError) as exc:
-            raise NoAnswer(f"no response: {exc}", sent=True) from None
-
-
-class KeepAlive:
-    """A publisher that keeps its connection between publishes, as a backend does."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self.sock = None
-        self.buffer = bytearray()
-
-    def request(self, target: str, body: bytes, headers: dict) -> Response:
-        if self.sock is not None and select.select([self.sock], [], [], 0)[0]:
-            # Readable while idle: the server closed it (keepalive_timeout, a stop). A client must not send a
-            # request into that race, so, like every HTTP client library, open a new connection.
-            self.close()
-        if self.sock is None:
-            try:
-                self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=IO_TIMEOUT)
-            except OSError as exc:
-                raise NoAnswer(f"connect: {exc}", sent=False) from None
-            self.buffer = bytearray()
-        lines = [f"POST {target} HTTP/1.1", "Host: chaos", f"Content-Length: {len(body)}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        try:
-            self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-            response = _head_and_body(self.sock, self.buffer, time.monotonic() + IO_TIMEOUT, until_close=False)
-        except (OSError, ValueError, IndexError) as exc:
-            self.close()
-            raise NoAnswer(f"keep-alive: {exc}", sent=True) from None
-        if response.headers.get("connection", "").lower() == "close":
-            self.close()
-        return response
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
 
 
 # =================================================================================================================
@@ -1038,7 +143,7 @@ class Watch:
     def describe(self) -> str:
         names = "all" if len(self.names) == len(NAMES) else ",".join(sorted(self.names))
         return (f"stream #{self.number} on {self.instance.name} [{self.why}; names={names}; "
-                f"Last-Event-ID={self.last_id!r} -> {self.start}]")
+                f"Last-Event-ID={self.last_id!r} -> {self.start.value}]")
 
     def open(self) -> bool:
         return not self.stream.ended and self.closed_by is None and self.end_expected is None
@@ -1047,6 +152,120 @@ class Watch:
 # =================================================================================================================
 # The runner.
 # =================================================================================================================
+
+class Faults:
+    """Every fault a run can inject, what is active right now, and how often each kind was injected.
+
+    Owns the machinery: the tmpfs holder (file modes: the history file lives on a disk the test fills), the
+    redis-server and the TCP proxy between it and the daemons (Redis modes), and the strace wrappers that make a
+    daemon lifetime's fsync or write calls on the history file fail. The runner decides when; this class does it
+    and remembers, so `store_fault()` can say whether a 503 is explained."""
+
+    def __init__(self, mode: str, workdir: str):
+        self.mode = mode
+        self.workdir = workdir
+        self.counts: dict[str, int] = {}
+        self.holder: TmpfsHolder | None = None
+        self.redis: RedisServer | None = None
+        self.proxy: TcpProxy | None = None
+        self.disk_full = False
+        self.redis_down = False
+        self.link = None  # "reset" or "blackhole" while the link to Redis is cut
+
+    def injected(self, kind: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def start(self) -> None:
+        if self.mode.startswith("file"):
+            self.holder = TmpfsHolder(os.path.join(self.workdir, "disk"), TMPFS_SIZE)
+            self.holder.start()
+        if self.mode.startswith("redis"):
+            self.redis = RedisServer(os.path.join(self.workdir, "redis"), persistent=self.mode == "redis-aof")
+            self.redis.start()
+            self.proxy = TcpProxy(self.redis.socket).start()
+
+    def stop(self, keep_disk: bool = False) -> None:
+        if self.proxy:
+            self.proxy.stop()
+        if self.redis:
+            self.redis.stop("kill")
+        if self.holder:
+            if keep_disk:  # the tmpfs dies with its namespace: keep its files for the report
+                kept = os.path.join(self.workdir, "disk-at-exit")
+                with contextlib.suppress(OSError):
+                    shutil.copytree(self.holder.path(""), kept, ignore=shutil.ignore_patterns("filler"))
+            self.holder.stop()
+
+    @property
+    def redis_unreachable(self) -> bool:
+        return self.redis_down or self.link is not None
+
+    def store_fault(self, wrapper: str) -> bool:
+        """A fault is active that may make a publish answer 503 (`wrapper`: the daemon lifetime's)."""
+        return self.disk_full or wrapper != "plain" or self.redis_unreachable
+
+    def history_path(self) -> str:
+        return os.path.join(self.holder.directory, "history.log")
+
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.proxy.port}/0"
+
+    def wrapper(self, kind: str, when: str) -> list[str]:
+        """The argv in front of `python3 -m sseserver`: into the tmpfs namespace, and for a "fsync" or "write"
+        lifetime under strace, which makes that call on the history file fail from invocation `when` on (counted
+        per thread, see `man strace`; -P limits it to the history file, never a socket or the log)."""
+        argv = self.holder.enter() if self.holder else []
+        if kind in ("fsync", "write"):
+            path = self.history_path()
+            error = "EIO" if kind == "fsync" else "ENOSPC"
+            argv += [shutil.which("strace") or "strace", "-f", "--seccomp-bpf", "-qq", "-o", "/dev/null",
+                     "-e", f"trace={kind}", "-P", path, "-P", path + ".compact",
+                     "-e", f"inject={kind}:error={error}:when={when}"]
+            self.injected(f"{kind} errors (strace inject when={when})")
+        return argv
+
+    def fill_disk(self, free: int) -> None:
+        self.holder.fill(free)
+        self.disk_full = True
+        self.injected("disk full")
+
+    def free_disk(self) -> None:
+        self.holder.free()
+        self.disk_full = False
+
+    def stop_redis(self, how: str) -> bool:
+        """Stop redis-server; True when its data is gone with it (no persistence)."""
+        self.redis.stop(how)
+        self.redis_down = True
+        persistence = "AOF" if self.redis.persistent else "no persistence"
+        self.injected(f"redis {'SIGTERM' if how == 'term' else 'kill -9'} ({persistence})")
+        return not self.redis.persistent
+
+    def start_redis(self) -> None:
+        self.redis.start()
+        self.redis_down = False
+
+    def flushall(self) -> None:
+        self.redis.command("FLUSHALL")
+        self.injected("redis FLUSHALL")
+
+    def cut_link(self, how: str) -> None:
+        self.link = how
+        self.proxy.cut(how)
+        self.injected(f"redis link cut ({how})")
+
+    def restore_link(self) -> None:
+        self.proxy.restore()
+        self.link = None
+
+    def redis_stream(self) -> list | None:
+        """The shared stream's entries as [(id, {field: value})], or None when Redis cannot say."""
+        try:
+            entries = self.redis.command("XRANGE", "sseserver:events", "-", "+")
+        except (OSError, RedisReplyError):
+            return None
+        return [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in entries or []]
+
 
 @dataclasses.dataclass
 class Violation:
@@ -1071,7 +290,6 @@ class Chaos:
         self.model = Model(mode)
         self.violations: list[Violation] = []
         self.executed: list[tuple[int, Op]] = []
-        self.faults: dict[str, int] = {}
         self.stats: dict[str, int] = {}
         self.step = -1
         self.workdir = workdir or tempfile.mkdtemp(prefix=f"chaos-{mode}-{seed}-")
@@ -1083,11 +301,7 @@ class Chaos:
         self.retired: list[Watch] = []
         self.watch_numbers = 0
         self.reader = None
-        self.holder = None
-        self.redis = None
-        self.proxy = None
-        self.disk_full = False
-        self.redis_fault = None  # "down", "reset", "blackhole", or None
+        self.faults = Faults(mode, self.workdir)
         self.previous_ids: list[int] = []  # last ids of earlier lifetimes/epochs ("previous" Last-Event-IDs)
         self.started = time.monotonic()
 
@@ -1099,7 +313,7 @@ class Chaos:
         print(f"VIOLATION {violation}", file=self.out, flush=True)
 
     def fault(self, kind: str) -> None:
-        self.faults[kind] = self.faults.get(kind, 0) + 1
+        self.faults.injected(kind)
 
     def count(self, kind: str, n: int = 1) -> None:
         self.stats[kind] = self.stats.get(kind, 0) + n
@@ -1128,6 +342,9 @@ class Chaos:
                 self.step = index
                 self.executed.append((index, op))
                 self.log(f"step {index}: {op}")
+                if not self.verbose and index and index % PROGRESS_EVERY == 0:
+                    print(f"  ... step {index}, {time.monotonic() - self.started:.0f}s, "
+                          f"{len(self.violations)} violations", file=self.out, flush=True)
                 self.apply(op)
                 self.check()
                 if self.violations and not self.keep_going:
@@ -1144,18 +361,9 @@ class Chaos:
 
     def setup(self) -> None:
         self.reader = StreamReader()
-        if self.file_mode:
-            self.holder = TmpfsHolder(os.path.join(self.workdir, "disk"), TMPFS_SIZE)
-            self.holder.start()
-        if self.redis_mode:
-            self.redis = RedisServer(os.path.join(self.workdir, "redis"), persistent=self.mode == "redis-aof")
-            self.redis.start()
-            self.proxy = TcpProxy(self.redis.socket).start()
+        self.faults.start()
         self.write_config()
         self.start_instance(self.instances[0], "plain")
-
-    def history_path(self) -> str:
-        return os.path.join(self.holder.directory, "history.log")
 
     def write_config(self) -> None:
         values = {
@@ -1171,10 +379,10 @@ class Chaos:
             "access_log": True,
         }
         if self.file_mode:
-            values.update(history_file=self.history_path(), history_fsync=self.mode.split("-")[1],
+            values.update(history_file=self.faults.history_path(), history_fsync=self.mode.split("-")[1],
                           history_fsync_interval=FSYNC_INTERVAL)
         if self.redis_mode:
-            values["redis_url"] = f"redis://127.0.0.1:{self.proxy.port}/0"
+            values["redis_url"] = self.faults.redis_url()
         if self.config["tokens"]:
             values["publish_tokens"] = [PUBLISH_TOKEN]
             values["subscribe_tokens"] = [SUBSCRIBE_TOKEN, f"{SCOPED_TOKEN} {SCOPE}"]
@@ -1183,24 +391,14 @@ class Chaos:
             handle.write(render_config(values))
         os.replace(temp, self.config_path)  # a reload never reads half a file
 
-    def wrapper_argv(self, wrapper: str, when: str = "1+") -> list[str]:
-        argv = self.holder.enter() if self.holder else []
-        if wrapper in ("fsync", "write"):
-            path = self.history_path()
-            error = "EIO" if wrapper == "fsync" else "ENOSPC"
-            argv += [shutil.which("strace") or "strace", "-f", "--seccomp-bpf", "-qq", "-o", "/dev/null",
-                     "-e", f"trace={wrapper}", "-P", path, "-P", path + ".compact",
-                     "-e", f"inject={wrapper}:error={error}:when={when}"]
-        return argv
-
     def start_instance(self, inst: Instance, wrapper: str, when: str = "1+") -> None:
         inst.lifetime += 1
         inst.wrapper = wrapper
         inst.stopping = False
         inst.keepalive = None
         label = f"instance {inst.slot} lifetime {inst.lifetime}"
-        inst.daemon = DaemonProcess(label, self.config_path, self.log_path, self.wrapper_argv(wrapper, when),
-                                    self.proxy.port if self.proxy else None)
+        inst.daemon = DaemonProcess(label, self.config_path, self.log_path, self.faults.wrapper(wrapper, when),
+                                    self.faults.proxy.port if self.faults.proxy else None)
         inst.history_sizes = {self.config["history_size"]}
         inst.start_history_size = self.config["history_size"]
         if self.mode == "memory":
@@ -1213,9 +411,9 @@ class Chaos:
         self.log(f"{label} listening on {inst.daemon.port} (pid {inst.daemon.pid}, wrapper {wrapper})")
         self.raise_floors()
         inst.keepalive = KeepAlive(inst.daemon.port)
-        if self.redis_mode and self.redis_fault is None:
+        if self.redis_mode and not self.faults.redis_unreachable:
             self.wait_caught_up(inst)
-        if self.redis_mode and self.redis_fault is not None:
+        if self.redis_mode and self.faults.redis_unreachable:
             return  # its follower cannot have the history yet
         # Replay right after a start: a reset and everything retained must come back (the must-set check).
         probe = self.subscribe(inst, None, "garbage-after-start", GARBAGE_IDS[inst.lifetime % len(GARBAGE_IDS)],
@@ -1292,12 +490,7 @@ class Chaos:
                 inst.daemon.kill()
         if self.reader:
             self.reader.stop()
-        if self.proxy:
-            self.proxy.stop()
-        if self.redis:
-            self.redis.stop("kill")
-        if self.holder:
-            self.holder.stop()
+        self.faults.stop(keep_disk=bool(self.violations) or self.keep)
 
     # -- operations ----------------------------------------------------------------------------------------------
 
@@ -1309,11 +502,7 @@ class Chaos:
 
     def store_fault(self, inst: Instance) -> bool:
         """A fault is active that may make a publish answer 503."""
-        if self.file_mode:
-            return self.disk_full or inst.wrapper != "plain"
-        if self.redis_mode:
-            return self.redis_fault is not None
-        return False
+        return self.faults.store_fault(inst.wrapper)
 
     def publish(self, inst: Instance, spec: tuple, keepalive: KeepAlive | None) -> None:
         """One publish, judged by its answer; the model learns what was acknowledged."""
@@ -1464,7 +653,6 @@ class Chaos:
                 params.append(("token", token))
             else:
                 headers["Authorization"] = f"Bearer {token}"
-        from urllib.parse import urlencode
         target = "/subscribe" + ("?" + urlencode(params) if params else "")
         domain = inst.domain if self.mode == "memory" else model.domain
         start = model.classify(last_id, domain, foreign)
@@ -1476,9 +664,9 @@ class Chaos:
         watch.must_floor = must[0] if must else None
         watch.must_count = len(must)
         matching_must = [i for i in must if model.by_id[i].name in accepted]
-        if matching_must and start != "live":
+        if matching_must and start is not Start.LIVE:
             target_id = matching_must[-1]
-            if start == "reset" or target_id > int(last_id):
+            if start is Start.RESET or target_id > int(last_id):
                 watch.replay_target = target_id
         try:
             status, response_headers, stream = open_stream(inst.daemon.port, target, headers, IO_TIMEOUT,
@@ -1567,8 +755,6 @@ class Chaos:
             self.start_instance(inst, wrapper, when)
             return
         self.stop_instance(inst, how, burst)
-        if wrapper != "plain":
-            self.fault(f"{wrapper} errors (strace inject when={when})")
         self.start_instance(inst, wrapper, when)
 
     def stop_instance(self, inst: Instance, how: str, burst=None) -> None:
@@ -1610,7 +796,8 @@ class Chaos:
     def check_graceful_ends(self, inst: Instance, daemon: DaemonProcess) -> None:
         """After SIGTERM: each stream that was being read has every acknowledged matching event (in Redis mode:
         those this instance acknowledged itself), then `retry: N` with N jittered, then the end."""
-        watches = [w for w in self.watches if w.daemon is daemon and not w.stalled and w.closed_by is None]
+        watches = [w for w in self.watches
+                   if w.daemon is daemon and not w.stalled and w.closed_by is None and not w.end_noted]
         self.reader.wait(lambda: all(w.stream.ended for w in watches), IO_TIMEOUT)
         self.validate_all()
         for watch in watches:
@@ -1618,7 +805,10 @@ class Chaos:
             if not stream.ended:
                 self.violate("stream not ended at stop", f"{watch.describe()} still open after the daemon exited")
                 continue
-            match = re.search(rb"retry: (\d+)\n\n$", stream.tail)
+            with self.reader.lock:
+                retries = sum(1 for item in stream.items if isinstance(item, Retry))
+            # The stream began with `retry:` too: only a second one, last, is the farewell.
+            match = re.search(rb"retry: (\d+)\n\n$", stream.tail) if retries >= 2 else None
             if (stream.end_error or not match) and self.explained_as_slow(watch):
                 watch.end_noted = True
                 continue
@@ -1722,13 +912,10 @@ class Chaos:
             self.count("bad requests")
 
     def do_disk_full(self, free: int) -> None:
-        self.holder.fill(free)
-        self.disk_full = True
-        self.fault("disk full")
+        self.faults.fill_disk(free)
 
     def do_disk_free(self) -> None:
-        self.holder.free()
-        self.disk_full = False
+        self.faults.free_disk()
 
     def new_epoch(self, why: str) -> None:
         """Redis lost its data: events acknowledged so far may never arrive anywhere (streams that miss them must
@@ -1740,15 +927,11 @@ class Chaos:
             inst.domain = domain
 
     def do_redis_stop(self, how: str) -> None:
-        self.redis.stop(how)
-        self.redis_fault = "down"
-        self.fault(f"redis {'SIGTERM' if how == 'term' else 'kill -9'} ({'AOF' if self.redis.persistent else 'no persistence'})")
-        if not self.redis.persistent:
+        if self.faults.stop_redis(how):
             self.new_epoch("redis restarted without persistence")
 
     def do_redis_start(self) -> None:
-        self.redis.start()
-        self.redis_fault = None
+        self.faults.start_redis()
         for inst in self.running():
             self.wait_caught_up(inst)
         self.resolve_from_redis()
@@ -1761,16 +944,12 @@ class Chaos:
                   if p.status == MAYBE and p.domain is self.model.domain]
         if not maybes:
             return
-        try:
-            entries = self.redis.command("XRANGE", "sseserver:events", "-", "+")
-        except (OSError, RedisReplyError):
-            return
+        entries = self.faults.redis_stream()
         if not entries:
             return
         stored = {}
-        for entry_id, fields in entries:
-            values = dict(zip(fields[::2], fields[1::2]))
-            match = _TAG.match(values.get("d", ""))
+        for entry_id, values in entries:
+            match = TAG.match(values.get("d", ""))
             if match:
                 stored[match.group(0)] = int(entry_id.split("-")[0])
         oldest = int(entries[0][0].split("-")[0])
@@ -1783,26 +962,19 @@ class Chaos:
                 self.count("maybe-stored publishes absent from Redis")
 
     def do_flushall(self) -> None:
-        self.redis.command("FLUSHALL")
-        self.fault("redis FLUSHALL")
+        self.faults.flushall()
         self.new_epoch("FLUSHALL")
 
     def do_link_cut(self, how: str, burst) -> None:
         inst = self.pick_instance(0.0)
-        self.fault(f"redis link cut ({how})")
         if burst and inst is not None:
             self.fault("link cut during a publish burst")
-            self.run_burst(inst, burst, during=lambda: self._cut(how))
+            self.run_burst(inst, burst, during=lambda: self.faults.cut_link(how))
         else:
-            self._cut(how)
-
-    def _cut(self, how: str) -> None:
-        self.redis_fault = how
-        self.proxy.cut(how)
+            self.faults.cut_link(how)
 
     def do_link_restore(self) -> None:
-        self.proxy.restore()
-        self.redis_fault = None
+        self.faults.restore_link()
         for inst in self.running():
             self.wait_caught_up(inst)
         self.resolve_from_redis()
@@ -1906,13 +1078,13 @@ class Chaos:
                     self.model.promote(publish, event_id)
                     promoted += 1
                 elif publish.status == REFUSED:
-                    publish.status = "refused, yet delivered"
+                    publish.status = Status.DELIVERED_ANYWAY
                     self.violate("refused publish delivered", f"{watch.describe()} received {item!r}, whose publish "
                                  f"was answered with an error (a non-200 must mean 'not published')")
         return promoted
 
     def find_publish(self, item: Event) -> Publish | None:
-        match = _TAG.match(item.data)
+        match = TAG.match(item.data)
         if match:
             return self.model.publishes.get(match.group(0))
         for publish in self.model.publishes.values():  # an empty payload has no tag
@@ -1922,7 +1094,7 @@ class Chaos:
 
     def settle(self) -> None:
         """Wait until every stream being read has received every event it must have by now."""
-        if self.redis_mode and self.redis_fault is not None:
+        if self.redis_mode and self.faults.redis_unreachable:
             return  # events wait in Redis (or are lost) until the link is back; the heal step checks them
         for _ in range(5):
             self.promote_maybes()
@@ -2007,7 +1179,7 @@ class Chaos:
             found = self.find_publish(item)
             self.violate("wrong event", f"{where} received id {event_id} as {item!r}, but that id belongs to "
                          f"{publish.tag} {publish.name!r} {publish.wire[:40]!r}"
-                         + (f"; the data is {found.tag}'s ({found.status}, id {found.id})" if found else ""))
+                         + (f"; the data is {found.tag}'s ({found.status.value}, id {found.id})" if found else ""))
             return
         if item.name not in watch.names:
             self.violate("filter", f"{where} received {item!r}, which its filter excludes")
@@ -2030,7 +1202,7 @@ class Chaos:
     def validate_first(self, watch: Watch, publish: Publish, event_id: int) -> None:
         """The first event of a stream: where the replay (or the live part) must begin."""
         where = watch.describe()
-        if watch.start == "reset" and not watch.leading_reset:
+        if watch.start is Start.RESET and not watch.leading_reset:
             self.violate("missing reset", f"{where}: first event {event_id} without the sseserver.reset that a "
                          f"Last-Event-ID the daemon cannot honour requires")
             return
@@ -2038,7 +1210,7 @@ class Chaos:
             if not watch.gap_ok:
                 self.check_gap(watch, watch.prev, event_id, "after the reset")
             return
-        if watch.start in ("exact", "either"):
+        if watch.start in (Start.EXACT, Start.EITHER):
             self.count("exact replays checked")
             self.check_gap(watch, int(watch.last_id), event_id, "replay after Last-Event-ID")
             return
@@ -2080,10 +1252,10 @@ class Chaos:
                          f"{watch.last_event}")
             return
         fresh = not watch.seen_any and not watch.leading_reset and not watch.resets
-        if not watch.seen_any and watch.start == "reset" and not watch.leading_reset:
+        if not watch.seen_any and watch.start is Start.RESET and not watch.leading_reset:
             self.violate("missing reset", f"{where}: a heartbeat id came before the sseserver.reset that a "
                          f"Last-Event-ID the daemon cannot honour requires")
-        elif fresh and watch.start in ("exact", "either"):
+        elif fresh and watch.start in (Start.EXACT, Start.EITHER):
             self.check_gap(watch, int(watch.last_id), cursor + 1, "heartbeat cursor after Last-Event-ID")
         elif fresh:
             self.check_live_start(watch, cursor + 1)
@@ -2106,7 +1278,7 @@ class Chaos:
         self.count("resets")
         # The replay's reset carries an `id:` (where a reconnect resumes); a gap notice does not.
         leading = (not watch.seen_any and not watch.leading_reset and not watch.resets
-                   and watch.start in ("reset", "either") and item.own_id)
+                   and watch.start in (Start.RESET, Start.EITHER) and item.own_id)
         if leading:
             watch.leading_reset = True
         else:
@@ -2118,7 +1290,7 @@ class Chaos:
                 return
             if watch.seen_any:
                 self.violate("reset mid-stream", f"{where}: sseserver.reset after events: {item!r}")
-            elif watch.start == "exact":
+            elif watch.start is Start.EXACT:
                 self.violate("needless reset", f"{where}: sseserver.reset although the daemon must still hold "
                              f"Last-Event-ID {watch.last_id} (replay must be exact): {item.data}")
             else:
@@ -2238,12 +1410,12 @@ class Chaos:
         newest = domain.ids[-1] if domain.ids else None
         last = health.get("last_event_id")
         last_value = int(last) if isinstance(last, str) and last.isdigit() else None
-        if newest is not None and not (self.redis_mode and self.redis_fault is not None):
+        if newest is not None and not (self.redis_mode and self.faults.redis_unreachable):
             if last_value is None or last_value < newest:
                 return f"last_event_id {last!r}, but {newest} was acknowledged"
             if last_value != newest and not self.redis_mode and not domain.refused:
                 return f"last_event_id {last!r}, but the newest event is {newest}"
-        if self.redis_mode and self.redis_fault is None and health.get("redis") not in (None, "up"):
+        if self.redis_mode and not self.faults.redis_unreachable and health.get("redis") not in (None, "up"):
             return f"redis {health.get('redis')!r} although Redis is reachable"
         retained = health.get("history_size")
         must = len(domain.must())
@@ -2272,11 +1444,11 @@ class Chaos:
 
     def finish(self) -> None:
         """Heal every fault, then every client leaves (fds and threads back to baseline), then SIGTERM."""
-        if self.disk_full:
+        if self.faults.disk_full:
             self.do_disk_free()
-        if self.redis_mode and self.redis_fault == "down":
+        if self.faults.redis_down:
             self.do_redis_start()
-        elif self.redis_mode and self.redis_fault:
+        if self.faults.link:
             self.do_link_restore()
         self.check()
         self.do_quiesce()
@@ -2290,7 +1462,7 @@ class Chaos:
         published = sum(1 for p in self.model.publishes.values() if p.status == ACKED)
         print(f"chaos summary: mode={self.mode} seed={self.seed}: {len(self.executed)} steps in {elapsed:.1f}s, "
               f"{published} events acknowledged, {self.stats.get('streams opened', 0)} streams", file=out)
-        print("  faults injected: " + (", ".join(f"{k} x{v}" for k, v in sorted(self.faults.items())) or "none"),
+        print("  faults injected: " + (", ".join(f"{k} x{v}" for k, v in sorted(self.faults.counts.items())) or "none"),
               file=out)
         print("  observed: " + (", ".join(f"{k} x{v}" for k, v in sorted(self.stats.items())) or "nothing"), file=out)
         if not self.violations:
