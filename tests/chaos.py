@@ -714,6 +714,16 @@ class Chaos:
         self.reader.close(watch.stream, how)
         self.fault(f"client disconnect ({how.upper()})")
 
+    def do_stall(self, pick: float) -> None:
+        """A reader that stops reading in the middle of its stream: it must be dropped as slow or keep up, and
+        never hold up anyone else."""
+        watch = self.pick_watch(pick, lambda w: w.open() and not w.stalled)
+        if watch is None:
+            return
+        watch.stalled = watch.was_stalled = True
+        self.reader.pause(watch.stream)
+        self.fault("stalled reader (mid-stream)")
+
     def do_resume(self, pick: float) -> None:
         watch = self.pick_watch(pick, lambda w: w.stalled and w.closed_by is None)
         if watch is None:

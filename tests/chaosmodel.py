@@ -113,7 +113,7 @@ class Planner:
             self.link = 2
             return Op("publish", {"instance": round(rng.random(), 4), "payload": self.payload(), "keepalive": False})
         choices = {
-            "publish": 30, "burst": 5, "subscribe": 16, "disconnect": 8, "resume": 3, "reload": 4,
+            "publish": 30, "burst": 5, "subscribe": 16, "disconnect": 8, "stall": 2, "resume": 3, "reload": 4,
             "restart": 4, "quiesce": 2, "bad_requests": 3,
         }
         if self.file:
@@ -150,6 +150,9 @@ class Planner:
 
     def op_disconnect(self) -> Op:
         return Op("disconnect", {"pick": round(self.rng.random(), 4), "how": self.rng.choice(("fin", "rst"))})
+
+    def op_stall(self) -> Op:
+        return Op("stall", {"pick": round(self.rng.random(), 4)})
 
     def op_resume(self) -> Op:
         return Op("resume", {"pick": round(self.rng.random(), 4)})

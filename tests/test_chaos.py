@@ -16,7 +16,7 @@ from tests.support import REQUIRE_ALL, require_binary
 
 # The budget: SEEDS x STEPS per mode. Each mode takes 5-20 s on the 2-core CI machine (restarts, strace and Redis
 # faults dominate); the six together stay well under the suite's share of 2.5 minutes.
-SEEDS = (1, 2)
+SEEDS = (1, 2, 3)
 STEPS = 120
 
 
