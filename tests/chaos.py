@@ -118,6 +118,7 @@ class Watch:
         self.number = number
         self.instance = instance
         self.daemon = instance.daemon
+        self.where = instance.name  # the instance and lifetime it was opened on (the instance moves on)
         self.stream = stream
         self.names = names
         self.last_id = last_id
@@ -149,7 +150,7 @@ class Watch:
 
     def describe(self) -> str:
         names = "all" if len(self.names) == len(NAMES) else ",".join(sorted(self.names))
-        return (f"stream #{self.number} on {self.instance.name} [{self.why}; names={names}; "
+        return (f"stream #{self.number} on {self.where} [{self.why}; names={names}; "
                 f"Last-Event-ID={self.last_id!r} -> {self.start.value}]")
 
     def open(self) -> bool:
@@ -1280,7 +1281,7 @@ class Chaos:
             self.check_gap(watch, int(watch.last_id), cursor + 1, "heartbeat cursor after Last-Event-ID")
         elif fresh:
             self.check_live_start(watch, cursor + 1)
-        elif not watch.gap_ok and watch.prev is not None:
+        elif not watch.gap_ok:
             self.check_gap(watch, watch.prev, cursor + 1, "heartbeat cursor")
         watch.prev = cursor
         watch.gap_ok = False
@@ -1327,11 +1328,10 @@ class Chaos:
                 self.violate("reset format", f"{where}: reset echoes last_event_id {echoed!r}, sent "
                              f"{watch.last_id!r}")
         if oldest is None:
-            watch.prev = None
             if watch.must_count:
                 self.violate("retained too few", f"{where}: reset says nothing is retained, but "
                              f"{watch.must_count} events (from id {watch.must_floor}) must be")
-            watch.prev = watch.sure_max_id
+            watch.prev = None  # nothing to replay: from here on it is a live stream (check_live_start)
             watch.gap_ok = False
             return
         if not (isinstance(oldest, str) and oldest.isdigit()):
