@@ -315,6 +315,17 @@ class StreamReader:
                 stream.sock.close()  # nothing more can come; the test keeps only what was read
             self.changed.notify_all()
 
+    def _watch(self, stream: Stream) -> None:
+        # A stalled reader was opened with a tiny SO_RCVBUF (so that it fills fast). Reading on with it, a ~2 KB
+        # window and delayed ACKs would crawl at a few KB/s and look like a stuck server: give it a normal buffer.
+        try:
+            stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        except OSError:
+            pass
+        stream.sock.setblocking(False)
+        self._selector.register(stream.sock, selectors.EVENT_READ, stream)
+        stream.active = True
+
     def _unwatch(self, stream: Stream) -> None:
         if stream.active:
             stream.active = False
@@ -327,9 +338,7 @@ class StreamReader:
         with self.changed:
             if kind == "resume":
                 if not stream.active and not stream.ended and not stream.closed:
-                    stream.sock.setblocking(False)
-                    self._selector.register(stream.sock, selectors.EVENT_READ, stream)
-                    stream.active = True
+                    self._watch(stream)
             elif kind == "pause":
                 self._unwatch(stream)
             elif kind == "fin" and not stream.closed:
@@ -340,9 +349,7 @@ class StreamReader:
                     except OSError:
                         pass
                     if not stream.active:  # keep reading until the server closes: that is a FIN's contract
-                        stream.sock.setblocking(False)
-                        self._selector.register(stream.sock, selectors.EVENT_READ, stream)
-                        stream.active = True
+                        self._watch(stream)
             elif kind == "rst" and not stream.closed and not stream.ended:
                 stream.closed = True
                 self._unwatch(stream)
