@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 
 from . import framing
+from .errors import StoreError
 
 
 RESET_EVENT = "sseserver.reset"
@@ -122,10 +123,6 @@ def parse_event_id(text: str) -> int | None:
     if text and len(text) <= 20 and text.isascii() and text.isdigit():
         return int(text)
     return None
-
-
-class StoreError(Exception):
-    """The durable history could not store an event: it must not be acknowledged."""
 
 
 def lifetime_first_id() -> int:

@@ -45,7 +45,7 @@ import queue
 import threading
 import time
 
-from .bouncer import StoreError
+from .errors import OutcomeUnknown, StoreError
 from .resp import Connection, RedisError, RedisUnavailable, parse_url
 
 log = logging.getLogger("sseserver.cluster")
@@ -140,9 +140,9 @@ class RedisBridge:
                 break
 
     def publish(self, data: str, name: str) -> int:
-        """Store the event in the shared stream and return its id. StoreError when Redis cannot store it:
-        nothing is acknowledged that Redis does not hold. (A reply lost after the command was sent is a
-        StoreError too, although Redis may have stored the event: see README "Scale-out".)"""
+        """Store the event in the shared stream and return its id. StoreError when Redis did not store it:
+        nothing is acknowledged that Redis does not hold. OutcomeUnknown when the command was sent but no reply
+        came (the link failed, or Redis stalled past COMMAND_TIMEOUT): Redis may have stored it."""
         args = (1, self.stream_key, self.maxlen, self._floor(), name, data)
 
         def run_script(connection: Connection):
@@ -158,6 +158,8 @@ class RedisBridge:
         except RedisUnavailable as exc:
             self.up = False
             self.last_error = str(exc)
+            if not exc.unsent:
+                raise OutcomeUnknown(f"Redis did not answer ({exc})") from None
             raise StoreError(f"Redis is unavailable ({exc})") from None
         except RedisError as exc:
             raise StoreError(f"Redis refused the event: {exc}") from None

@@ -16,5 +16,15 @@ class HTTPError(Exception):
         self.close = close
 
 
+class StoreError(Exception):
+    """The event could not be stored (history file, Redis): it is not published, and the publisher gets 503."""
+
+
+class OutcomeUnknown(StoreError):
+    """The event was sent to the store but no answer came (a reply lost with its connection, a store that
+    stalled past the timeout): it may have been stored, and then it is delivered. The publisher gets 504, never
+    503, which always means "not published"."""
+
+
 class ClientGone(Exception):
     """The peer closed or reset the connection, or sent nothing in time: nothing can be answered."""

@@ -20,8 +20,7 @@ from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlencode
 
 from . import __version__, access, framing, metrics, page
-from .bouncer import StoreError
-from .errors import ClientGone, HTTPError
+from .errors import ClientGone, HTTPError, OutcomeUnknown, StoreError
 from .request import Request, RequestReader, body_length, parse_head
 
 log = logging.getLogger("sseserver.http")
@@ -239,6 +238,10 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(400, "body is not valid UTF-8") from None
         try:
             event_id, count = server.publish(data, name)
+        except OutcomeUnknown as exc:
+            log.error("publish unconfirmed: %s", exc)
+            raise HTTPError(504, "the store did not confirm the event in time; it may have been published",
+                            headers=(("Retry-After", "1"),)) from None
         except StoreError as exc:
             log.error("publish refused: %s", exc)
             raise HTTPError(503, "could not store the event; it was not published",

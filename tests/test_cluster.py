@@ -104,6 +104,21 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def redis_stalls(redis) -> bool:
+    """True while redis-server takes commands but does not answer them (DEBUG SLEEP)."""
+    try:
+        connection = resp.Connection(resp.parse_url(redis.url(password=redis.password)), 0.3)
+    except resp.RedisUnavailable:
+        return False
+    try:
+        connection.command("PING")
+        return False
+    except resp.RedisUnavailable:
+        return True
+    finally:
+        connection.close()
+
+
 def publish(port, data, event=None):
     status, _, body = request(port, "POST", "/publish" + (f"?event={event}" if event else ""), data)
     return status, json.loads(body)
@@ -316,6 +331,29 @@ class RedisFaultTest(unittest.TestCase):
                 self.assertEqual([e.type for e in events], ["message", "sseserver.reset"] + ["message"] * 5)
                 self.assertEqual([e.data for e in events[:1] + events[2:]],
                                  ["before 2", "after the flush"] + [f"later {i}" for i in range(4)])
+
+    def test_a_redis_that_stalls_past_the_timeout_gets_504_may_have_been_published_never_503(self):
+        """A 503 means "not published". A command Redis received but did not answer in time may still run: that
+        is a 504, and the event may then arrive (exactly once)."""
+        redis = RedisServer().start("--enable-debug-command", "yes")
+        self.addCleanup(redis.cleanup)
+        with daemon_process("--port", "0", "-c", self.config(redis)) as (process, port):
+            with SSEClient(port) as client:
+                wait_for_subscribers(port, 1)
+                published_id(port, "warm")  # a pooled connection exists, so the next publish is sent at once
+                self.assertEqual(client.read_events(1)[0].data, "warm")
+                stall = threading.Thread(target=redis.command, args=("DEBUG", "SLEEP", "7"))
+                stall.start()
+                wait_until(lambda: redis_stalls(redis), what="redis-server to stall")
+                status, reply = publish(port, "during the stall")
+                stall.join(IO_TIMEOUT + 10)
+                self.assertEqual(status, 504, reply)
+                self.assertIn("may have been published", reply["error"])
+                # Redis ran it once the stall ended: the event arrives once, and nothing said it was not published.
+                self.assertEqual(client.read_events(1, timeout=IO_TIMEOUT + 10)[0].data, "during the stall")
+                after = published_id(port, "after")
+                self.assertEqual([(e.data, int(e.id)) for e in client.read_events(1)], [("after", after)])
+                stop_daemon(process)
 
     def test_a_restart_without_persistence_resets_open_streams_and_later_events_arrive(self):
         redis = self.start_redis(persistent=False)
