@@ -23,6 +23,12 @@ stream). The follower passes it to Bouncer.ingest(), which puts an in-band ssese
 was cut off, or never replicated) and open streams must be told instead of silently skipping them. Entries
 written by an older version have no `p` and count as contiguous.
 
+The origin rule: each entry also carries `r`, the run_id of the Redis that wrote it ("aof" when that Redis keeps
+an append-only file, whose restarts lose nothing fsynced). When `r` changes between two entries, a Redis without
+an AOF restarted from an older snapshot, or a replica took over: entries may have been lost that this instance
+(paused, cut off, or started later) never read, so no `p` could show it. That is a gap too. With an AOF a
+restart keeps the stream and produces no reset.
+
 What `p` cannot show: entries lost before this instance read them, when nothing after them shows the loss (a
 failover to a replica that never got the newest entries: the next entry's `p` is the replica's last one, which
 this instance has read). For its own publishes an instance knows better: it remembers the ids it acknowledged
@@ -59,9 +65,15 @@ if #last > 0 then
   prev = tonumber(string.match(last[1][1], '^(%d+)'))
 end
 local id = math.max(prev + 1, tonumber(ARGV[2]))
+-- Which Redis wrote the entry: its run_id, unless it keeps an append-only file (a restart then loses nothing
+-- that was fsynced). A change between two entries means a restart from a snapshot or a failover in between.
+local origin = 'aof'
+if string.match(redis.call('INFO', 'persistence'), 'aof_enabled:(%d)') ~= '1' then
+  origin = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+end
 local function add(at)
   return redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], string.format('%.0f', at) .. '-0',
-                     'p', string.format('%.0f', prev), 'n', ARGV[3], 'd', ARGV[4])
+                     'p', string.format('%.0f', prev), 'r', origin, 'n', ARGV[3], 'd', ARGV[4])
 end
 local added = add(id)
 if type(added) == 'table' and added.err then
@@ -112,6 +124,7 @@ class RedisBridge:
         self.last_seen = "0-0"  # the follower starts at the beginning, so a new instance gets the history
         self._highest = 0  # the highest id this instance has seen or assigned: part of the publish floor
         self._read = 0  # the highest id the follower has read back
+        self._origin: bytes | None = None  # the `r` of the last entry read: which Redis wrote it
         self._unconfirmed: collections.deque[int] = collections.deque()  # own acknowledged ids above _read, ascending
         self._highest_lock = threading.Lock()
         self._beat = time.monotonic()  # when the follower's loop last came round (healthy())
@@ -318,6 +331,14 @@ class RedisBridge:
             event_id = int(entry_id.split(b"-")[0])
             prev = values.get(b"p")
             prev_id = int(prev) if prev is not None and prev.isdigit() else None  # None: an older writer
+            origin = values.get(b"r")
+            if origin is not None and self._origin is not None and origin != self._origin:
+                # A Redis without an append-only file restarted from an older snapshot, or a replica took over:
+                # its newest entries may be gone, and this instance may never have read them. Be told.
+                log.warning("the stream's writer changed (a Redis restart or failover): streams get a reset")
+                prev_id = -1
+            if origin is not None:
+                self._origin = origin
             lost = self._read_back(event_id)
             if lost is not None:
                 log.error("event %d, acknowledged by this instance, is not in the stream: Redis lost it", lost)

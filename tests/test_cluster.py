@@ -355,6 +355,31 @@ class RedisFaultTest(unittest.TestCase):
                 self.assertEqual([(e.data, int(e.id)) for e in client.read_events(1)], [("after", after)])
                 stop_daemon(process)
 
+    def test_a_restart_from_an_older_snapshot_is_a_reset_even_for_an_instance_that_never_saw_the_lost_events(self):
+        """Redis without an append-only file restarts from a snapshot taken before the newest events. An instance
+        that starts afterwards never saw those events, and the stream's predecessor chain shows no hole: only the
+        change of the entries' writer (`r`) tells it, and a client resuming there must get a reset."""
+        redis = self.start_redis(persistent=False)
+        config = self.config(redis)
+        with daemon_process("--port", "0", "-c", config) as (first, port_a):
+            kept = [published_id(port_a, f"kept {i}") for i in range(3)]
+            redis.command("SAVE")
+            lost = [published_id(port_a, f"lost {i}") for i in range(3)]
+            redis.restart()  # loads the snapshot: the "lost" entries are gone
+            self.assertEqual(len(redis.command("XRANGE", STREAM_KEY, "-", "+")), 3)
+            wait_until(lambda: redis_is_up(port_a), RECOVERY_TIMEOUT, "the follower on the restarted redis")
+            after = published_id(port_a, "after the restart")
+            self.assertGreater(after, lost[-1])
+            with daemon_process("--port", "0", "-c", config) as (second, port_b):
+                wait_until(lambda: redis_is_up(port_b), RECOVERY_TIMEOUT, "the late instance following")
+                with SSEClient(port_b, headers={"Last-Event-ID": str(kept[1])}) as resumed:
+                    events = resumed.read_events(3)
+                    self.assertEqual([(e.type, e.data) for e in events[:1] + events[2:]],
+                                     [("message", "kept 2"), ("message", "after the restart")])
+                    self.assertEqual(events[1].type, "sseserver.reset")
+                stop_daemon(second)
+            stop_daemon(first)
+
     def test_a_restart_without_persistence_resets_open_streams_and_later_events_arrive(self):
         redis = self.start_redis(persistent=False)
         with daemon_process("--port", "0", "-c", self.config(redis)) as (_, port):
