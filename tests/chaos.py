@@ -639,10 +639,10 @@ class Chaos:
         if inst is None:
             return
         last_id, foreign = self.resolve_last_id(last, pick, inst)
-        self.subscribe(inst, names, last, last_id, foreign, query, scoped, stalled)
+        self.subscribe(inst, names, last, last_id, foreign, query, scoped, stalled, from_stream=last == "current")
 
     def subscribe(self, inst: Instance, names, why: str, last_id: str | None, foreign: bool, query: bool,
-                  scoped: bool, stalled: bool) -> Watch | None:
+                  scoped: bool, stalled: bool, from_stream: bool = False) -> Watch | None:
         model = self.model
         tokens = self.config["tokens"]
         accepted = frozenset(names) if names else frozenset(NAMES)
@@ -664,7 +664,7 @@ class Chaos:
                 headers["Authorization"] = f"Bearer {token}"
         target = "/subscribe" + ("?" + urlencode(params) if params else "")
         domain = inst.domain if self.mode == "memory" else model.domain
-        start = model.classify(last_id, domain, foreign)
+        start = model.classify(last_id, domain, foreign, from_stream)
         self.watch_numbers += 1
         gap_space = domain if self.mode == "memory" else model.everything
         watch = Watch(self.watch_numbers, inst, None, accepted, last_id, start, domain, gap_space, model.tick(),
@@ -934,7 +934,8 @@ class Chaos:
         self.faults.fill_disk(free)
 
     def do_disk_free(self) -> None:
-        self.faults.free_disk()
+        if self.faults.disk_full:
+            self.faults.free_disk()
 
     def new_epoch(self, why: str) -> None:
         """Redis lost its data: events acknowledged so far may never arrive anywhere (streams that miss them must
@@ -945,11 +946,18 @@ class Chaos:
         for inst in self.instances:
             inst.domain = domain
 
+    # A subset of a plan (--only, --minimize) can ask for a fault in a state the whole plan never produces (a
+    # FLUSHALL while Redis is down): such an operation does nothing.
+
     def do_redis_stop(self, how: str) -> None:
+        if self.faults.redis_down:
+            return
         if self.faults.stop_redis(how):
             self.new_epoch("redis restarted without persistence")
 
     def do_redis_start(self) -> None:
+        if not self.faults.redis_down:
+            return
         self.faults.start_redis()
         for inst in self.running():
             self.wait_caught_up(inst)
@@ -967,12 +975,21 @@ class Chaos:
         if not entries:
             return
         stored = {}
+        untagged = []  # (id, name) of stored events with empty data: those carry no tag
         for entry_id, values in entries:
+            event_id = int(entry_id.split("-")[0])
             match = TAG.match(values.get("d", ""))
             if match:
-                stored[match.group(0)] = int(entry_id.split("-")[0])
+                stored[match.group(0)] = event_id
+            elif values.get("d") == "" and event_id not in self.model.by_id:
+                untagged.append((event_id, values.get("n")))
         oldest = int(entries[0][0].split("-")[0])
         for publish in maybes:
+            if not publish.wire:  # an empty publish: any unclaimed empty entry of its name above its floor
+                found = next((i for i, name in untagged if name == publish.name and i > publish.id_floor), None)
+                if found is not None:
+                    untagged.remove((found, publish.name))
+                    stored[publish.tag] = found
             if publish.tag in stored:
                 self.model.promote(publish, stored[publish.tag])
                 self.raise_floors()
@@ -982,10 +999,14 @@ class Chaos:
                 self.count("maybe-stored publishes absent from Redis")
 
     def do_flushall(self) -> None:
+        if self.faults.redis_unreachable:
+            return
         self.faults.flushall()
         self.new_epoch("FLUSHALL")
 
     def do_link_cut(self, how: str, burst) -> None:
+        if self.faults.redis_unreachable:
+            return
         inst = self.pick_instance(0.0)
         if burst and inst is not None:
             self.fault("link cut during a publish burst")
@@ -994,6 +1015,8 @@ class Chaos:
             self.faults.cut_link(how)
 
     def do_link_restore(self) -> None:
+        if not self.faults.link:
+            return
         self.faults.restore_link()
         for inst in self.running():
             self.wait_caught_up(inst)
@@ -1060,6 +1083,8 @@ class Chaos:
         domain = watch.domain if self.mode == "memory" else model.domain
         required = None
         newest = domain.newest(watch.names)
+        if newest is not None and self.redis_mode and newest < domain.floor_id:
+            newest = None  # the shared stream may have trimmed it (MAXLEN ~) before this instance read it
         if newest is not None:
             publish = model.by_id[newest]
             if publish.sent_seq > (watch.sure_seq or 0) and (not own_only or publish.instance == watch.instance.name):
@@ -1109,8 +1134,8 @@ class Chaos:
         match = TAG.match(item.data)
         if match:
             return self.model.publishes.get(match.group(0))
-        for publish in self.model.publishes.values():  # an empty payload has no tag
-            if publish.status == MAYBE and publish.wire == item.data and publish.name == item.name:
+        for publish in list(self.model.publishes.values()):  # an empty payload has no tag
+            if publish.status in (MAYBE, ABSENT) and publish.wire == item.data and publish.name == item.name:
                 return publish
         return None
 

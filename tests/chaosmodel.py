@@ -457,10 +457,17 @@ class Model:
     def promote(self, publish: Publish, event_id: int) -> None:
         """A publish that may have been stored was seen in a stream: from now on every matching stream needs it."""
         with self.lock:
+            domain = publish.domain
+            floor = domain.floor_id
             self._assign(publish, event_id)
             if publish.status == MAYBE:
-                publish.domain.unresolved -= 1
+                domain.unresolved -= 1
             publish.status = ACKED
+            if domain.ids and event_id >= floor and floor <= domain.ids[-1]:
+                # It was stored when the floor was last raised, possibly before it counted as unresolved: it took
+                # one of the retained slots then, so what must be retained does not grow by it.
+                index = bisect.bisect_right(domain.ids, floor)
+                domain.floor_id = domain.ids[index] if index < len(domain.ids) else domain.ids[-1] + 1
 
     def resolve_absent(self, publish: Publish) -> None:
         """Redis shows this maybe-stored publish was not stored: it no longer takes room in the retained set."""
@@ -477,8 +484,9 @@ class Model:
     def unresolved(self) -> int:
         return sum(domain.unresolved for domain in self.domains)
 
-    def classify(self, text: str | None, domain: Domain, foreign: bool) -> "Start":
-        """How a stream opened with this Last-Event-ID must begin (see Start)."""
+    def classify(self, text: str | None, domain: Domain, foreign: bool, from_stream: bool = False) -> "Start":
+        """How a stream opened with this Last-Event-ID must begin (see Start). `from_stream`: the id is one the
+        daemon itself sent (a reconnect), not one a client made up."""
         if text is None:
             return Start.LIVE
         if not (text.isascii() and text.isdigit() and len(text) <= 20):
@@ -486,7 +494,7 @@ class Model:
         value = int(text)
         if foreign:  # from an earlier process lifetime (memory mode): never honoured
             return Start.RESET
-        if value == 0:  # README: "Last-Event-ID: 0 gets the reset, then everything"
+        if value == 0 and not from_stream:  # README: "Last-Event-ID: 0 gets the reset, then everything"
             return Start.RESET
         everything = self.everything.ids
         if everything and value > everything[-1] + FUTURE_MARGIN // 2:
