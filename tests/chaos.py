@@ -146,6 +146,7 @@ class Watch:
         self.gap_ok = False  # right after a reset: a gap is allowed once
         self.seen_any = False
         self.leading_reset = False  # the replay began with its sseserver.reset
+        self.reset_checks = 0  # checks that saw its preamble without the reset it needs
         self.resets = 0  # other resets: gap notices
 
     def describe(self) -> str:
@@ -1188,6 +1189,7 @@ class Chaos:
             for item in items:
                 self.validate(watch, item)
                 watch.checked += 1
+            self.check_reset_in_preamble(watch)
             parser = watch.stream.parser
             if parser.bom or parser.decode_errors or parser.unknown_fields:
                 self.violate("framing", f"{watch.describe()}: BOM {parser.bom}, {parser.decode_errors} lines not "
@@ -1202,6 +1204,21 @@ class Chaos:
                 keep.append(watch)
         self.watches = keep
         self.retired = self.retired[-50:]
+
+    def check_reset_in_preamble(self, watch: Watch) -> None:
+        """The reset a Last-Event-ID needs goes out with the stream's head and `retry:` (one write), so a stream that
+        must start with one and has its `retry:` but no reset, two checks in a row, will not get it (even if no
+        matching event ever comes to show the omission)."""
+        if watch.start is not Start.RESET or watch.leading_reset or watch.seen_any or watch.stream.ended:
+            return
+        with self.reader.lock:
+            preamble_in = any(isinstance(i, Retry) for i in watch.stream.items) and not watch.stream.parser.pending()
+        if not preamble_in:
+            return
+        watch.reset_checks += 1
+        if watch.reset_checks == 2:
+            self.violate("missing reset", f"{watch.describe()}: the stream began without the sseserver.reset that "
+                         f"a Last-Event-ID the daemon cannot honour requires")
 
     def validate(self, watch: Watch, item) -> None:
         model = self.model
