@@ -370,9 +370,11 @@ class Domain(Index):
         self.key = key
         self.floor_id = 0
         self.unresolved = 0  # publishes that may have been stored (ids unknown): they take room in history too
+        self.size = None  # the history_size the floor was last raised with
         self.refused = 0  # 503s and lost replies: the daemon may have spent an id on them
 
     def raise_floor(self, history_size: int) -> None:
+        self.size = history_size
         keep = max(0, history_size - self.unresolved)
         if not self.ids:
             return
@@ -453,6 +455,10 @@ class Model:
             publish.domain.refused += 1
             if maybe:
                 publish.domain.unresolved += 1
+                if publish.domain.size is not None:
+                    # It may hold one of the retained slots from now on (a crash's in-flight publish answers
+                    # only after the acknowledged ones raised the floor).
+                    publish.domain.raise_floor(publish.domain.size)
 
     def promote(self, publish: Publish, event_id: int) -> None:
         """A publish that may have been stored was seen in a stream: from now on every matching stream needs it."""
@@ -494,8 +500,10 @@ class Model:
         value = int(text)
         if foreign:  # from an earlier process lifetime (memory mode): never honoured
             return Start.RESET
-        if value == 0 and not from_stream:  # README: "Last-Event-ID: 0 gets the reset, then everything"
-            return Start.RESET
+        if value == 0 and not from_stream:
+            # README: "Last-Event-ID: 0 gets the reset, then everything"; with Redis, 0 is the predecessor of the
+            # shared stream's first entry, honoured without a reset while that entry is retained.
+            return Start.EITHER if self.redis else Start.RESET
         everything = self.everything.ids
         if everything and value > everything[-1] + FUTURE_MARGIN // 2:
             return Start.RESET
