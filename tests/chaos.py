@@ -147,6 +147,7 @@ class Watch:
         self.seen_any = False
         self.leading_reset = False  # the replay began with its sseserver.reset
         self.reset_checks = 0  # checks that saw its preamble without the reset it needs
+        self.from_stream = False  # its Last-Event-ID is one the daemon sent (a reconnect)
         self.resets = 0  # other resets: gap notices
 
     def describe(self) -> str:
@@ -424,12 +425,12 @@ class Chaos:
             self.wait_caught_up(inst)
         if self.redis_mode and self.faults.redis_unreachable:
             return  # its follower cannot have the history yet
+        if self.redis_mode:
+            self.resolve_from_redis()  # in-flight publishes of a crash: stored or not, before judging the replay
         # Replay right after a start: a reset and everything retained must come back (the must-set check).
         probe = self.subscribe(inst, None, "garbage-after-start", GARBAGE_IDS[inst.lifetime % len(GARBAGE_IDS)],
                                foreign=False, query=False, scoped=False, stalled=False)
-        if self.redis_mode:
-            self.resolve_from_redis()
-        elif self.file_mode and probe is not None:
+        if self.file_mode and probe is not None:
             self.resolve_from_replay(inst, probe)
 
     def resolve_from_replay(self, inst: Instance, probe: Watch) -> None:
@@ -670,6 +671,7 @@ class Chaos:
         gap_space = domain if self.mode == "memory" else model.everything
         watch = Watch(self.watch_numbers, inst, None, accepted, last_id, start, domain, gap_space, model.tick(),
                       f"{why}{' stalled' if stalled else ''}")
+        watch.from_stream = from_stream
         must = domain.must()
         watch.must_floor = must[0] if must else None
         watch.must_count = len(must)
@@ -1276,7 +1278,8 @@ class Chaos:
             return
         if watch.start in (Start.EXACT, Start.EITHER):
             self.count("exact replays checked")
-            self.check_gap(watch, int(watch.last_id), event_id, "replay after Last-Event-ID")
+            self.check_gap(watch, int(watch.last_id), event_id, "replay after Last-Event-ID",
+                           space=self.replay_space(watch))
             return
         # A stream without Last-Event-ID starts with live events.
         if not self.redis_mode and publish.ack_seq is not None and publish.ack_seq < watch.sent_seq:
@@ -1291,11 +1294,19 @@ class Chaos:
             self.violate("gap", f"{watch.describe()}: live events {missed[:10]} published after the stream was open "
                          f"never arrived (the stream went on at {before})")
 
-    def check_gap(self, watch: Watch, low: int | None, high: int, where: str) -> None:
+    def replay_space(self, watch: Watch) -> Index:
+        """Where a replay from the Last-Event-ID must be gap-free. A `0` the daemon itself handed out in Redis mode
+        is the predecessor of the stream's first entry after a loss: the client was told of the loss by the reset
+        that gave it that cursor, so only this epoch counts."""
+        if self.redis_mode and watch.from_stream and watch.last_id == "0":
+            return watch.domain
+        return watch.gap_space
+
+    def check_gap(self, watch: Watch, low: int | None, high: int, where: str, space: Index | None = None) -> None:
         if low is None:
             self.check_live_start(watch, high)
             return
-        missing = watch.gap_space.between(low, high, watch.names)
+        missing = (space or watch.gap_space).between(low, high, watch.names)
         if missing:
             self.violate("gap", f"{watch.describe()}: {where}, {high} came after {low} but acknowledged matching "
                          f"events {missing[:10]}{'...' if len(missing) > 10 else ''} never did, and no "
@@ -1320,7 +1331,8 @@ class Chaos:
             self.violate("missing reset", f"{where}: a heartbeat id came before the sseserver.reset that a "
                          f"Last-Event-ID the daemon cannot honour requires")
         elif fresh and watch.start in (Start.EXACT, Start.EITHER):
-            self.check_gap(watch, int(watch.last_id), cursor + 1, "heartbeat cursor after Last-Event-ID")
+            self.check_gap(watch, int(watch.last_id), cursor + 1, "heartbeat cursor after Last-Event-ID",
+                           space=self.replay_space(watch))
         elif fresh:
             self.check_live_start(watch, cursor + 1)
         elif not watch.gap_ok:
