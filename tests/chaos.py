@@ -104,6 +104,7 @@ class Instance:
         self.wrapper = "plain"
         self.keepalive: KeepAlive | None = None
         self.stopping = False
+        self.caught_up = True  # Redis mode: its follower has read the stream since this lifetime started
 
     @property
     def name(self) -> str:
@@ -421,6 +422,7 @@ class Chaos:
         self.log(f"{label} listening on {inst.daemon.port} (pid {inst.daemon.pid}, wrapper {wrapper})")
         self.raise_floors()
         inst.keepalive = KeepAlive(inst.daemon.port)
+        inst.caught_up = not self.redis_mode
         if self.redis_mode and not self.faults.redis_unreachable:
             self.wait_caught_up(inst)
         if self.redis_mode and self.faults.redis_unreachable:
@@ -673,6 +675,12 @@ class Chaos:
                       f"{why}{' stalled' if stalled else ''}")
         watch.from_stream = from_stream
         must = domain.must()
+        if not inst.caught_up:
+            # Started while Redis was unreachable: it has read nothing of the stream yet, so it holds nothing the
+            # model could require, and may not hold an id it would otherwise have to.
+            must = []
+            if watch.start is Start.EXACT:
+                watch.start = Start.EITHER
         watch.must_floor = must[0] if must else None
         watch.must_count = len(must)
         matching_must = [i for i in must if model.by_id[i].name in accepted]
@@ -1046,6 +1054,7 @@ class Chaos:
         while time.monotonic() < deadline:
             health = self.health(inst)
             if health is not None and health.get("redis") == "up" and int(health.get("last_event_id") or 0) >= newest:
+                inst.caught_up = True
                 return
             time.sleep(POLL * 5)
         self.violate("redis follower", f"{inst.name} not caught up with the stream (newest acknowledged {newest}) "
@@ -1417,7 +1426,9 @@ class Chaos:
         if self.redis_mode or watch.domain.unresolved:
             return
         before = watch.gap_space.between(None, oldest_id, frozenset(NAMES))
-        if before and int(item.id) != before[-1] and int(item.id) not in self.model.by_id:
+        # The oldest may be a lifetime's first event with nothing stored before it (history_size 0 emptied the
+        # file): its predecessor is that lifetime's origin, `first id - 1`, and a reconnect from it is exact too.
+        if before and int(item.id) not in (before[-1], oldest_id - 1) and int(item.id) not in self.model.by_id:
             self.violate("reset format", f"{where}: reset carries id {item.id}, but the event before oldest_id "
                          f"{oldest_id} is {before[-1]}")
 
