@@ -350,7 +350,7 @@ class Chaos:
             for index, op in enumerate(self.plan):
                 if self.only is not None and index not in self.only:
                     continue
-                self.step = index
+                self.step = self.model.step = index
                 self.executed.append((index, op))
                 self.log(f"step {index}: {op}")
                 if not self.verbose and index and index % PROGRESS_EVERY == 0:
@@ -1300,8 +1300,8 @@ class Chaos:
         missed = [i for i in watch.gap_space.between(watch.sure_max_id, before, watch.names)
                   if self.model.by_id[i].sent_seq > watch.sure_seq]
         if missed:
-            self.violate("gap", f"{watch.describe()}: live events {missed[:10]} published after the stream was open "
-                         f"never arrived (the stream went on at {before})")
+            self.violate("gap", f"{watch.describe()}: live events {self.describe_ids(missed)} published after the "
+                         f"stream was open never arrived (the stream went on at {before})")
 
     def replay_space(self, watch: Watch) -> Index:
         """Where a replay from the Last-Event-ID must be gap-free. A `0` the daemon itself handed out in Redis mode
@@ -1318,8 +1318,16 @@ class Chaos:
         missing = (space or watch.gap_space).between(low, high, watch.names)
         if missing:
             self.violate("gap", f"{watch.describe()}: {where}, {high} came after {low} but acknowledged matching "
-                         f"events {missing[:10]}{'...' if len(missing) > 10 else ''} never did, and no "
-                         f"sseserver.reset said so")
+                         f"events {self.describe_ids(missing)} never did, and no sseserver.reset said so")
+
+    def describe_ids(self, ids: list[int]) -> str:
+        """Ids with the publish behind each (tag, how it was answered, the step that published it)."""
+        shown = []
+        for event_id in ids[:5]:
+            publish = self.model.by_id.get(event_id)
+            shown.append(f"{event_id} ({publish.tag} {publish.name}, {publish.status.value} at step {publish.step})"
+                         if publish else str(event_id))
+        return "[" + ", ".join(shown) + (f", ... {len(ids)} in all" if len(ids) > 5 else "") + "]"
 
     def validate_cursor(self, watch: Watch, item: IdOnly) -> None:
         """A block with only `id:` (a filtered stream's heartbeat): a reconnect from it skips every event up to

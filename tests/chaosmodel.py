@@ -322,7 +322,7 @@ class Start(enum.Enum):
 
 
 class Publish:
-    __slots__ = ("tag", "name", "wire", "status", "id", "sent_seq", "ack_seq", "id_floor", "domain", "instance")
+    __slots__ = ("tag", "name", "wire", "status", "id", "sent_seq", "ack_seq", "id_floor", "domain", "instance", "step")
 
     def __init__(self, tag, name, wire, sent_seq, id_floor, domain, instance):
         self.tag, self.name, self.wire = tag, name, wire
@@ -332,6 +332,7 @@ class Publish:
         self.id_floor = id_floor  # every id acknowledged before this publish was sent
         self.domain = domain
         self.instance = instance
+        self.step = None  # the plan step that published it (for reports)
 
 
 class Index:
@@ -406,6 +407,7 @@ class Model:
         self.domains: list[Domain] = []
         self.domain = self.new_domain("start")
         self.problems: list[tuple[str, str]] = []  # (kind, message) found on publisher threads
+        self.step = -1  # the plan step being run (stamped on each publish, for reports)
 
     def tick(self) -> int:
         with self.lock:
@@ -423,6 +425,7 @@ class Model:
             self.seq += 1
             publish = Publish(tag, name, wire_form(body.decode("utf-8", "replace")), self.seq, self.max_acked,
                               self.domain, instance)
+            publish.step = self.step
             self.publishes[tag] = publish
             return publish
 
