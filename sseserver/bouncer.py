@@ -202,11 +202,20 @@ class Bouncer:
             if self._store is not None:
                 self._store.keep = history_size
 
-    def ingest(self, event_id: int, name: str, data: str, prev_id: int | None = None) -> bool:
+    def ingest(self, event_id: int, name: str, data: str, prev_id: int | None = None, gap: bool = False) -> bool:
         """Append an event whose id was assigned elsewhere (the shared Redis stream), in that stream's order.
         `prev_id` is the id the stream had before it (None: assume no gap). An id not above the last one is a
         repeat (a follower resuming) and is ignored: False. When prev_id says events are missing between the
-        newest event here and this one, a gap notice goes into the ring first."""
+        newest event here and this one, a gap notice goes into the ring first.
+
+        `gap`: the caller knows events were lost before this one although `prev_id` may not show it (the
+        stream's writer changed, or an id this instance acknowledged never came back). A `prev_id` below the
+        last id here means the same: the sequence went back (a flushed or restored stream), so events after
+        prev_id that clients may have seen are gone. In both cases prev_id is no honest replay cursor, so the
+        event's predecessor becomes `event_id - 1`, an id above every lost one that no client was given for
+        another event: a client holding an id from before the loss is reset, and the reset's own cursor
+        (see _reset_notice) is honoured. (When that is the last id here, no lost event can have had an id
+        between the two: the sequence goes on without a notice.)"""
         body = framing.encode_event(data, None, name)
         now = time.monotonic_ns()
         with self._lock:
@@ -214,6 +223,9 @@ class Bouncer:
                 return False
             if prev_id is None:
                 prev_id = self._last_id
+            broken = gap or (self._has_events and prev_id < self._last_id)
+            if broken:
+                prev_id = event_id - 1
             if self._has_events and prev_id != self._last_id:
                 notice = _gap_notice(self._last_id, event_id)
                 self._append_locked(Event(self.head, self._last_id, self._last_id, RESET_EVENT, "", notice, now,
@@ -240,13 +252,20 @@ class Bouncer:
 
     def restore(self, stored) -> None:
         """Load events read back from durable history (oldest first, each with its predecessor's id): the newest
-        become replayable, and ids continue after the last one (or from the clock, whichever is higher)."""
+        become replayable, and ids continue after the last one (or from the clock, whichever is higher). Where
+        the stored chain is broken (an event whose predecessor is not the one before it) a gap notice goes in
+        between, so replay never crosses a hole in silence."""
         with self._lock:
             now = time.monotonic_ns()
+            previous = None
             for item in stored[-self._history_size:] if self._history_size else []:
+                if previous is not None and item.prev_id != previous.id:
+                    self._append_locked(Event(self.head, previous.id, previous.id, RESET_EVENT, "",
+                                              _gap_notice(previous.id, item.id), now, notice=True))
                 body = framing.encode_event(item.data, None, item.name)
                 self._append_locked(Event(self.head, item.id, item.prev_id, item.name, item.data,
                                           b"id: %d\n" % item.id + body, now))
+                previous = item
             if stored:
                 self._last_id = stored[-1].id
                 self._next_id = max(self._next_id, self._last_id + 1)
@@ -353,14 +372,22 @@ class Bouncer:
     def compact_store(self) -> None:
         """Rewrite the history file to the retained events (called on the history thread). The bulk is written
         without the lock; what was published meanwhile (in the ring, or written and waiting for its fsync) is
-        appended under it, and the files are swapped there, so no publish is half in and half out."""
+        appended under it, and the files are swapped there, so no publish is half in and half out.
+
+        The file must never skip an event between two it keeps (after a restart with a larger history_size,
+        replay would cross the hole). So everything published since the snapshot is appended, retained or not;
+        if a burst pushed some of it out of the ring meanwhile, the new file is started over from what is
+        retained now."""
         with self._lock:
             kept = self._retained_events_locked(self._oldest_pos(self.head))
-            head = self.head
+            snapshot_head = self.head
         with self._store.compaction(kept) as finish:
             with self._lock:
-                newer = self._retained_events_locked(max(head, self._oldest_pos(self.head)))
-                finish(newer + [event for _, event in self._unsynced])
+                unsynced = [event for _, event in self._unsynced]
+                if all(self.ring.get(pos) is not None for pos in range(snapshot_head, self.head)):
+                    finish(self._retained_events_locked(snapshot_head) + unsynced)
+                else:
+                    finish(self._retained_events_locked(self._oldest_pos(self.head)) + unsynced, start_over=True)
 
     # -- used by the delivery layer (lock-free: it reads a ring reference and immutable events) ---------------
 

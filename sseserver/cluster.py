@@ -17,8 +17,9 @@ lagging replica) would restart it at 1, reusing ids that browsers still hold as 
 waiting after their old position would never see the new entries. With the clock in the floor, ids stay above
 everything handed out before the loss, as long as the instances' clocks are roughly right.
 
-The gap rule: each entry also carries `p`, the id of the stream's last entry when it was added (0 for an empty
-stream). The follower passes it to Bouncer.ingest(), which puts an in-band sseserver.reset before the event when
+The gap rule: each entry also carries `p`, the id of the stream's last entry when it was added (for an empty
+stream, its own id - 1: a stream that starts over after a loss must not make an id clients hold from before, such
+as 0, a valid cursor again). The follower passes it to Bouncer.ingest(), which puts an in-band sseserver.reset before the event when
 `p` is not the last id this instance holds: entries were lost (flushed, trimmed by MAXLEN while this instance
 was cut off, or never replicated) and open streams must be told instead of silently skipping them. Entries
 written by an older version have no `p` and count as contiguous.
@@ -60,11 +61,11 @@ log = logging.getLogger("sseserver.cluster")
 # (microseconds until the year 2255), and formatted with %.0f because tostring() would write 1.7e+15.
 PUBLISH_SCRIPT = """
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local prev = 0
+local prev = nil
 if #last > 0 then
   prev = tonumber(string.match(last[1][1], '^(%d+)'))
 end
-local id = math.max(prev + 1, tonumber(ARGV[2]))
+local id = math.max((prev or 0) + 1, tonumber(ARGV[2]))
 -- Which Redis wrote the entry: its run_id, unless it keeps an append-only file (a restart then loses nothing
 -- that was fsynced). A change between two entries means a restart from a snapshot or a failover in between.
 local origin = 'aof'
@@ -73,7 +74,7 @@ if string.match(redis.call('INFO', 'persistence'), 'aof_enabled:(%d)') ~= '1' th
 end
 local function add(at)
   return redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], string.format('%.0f', at) .. '-0',
-                     'p', string.format('%.0f', prev), 'r', origin, 'n', ARGV[3], 'd', ARGV[4])
+                     'p', string.format('%.0f', prev or at - 1), 'r', origin, 'n', ARGV[3], 'd', ARGV[4])
 end
 local added = add(id)
 if type(added) == 'table' and added.err then
@@ -127,6 +128,7 @@ class RedisBridge:
         self._origin: bytes | None = None  # the `r` of the last entry read: which Redis wrote it
         self._unconfirmed: collections.deque[int] = collections.deque()  # own acknowledged ids above _read, ascending
         self._highest_lock = threading.Lock()
+        self._confirmed = threading.Condition(self._highest_lock)  # _unconfirmed shrank, or the link went down
         self._beat = time.monotonic()  # when the follower's loop last came round (healthy())
         self._logged: tuple[str, float] | None = None  # the last failure logged, and when
         self._suppressed = 0  # identical failures not logged since then
@@ -178,6 +180,14 @@ class RedisBridge:
             raise StoreError(f"Redis refused the event: {exc}") from None
         self._saw(event_id, acknowledged=True)
         return event_id
+
+    def wait_confirmed(self, deadline: float) -> bool:
+        """Wait until every event this instance acknowledged has come back from the stream into the bouncer, the
+        link is down (they may never come back), or `deadline` (time.monotonic()). For the drain at shutdown:
+        an event answered 200 here must reach this instance's open streams before they are ended."""
+        with self._confirmed:
+            return self._confirmed.wait_for(lambda: not self._unconfirmed or not self.up,
+                                            max(0.0, deadline - time.monotonic()))
 
     def newest_id(self) -> int | None:
         """The id of the stream's newest entry (0 for an empty stream), or None when Redis cannot say."""
@@ -262,18 +272,25 @@ class RedisBridge:
                 if len(self._unconfirmed) > MAX_UNCONFIRMED:
                     self._unconfirmed.popleft()
 
-    def _read_back(self, event_id: int) -> int | None:
-        """The follower read `event_id`: forget own ids up to it. Returns an own acknowledged id below it that
-        never came back (lost in Redis), or None."""
+    def _lost_before(self, event_id: int) -> int | None:
+        """An own acknowledged id below `event_id` (just read) that never came back (lost in Redis), or None."""
         lost = None
+        with self._highest_lock:
+            for own in self._unconfirmed:
+                if own >= event_id:
+                    break
+                lost = own
+        return lost
+
+    def _read_back(self, event_id: int) -> None:
+        """The follower has handed `event_id` to the bouncer: forget own ids up to it (wait_confirmed() waits for
+        exactly this, so it comes after the bouncer has the event)."""
         with self._highest_lock:
             self._read = max(self._read, event_id)
             self._highest = max(self._highest, event_id)
             while self._unconfirmed and self._unconfirmed[0] <= event_id:
-                own = self._unconfirmed.popleft()
-                if own < event_id:
-                    lost = own
-        return lost
+                self._unconfirmed.popleft()
+            self._confirmed.notify_all()
 
     # -- the follower ------------------------------------------------------------------------------------------
 
@@ -332,24 +349,26 @@ class RedisBridge:
             prev = values.get(b"p")
             prev_id = int(prev) if prev is not None and prev.isdigit() else None  # None: an older writer
             origin = values.get(b"r")
+            gap = False
             if origin is not None and self._origin is not None and origin != self._origin:
                 # A Redis without an append-only file restarted from an older snapshot, or a replica took over:
                 # its newest entries may be gone, and this instance may never have read them. Be told.
                 log.warning("the stream's writer changed (a Redis restart or failover): streams get a reset")
-                prev_id = -1
+                gap = True
             if origin is not None:
                 self._origin = origin
-            lost = self._read_back(event_id)
+            lost = self._lost_before(event_id)
             if lost is not None:
                 log.error("event %d, acknowledged by this instance, is not in the stream: Redis lost it", lost)
-                prev_id = lost  # not the last id here: the bouncer puts a reset before this event
+                gap = True
             try:
                 name, data = values[b"n"].decode("utf-8"), values[b"d"].decode("utf-8")
             except (KeyError, UnicodeDecodeError):
                 # Skipped: the next entry's `p` then differs from the last id here, and streams get a reset.
                 log.warning("skipping malformed stream entry %s", entry_id.decode("ascii", "replace"))
             else:
-                self.bouncer.ingest(event_id, name, data, prev_id)
+                self.bouncer.ingest(event_id, name, data, prev_id, gap)
+            self._read_back(event_id)
             self.last_seen = entry_id.decode("ascii")
 
     def _link_up(self) -> None:
@@ -367,6 +386,8 @@ class RedisBridge:
         self.reconnects += 1
         self.up = False
         self.last_error = failure
+        with self._confirmed:  # a drain waiting for own events to come back need not wait any more
+            self._confirmed.notify_all()
         now = time.monotonic()
         if self._logged is not None and self._logged[0] == failure and now - self._logged[1] < REPEAT_LOG_INTERVAL:
             self._suppressed += 1

@@ -277,7 +277,11 @@ class Handler(BaseHTTPRequestHandler):
         grant = access.authorize(policy.subscribe_tokens, token, client, "subscribe")
         wanted = access.stream_filter(names, grant.scope)
         last_event_id = request.headers.get("last-event-id")
-        if last_event_id is None:
+        if last_event_id is not None:
+            # EventSource sends the id as UTF-8 and the parser keeps header octets as latin-1: decode it the way
+            # the browser meant it, so a reset echoes back what the page holds (any non-digit id is reset anyway).
+            last_event_id = last_event_id.encode("latin-1").decode("utf-8", "replace")
+        else:
             last_event_id = request.query_value("last_event_id")  # first connect only; the header wins after
         if server.stopping:
             self._turn_away(request, "shutting down")

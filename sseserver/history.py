@@ -351,13 +351,19 @@ class HistoryFile:
     def compaction(self, kept):
         """Rewrite the file to the newest events: `kept` (taken under the bouncer's lock) is written and fsynced
         without the lock; the caller then calls finish(newer) under the lock, which appends what was written
-        since, makes it durable and swaps the files. On any failure the old file stays in force, untouched."""
+        since, makes it durable and swaps the files; finish(newer, start_over=True) drops `kept` and writes
+        only `newer` (what was written since no longer follows on from `kept`). On any failure the old file
+        stays in force, untouched."""
         temp = self.path + ".compact"
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
         swapped = False
+        size = records = 0  # what the new file holds once the bulk is in
 
-        def finish(newer) -> None:
-            nonlocal swapped
+        def finish(newer, start_over: bool = False) -> None:
+            nonlocal swapped, size, records
+            if start_over:
+                os.ftruncate(fd, len(MAGIC))
+                size, records = len(MAGIC), 0
             rest = encode_records(newer)
             write_all(fd, rest)
             os.fsync(fd)
@@ -370,7 +376,7 @@ class HistoryFile:
                 os.rename(temp, self.path)
                 swapped = True
                 old = self._fd
-                self._adopt(fd, size + len(rest), len(kept) + len(newer))
+                self._adopt(fd, size + len(rest), records + len(newer))
                 self._enter(FileState.OK, "")
             os.close(old)
             try:
@@ -383,7 +389,7 @@ class HistoryFile:
             bulk = MAGIC + encode_records(kept)
             write_all(fd, bulk)
             os.fsync(fd)  # the bulk is durable before the lock is taken
-            size = len(bulk)
+            size, records = len(bulk), len(kept)
             yield finish
             if not swapped:
                 raise OSError(errno.EIO, "compaction was not finished")

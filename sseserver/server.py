@@ -221,9 +221,15 @@ class SSEServer(ThreadingHTTPServer):
         self._close_connections(idle_only=True)
         with self._idle:
             self._idle.wait_for(lambda: not self._busy_connections(), max(0.0, deadline - time.monotonic()))
-        # 2. Streams: deliver what was accepted, then `retry:` and a clean end, until the deadline.
+        # 2. With Redis, an event answered 200 here reaches this instance's streams only once the follower reads
+        #    it back from the shared stream: wait for that (bounded by the deadline, and not while the link is down).
+        if self.cluster is not None and not self.cluster.wait_confirmed(time.monotonic()):
+            log.info("shutdown: waiting for events published here to come back from Redis before ending streams")
+            if not self.cluster.wait_confirmed(deadline):
+                log.warning("shutdown: events published here had not come back from Redis by the deadline")
+        # 3. Streams: deliver what was accepted, then `retry:` and a clean end, until the deadline.
         clean = self.delivery.close_all(self.config.retry_ms, deadline)
-        # 3. Whatever request threads remain are past the deadline: cut their connections and join them.
+        # 4. Whatever request threads remain are past the deadline: cut their connections and join them.
         leftover = self._close_connections(idle_only=False)
         if leftover:
             log.warning("shutdown: closed %d connection(s) still open at the deadline", leftover)

@@ -9,6 +9,8 @@ or a (host, port) pair), and three link states:
 - `blackhole`: nothing flows and nothing is closed, as in a partition: connections hang, commands time out.
   Bytes already read from one side are held and delivered when the link comes back up, so a command the client
   gave up on may still reach the server later (exactly the "reply lost, command executed" case).
+Apart from the link state, freeze_open() holds the bytes of the connections open at that moment while new ones
+flow (one stalled connection: a daemon's follower falls behind while its publishes get through), until thaw().
 Must not know: Redis or HTTP; it moves bytes.
 
 Threads: one accept thread, two per relayed connection (one per direction, blocking I/O with short timeouts so
@@ -37,6 +39,8 @@ class TcpProxy:
         self._flowing.set()
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._frozen: set = set()  # pairs whose bytes are held until thaw()
+        self._thawed = threading.Event()
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self.accepted = 0
@@ -63,6 +67,18 @@ class TcpProxy:
             self.state = "up"
         self._flowing.set()
 
+    def freeze_open(self) -> None:
+        """Hold every byte of the connections open now (nothing is closed); new connections still flow."""
+        with self._lock:
+            self._frozen.update(self._pairs)
+            self._thawed.clear()
+
+    def thaw(self) -> None:
+        """Let the frozen connections flow again, held bytes first."""
+        with self._lock:
+            self._frozen.clear()
+        self._thawed.set()
+
     def open_connections(self) -> int:
         with self._lock:
             return len(self._pairs)
@@ -70,6 +86,7 @@ class TcpProxy:
     def stop(self) -> None:
         self._stopping = True
         self._flowing.set()
+        self._thawed.set()
         with self._lock:
             pairs = list(self._pairs)
         for pair in pairs:
@@ -147,9 +164,14 @@ class TcpProxy:
                 while not self._flowing.wait(POLL):
                     if self._stopping:
                         return
-                with self._lock:
-                    if pair not in self._pairs:
-                        return
+                while True:
+                    with self._lock:
+                        if pair not in self._pairs:
+                            return
+                        frozen = pair in self._frozen
+                    if not frozen or self._stopping:
+                        break
+                    self._thawed.wait(POLL)
                 sink.sendall(chunk)
         except (OSError, ValueError):  # ValueError: the other direction closed the socket under us
             pass

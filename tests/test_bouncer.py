@@ -6,6 +6,7 @@ import time
 import unittest
 
 from sseserver.bouncer import Bouncer
+from sseserver.history import StoredEvent
 from tests.test_framing import FeedReader
 
 
@@ -170,6 +171,52 @@ class BouncerTest(unittest.TestCase):
         self.assertIsNotNone(bouncer.subscribe(None, "7").reset)  # an id inside the gap is not one we hold
         self.assertEqual([e.id for e in bouncer.history()], [1, 2, 10])
 
+    def test_a_loss_the_predecessors_cannot_show_resets_every_earlier_cursor_and_the_resets_cursor_is_valid(self):
+        """A forced gap (the stream's writer changed, an own id never came back) and a stream that went back (a
+        flush: the next entry's predecessor is below the last id here). Once the events before the spot are
+        evicted, a client holding an id from before is reset, and the reset's `id:` is an id that is honoured
+        (never the -1 an earlier version sent)."""
+        for kind in ("forced", "backwards"):
+            with self.subTest(kind=kind):
+                bouncer = Bouncer(history_size=2, queue_size=1, first_id=1)
+                bouncer.ingest(100, "message", "a", prev_id=0)
+                bouncer.ingest(101, "message", "b", prev_id=100)
+                if kind == "forced":
+                    bouncer.ingest(500, "message", "c", prev_id=101, gap=True)
+                else:
+                    bouncer.ingest(500, "message", "c", prev_id=0)  # FLUSHALL: 0 was this stream's start once
+                for cursor in ("101", "0", "100"):  # before the loss; "0" would have been honoured
+                    replay = bouncer.subscribe(None, cursor)
+                    feed = FeedReader().feed(
+                        bouncer.collect(bouncer.ring, replay.subscriber.cursor, bouncer.head, None)[0])
+                    self.assertTrue(replay.reset is not None or feed[0].type == "sseserver.reset", cursor)
+                bouncer.ingest(501, "message", "d", prev_id=500)
+                bouncer.ingest(502, "message", "e", prev_id=501)  # 101, the notice and 500 leave the history
+                for cursor in ("101", "0", "100", "500"):
+                    replay = bouncer.subscribe(None, cursor)
+                    if cursor == "500":
+                        self.assertIsNone(replay.reset)
+                        continue
+                    (reset,) = FeedReader().feed(replay.reset)
+                    self.assertEqual(int(reset.id), 500)  # the predecessor of the oldest retained event, 501
+                    self.assertIsNone(bouncer.subscribe(None, reset.id).reset)
+                self.assertEqual(ids_of(bouncer, bouncer.subscribe(None, "500").subscriber), [501, 502])
+
+    def test_a_hole_in_restored_history_is_replayed_with_a_reset(self):
+        """A file whose predecessor chain is broken (written by an earlier version's compaction under a burst):
+        replay across the hole tells the client instead of skipping it in silence."""
+        stored = [StoredEvent(10, 9, "message", "a"), StoredEvent(11, 10, "message", "b"),
+                  StoredEvent(20, 19, "message", "c"), StoredEvent(21, 20, "message", "d")]
+        bouncer = Bouncer(history_size=10, queue_size=4)
+        bouncer.restore(stored)
+        events = FeedReader().feed(bouncer.collect(bouncer.ring, bouncer.subscribe(None, "10").subscriber.cursor,
+                                                   bouncer.head, None)[0])
+        self.assertEqual([(e.type, e.data) for e in events],
+                         [("message", "b"), ("sseserver.reset", '{"last_event_id": "11", "oldest_id": "20"}'),
+                          ("message", "c"), ("message", "d")])
+        self.assertEqual(ids_of(bouncer, bouncer.subscribe(None, "20").subscriber), [21])
+        self.assertEqual([e.id for e in bouncer.history()], [10, 11, 20, 21])
+
     def test_replay_matches_a_model_over_random_publishes_gaps_and_reloads(self):
         """Seeded random steps; on failure the seed and the steps so far are in the message."""
         for seed in range(20):
@@ -183,9 +230,23 @@ class BouncerTest(unittest.TestCase):
                     skip = rng.random() < 0.15
                     prev = model[-1][0] if model else 0
                     event_id = next_id + (rng.randint(1, 3) if skip else 0)
-                    bouncer.ingest(event_id, "message", "x", prev_id=prev + (1 if skip else 0))
-                    steps.append(f"ingest {event_id} prev {prev + (1 if skip else 0)}")
-                    model.append((event_id, prev + (1 if skip else 0)))
+                    loss = rng.random()
+                    # After a loss the predecessors cannot show, no earlier id is an honest cursor, except the one
+                    # just below the new id: then no lost event can have had an id between the two.
+                    honest = prev if event_id - 1 == prev else None
+                    if model and loss < 0.05:  # the stream's writer changed
+                        bouncer.ingest(event_id, "message", "x", prev_id=prev, gap=True)
+                        steps.append(f"ingest {event_id} prev {prev} gap")
+                        model.append((event_id, honest))
+                    elif model and loss < 0.1:  # the stream went back (a flush): its predecessor is an old id
+                        back = rng.choice([0] + [e for e, _ in model])
+                        bouncer.ingest(event_id, "message", "x", prev_id=back)
+                        steps.append(f"ingest {event_id} prev {back} (back)")
+                        model.append((event_id, honest if back < prev else back))
+                    else:
+                        bouncer.ingest(event_id, "message", "x", prev_id=prev + (1 if skip else 0))
+                        steps.append(f"ingest {event_id} prev {prev + (1 if skip else 0)}")
+                        model.append((event_id, prev + (1 if skip else 0)))
                     next_id = event_id + 1
                 elif op < 0.7:
                     history_size = rng.randint(0, 8)
@@ -216,6 +277,10 @@ class BouncerTest(unittest.TestCase):
                     if contiguous and (wanted in held or (held and wanted == prev_of[held[0]])):
                         self.assertFalse(told, context)
                     self.assertEqual(retained, held, context)
+                    if replay.reset is not None:  # the reset's cursor is a plain id, and it is honoured
+                        (reset,) = FeedReader().feed(replay.reset)
+                        self.assertTrue(reset.id.isdigit(), context)
+                        self.assertIsNone(bouncer.subscribe(None, reset.id).reset, context)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ from sseserver import resp
 from sseserver.bouncer import Bouncer
 from sseserver.cluster import RedisBridge
 from sseserver.config import ConfigError
+from tests.tcpproxy import TcpProxy
 from tests.test_framing import FeedReader
-from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, RunningServer, SSEClient, daemon_process, health, request,
-                           require_binary, run_cli, stop_daemon, wait_for_subscribers, wait_until, write_config)
+from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, RunningServer, SSEClient, assert_exit, daemon_process, health,
+                           request, require_binary, run_cli, stop_daemon, wait_for_subscribers, wait_until,
+                           write_config)
 
 # The follower's backoff doubles from 0.1 s to 5 s: after a fault is mended it is back within this.
 RECOVERY_TIMEOUT = 20.0
@@ -194,10 +196,13 @@ class ClusterTest(unittest.TestCase):
                 publish(port_b, "next")
                 (event,) = ahead.read_events(1)
                 self.assertEqual(event.data, "next")
-            # A new instance starts with the stream's history.
+            # A new instance starts with the stream's history: `0` gets the reset, then everything (0 is no id of
+            # this stream, whose first entry's predecessor is its own id - 1: see test_flushall_...).
             with daemon_process("--port", "0", "-c", self.config) as (c, port_c):
                 with SSEClient(port_c, headers={"Last-Event-ID": "0"}) as on_c:
-                    self.assertEqual([e.data for e in on_c.read_events(10)][:3], ["e0", "e1", "e2"])
+                    events = on_c.read_events(10)
+                    self.assertEqual(events[0].type, "sseserver.reset")
+                    self.assertEqual([e.data for e in events[1:4]], ["e0", "e1", "e2"])
                 stop_daemon(c)
 
     def test_redis_down_then_back_streams_stay_open_and_nothing_stored_is_missed(self):
@@ -331,6 +336,39 @@ class RedisFaultTest(unittest.TestCase):
                 self.assertEqual([e.type for e in events], ["message", "sseserver.reset"] + ["message"] * 5)
                 self.assertEqual([e.data for e in events[:1] + events[2:]],
                                  ["before 2", "after the flush"] + [f"later {i}" for i in range(4)])
+            # An instance started after the flush sees a stream that begins at "after the flush". A `0` (which a
+            # client may hold from the stream's first life) is reset, not taken as that entry's predecessor;
+            # the reset's own cursor then resumes exactly.
+            with daemon_process("--port", "0", "-c", config) as (_, port_c):
+                with SSEClient(port_c, headers={"Last-Event-ID": "0"}) as from_zero:
+                    reset, *events = from_zero.read_events(6)
+                    self.assertEqual(reset.type, "sseserver.reset")
+                    self.assertEqual([int(e.id) for e in events], [after] + later)
+                with SSEClient(port_c, headers={"Last-Event-ID": reset.id}) as resumed:
+                    self.assertEqual([int(e.id) for e in resumed.read_events(5)], [after] + later)
+
+    def test_an_event_acknowledged_just_before_sigterm_reaches_this_instances_streams_before_they_end(self):
+        """An instance hears its own publishes back from the stream. An earlier version ended its streams at
+        SIGTERM without waiting for that, so an event answered 200 a moment before never reached them. Here the
+        follower's connection is held (a test-controlled proxy) while the publish gets through on a new one."""
+        redis = self.start_redis()
+        proxy = TcpProxy(redis.socket).start()
+        self.addCleanup(proxy.stop)
+        config = write_config(redis.dir, "sseserver.toml", redis_url=f"redis://127.0.0.1:{proxy.port}",
+                              retry_ms=200, shutdown_timeout=30.0)
+        with daemon_process("--port", "0", "-c", config) as (process, port):
+            with SSEClient(port) as client:
+                wait_for_subscribers(port, 1)
+                wait_until(lambda: redis_is_up(port), what="the follower to be up")
+                proxy.freeze_open()  # the follower's connection: its next read is held
+                event_id = published_id(port, "last words")
+                process.send_signal(signal.SIGTERM)
+                wait_until(lambda: any("come back from Redis" in line for line in process.log_lines),
+                           what="the drain to wait for the follower")
+                proxy.thaw()
+                (event,) = client.read_events(1)
+                self.assertEqual((event.data, int(event.id)), ("last words", event_id))
+            assert_exit(process, 0)
 
     def test_a_redis_that_stalls_past_the_timeout_gets_504_may_have_been_published_never_503(self):
         """A 503 means "not published". A command Redis received but did not answer in time may still run: that

@@ -1,5 +1,6 @@
 """Durable history: real daemons restarted, killed with SIGKILL, and started on damaged files."""
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import unittest
 import zlib
 
 from sseserver import history
+from sseserver.bouncer import Bouncer
 from sseserver.config import ConfigError
 from tests.faults import PrivateTmpfs, strace_prefix
 from tests.support import (IO_TIMEOUT, RunningServer, SSEClient, assert_exit, connect, daemon_process,
@@ -212,6 +214,45 @@ class CompactionTest(unittest.TestCase):
             self.assertEqual(ids, sorted(ids))
             self.assertEqual(ids[-50:], sorted(acknowledged)[-50:])
             self.assertEqual(ids, list(range(ids[0], ids[-1] + 1)))  # no gap inside what was kept
+
+
+class BurstDuringCompaction(history.HistoryFile):
+    """A real history file that runs `burst()` (real publishes into the real bouncer) at the one moment a
+    compaction is exposed to them: after the bulk is written, before finish() takes the bouncer's lock."""
+
+    burst = None
+
+    @contextlib.contextmanager
+    def compaction(self, kept):
+        with super().compaction(kept) as finish:
+            burst, self.burst = self.burst, None
+            if burst is not None:
+                burst()
+            yield finish
+
+
+class CompactionBurstTest(unittest.TestCase):
+    def test_a_burst_during_compaction_never_leaves_a_hole_in_the_file(self):
+        """An earlier version appended only what was still retained at the end of a compaction, so a burst of
+        more than history_size publishes during it left a hole between the bulk and the rest, which replay
+        crossed in silence once history_size was raised. Whatever the burst, the file is one unbroken chain
+        ending with the newest events."""
+        for burst_size in (1, 2, 3, 5, 20):
+            with self.subTest(burst=burst_size), tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "history.log")
+                store = BurstDuringCompaction(path, "never", 1.0, keep=2)
+                store.load()
+                bouncer = Bouncer(history_size=2, queue_size=1, store=store)
+                ids = [bouncer.publish(f"e{i}")[0].id for i in range(6)]
+                store.burst = lambda: ids.extend(bouncer.publish(f"b{i}")[0].id for i in range(burst_size))
+                bouncer.compact_store()
+                store.close()
+                events, _, dropped = history.decode_records(open(path, "rb").read(), path)
+                self.assertIsNone(dropped)
+                chain = [(e.prev_id, e.id) for e in events]
+                self.assertEqual([e.id for e in events], ids[-len(events):])  # the newest, none skipped
+                self.assertTrue(all(a[1] == b[0] for a, b in zip(chain, chain[1:])), chain)
+                self.assertGreaterEqual(len(events), 2)
 
 
 def ascii_record_inside(event_id: int) -> str:
