@@ -109,6 +109,21 @@ class Replay:
         self.reset = reset
 
 
+class Page:
+    """What GET /history answers: the events after a cursor (oldest first, at most a limit), the cursor to ask
+    from next time, and `reset`: the client missed events (its id could not be honoured, or a gap lies in
+    the range), with the same rule as a stream's sseserver.reset. `end` is the pos the scan reached."""
+
+    __slots__ = ("events", "oldest_id", "last_id", "reset", "end")
+
+    def __init__(self, events: list[Event], oldest_id: int | None, last_id: int, reset: bool, end: int):
+        self.events = events
+        self.oldest_id = oldest_id
+        self.last_id = last_id
+        self.reset = reset
+        self.end = end
+
+
 def _bump(counts: dict, key, delta: int) -> None:
     """Add delta to counts[key], deleting keys that reach 0 so the dicts only hold live entries."""
     left = counts.get(key, 0) + delta
@@ -135,7 +150,7 @@ class Bouncer:
         """`first_id` None: ids start from the clock (lifetime_first_id); a shared sequence (Redis) passes 1 and
         ingests ids assigned elsewhere."""
         self._lock = threading.Lock()
-        self._arrived = threading.Condition(self._lock)  # ingest() -> wait_for_id()
+        self._arrived = threading.Condition(self._lock)  # ingest() -> wait_for_id(); appends -> wait_for_more()
         self._history_size = history_size
         self._queue_size = queue_size
         self.ring = Ring(history_size + queue_size)
@@ -154,6 +169,7 @@ class Bouncer:
         # With fsync "always", events written but not yet on disk wait here (id order) until their fsync
         # succeeds; only then do they enter the ring, so a failed fsync leaves nothing to deliver or replay.
         self._unsynced: list[tuple[int, Event]] = []
+        self.history_waiting = 0  # GET /history requests waiting in wait_for_more() (metrics)
         self.published = 0  # events published by this process (metrics)
         self.resets = 0  # replays that began with a reset notice (metrics)
         self._store = store  # a history.HistoryFile, or None: history lives in memory only
@@ -364,6 +380,54 @@ class Bouncer:
             else:
                 _bump(self._pattern_filters, names, -1)
 
+    def page(self, names, after: str | None, limit: int) -> Page:
+        """The retained events after the id `after` (None: from the oldest) that `names` accepts, at most
+        `limit` of them. An `after` that replay would reset starts from the oldest, with reset=True."""
+        with self._lock:
+            head = self.head
+            oldest = self._oldest_pos(head)
+            reset = False
+            cursor = oldest
+            if after is not None:
+                start = self._replay_start(parse_event_id(after), oldest, head)
+                if start is None:
+                    reset = True
+                else:
+                    cursor = start
+            # The id a client holds once it has seen everything before `cursor` (what replay accepts from it).
+            if cursor > oldest:
+                last_id = self.ring.get(cursor - 1).id
+            elif oldest < head:
+                last_id = self.ring.get(oldest).prev_id
+            else:
+                last_id = self._last_id
+            events: list[Event] = []
+            pos = cursor
+            while pos < head and len(events) < limit:
+                entry = self.ring.get(pos)
+                if entry.notice:
+                    reset = True  # a gap inside the range: the client missed events, as a stream would be told
+                elif names is None or entry.name in names:
+                    events.append(entry)
+                last_id = entry.id
+                pos += 1
+            first = next((event for at in range(oldest, head) if not (event := self.ring.get(at)).notice), None)
+            return Page(events, first.id if first else None, last_id, reset, pos)
+
+    def wait_for_more(self, pos: int, timeout: float, stop: Callable[[], bool]) -> None:
+        """Wait until an entry at `pos` or later exists, `stop()` is true, or `timeout` passes (a long poll:
+        GET /history?wait=). wake_waiters() makes every waiter look at `stop()` again."""
+        with self._lock:
+            self.history_waiting += 1
+            try:
+                self._arrived.wait_for(lambda: self.head > pos or stop(), timeout)
+            finally:
+                self.history_waiting -= 1
+
+    def wake_waiters(self) -> None:
+        with self._lock:
+            self._arrived.notify_all()
+
     def history(self) -> list[Event]:
         """The replayable events (not notices), oldest first."""
         with self._lock:
@@ -435,6 +499,8 @@ class Bouncer:
         pos = event.pos = self.head
         self.ring.slots[pos % self.ring.capacity] = event
         self.head = pos + 1
+        if self.history_waiting:  # a long poll waits for exactly this (checked first: publishes stay cheap)
+            self._arrived.notify_all()
 
     def _settle_locked(self, failed: bool) -> None:
         """After an fsync ("always"): move every event now on disk from _unsynced into the ring, in id order. On

@@ -28,9 +28,12 @@ access_log = logging.getLogger("sseserver.access")
 
 SERVER_HEADER = f"sseserver/{__version__}"
 JSON = "application/json"
+HISTORY_LIMIT, HISTORY_MAX_LIMIT = 100, 1000  # events per GET /history answer: default, most
+HISTORY_MAX_WAIT = 60.0  # seconds a GET /history?wait= may be held
 
 ROUTES = {
     "/subscribe": ("GET", "OPTIONS"),
+    "/history": ("GET", "OPTIONS"),
     "/publish": ("POST", "PUT", "OPTIONS"),
     "/health": ("GET", "HEAD", "OPTIONS"),
     "/metrics": ("GET", "HEAD"),
@@ -179,6 +182,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._publish(request, policy, client)
             elif request.path == "/subscribe":
                 self._subscribe(request, policy, client)
+            elif request.path == "/history":
+                self._history(request, policy, client)
             elif request.path == "/metrics":
                 self._metrics(request, policy)
             elif request.path == "/":
@@ -264,9 +269,8 @@ class Handler(BaseHTTPRequestHandler):
                 raise HTTPError(403, "invalid token")
         self._respond(200, metrics.render(self.server.metric_families()).encode("utf-8"), metrics.CONTENT_TYPE)
 
-    def _subscribe(self, request: Request, policy, client: str) -> None:
-        server = self.server
-        config = policy.config
+    def _reader_filter(self, request: Request, policy, client: str):
+        """The event filter of a reader (/subscribe, /history): its ?event= names within its token's scope."""
         names = request.query_values("event")
         for name in names:
             if not framing.EVENT_NAME.fullmatch(name):
@@ -275,7 +279,27 @@ class Handler(BaseHTTPRequestHandler):
         if token is None:
             token = request.query_value("token")  # EventSource cannot set headers
         grant = access.authorize(policy.subscribe_tokens, token, client, "subscribe")
-        wanted = access.stream_filter(names, grant.scope)
+        return access.stream_filter(names, grant.scope)
+
+    def _history(self, request: Request, policy, client: str) -> None:
+        """Catch up without a stream: JSON of the retained events after ?after=, optionally held (?wait=) until
+        one arrives. A held request is an ordinary connection (max_connections), never a subscriber."""
+        wanted = self._reader_filter(request, policy, client)
+        limit = _query_number(request, "limit", int, HISTORY_LIMIT, 1, HISTORY_MAX_LIMIT)
+        wait = _query_number(request, "wait", float, 0.0, 0.0, HISTORY_MAX_WAIT)
+        page = self.server.history_page(wanted, request.query_value("after"), limit, wait)
+        body = json.dumps({
+            "events": [{"id": str(event.id), "event": event.name, "data": event.data} for event in page.events],
+            "oldest_id": None if page.oldest_id is None else str(page.oldest_id),
+            "last_id": str(page.last_id),
+            "reset": page.reset,
+        }, ensure_ascii=False).encode("utf-8")
+        self._respond(200, body, JSON, (("Cache-Control", "no-store"),))
+
+    def _subscribe(self, request: Request, policy, client: str) -> None:
+        server = self.server
+        config = policy.config
+        wanted = self._reader_filter(request, policy, client)
         last_event_id = request.headers.get("last-event-id")
         if last_event_id is not None:
             # EventSource sends the id as UTF-8 and the parser keeps header octets as latin-1: decode it the way
@@ -383,6 +407,20 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
         log.info("%s " + format, self.peer, *args)
+
+
+def _query_number(request: Request, name: str, kind, default, low, high):
+    """A numeric query parameter within [low, high], or its default when absent; 400 otherwise."""
+    text = request.query_value(name)
+    if text is None:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:  # also refuses nan and inf
+        raise HTTPError(400, f"{name} must be a number from {low} to {high}")
+    return value
 
 
 def _without_token(request: Request) -> str:

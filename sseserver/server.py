@@ -28,7 +28,7 @@ from http.server import ThreadingHTTPServer
 
 from . import __version__
 from .access import Policy
-from .bouncer import Bouncer, parse_event_id
+from .bouncer import Bouncer, Page, parse_event_id
 from .cluster import RedisBridge, wait_for_replay
 from .delivery import Delivery
 from .handler import Handler, refusal
@@ -182,6 +182,20 @@ class SSEServer(ThreadingHTTPServer):
             if wanted is not None:
                 wait_for_replay(self.cluster, self.bouncer, wanted)
 
+    def history_page(self, names, after: str | None, limit: int, wait: float) -> Page:
+        """GET /history: the retained events after `after` (see Bouncer.page). With `wait` and nothing to
+        return yet, hold until a matching event arrives, `wait` seconds pass, or shutdown begins (drain()
+        wakes every waiter, so a held request is answered at once, never cut)."""
+        self.prepare_replay(after)
+        deadline = time.monotonic() + wait
+        while True:
+            page = self.bouncer.page(names, after, limit)
+            remaining = deadline - time.monotonic()
+            if page.events or page.reset or remaining <= 0 or self.stopping:
+                return page
+            self.bouncer.wait_for_more(page.end, remaining, lambda: self.stopping)
+            after = str(page.last_id)  # what arrived may not match: look again from where this look ended
+
     def server_close(self) -> None:
         if self.cluster is not None:
             self.cluster.stop()
@@ -216,6 +230,7 @@ class SSEServer(ThreadingHTTPServer):
         `retry:`, wait for all of it until `deadline` (time.monotonic()), then force what is left. True when
         nothing had to be forced."""
         self.stopping = True
+        self.bouncer.wake_waiters()  # held GET /history long polls answer now
         # 1. Idle keep-alive connections would wait for a next request that must not come: close them now.
         #    Busy ones finish their request (a publish is answered) and then close, seeing `stopping`.
         self._close_connections(idle_only=True)
@@ -301,6 +316,8 @@ class SSEServer(ThreadingHTTPServer):
             Family("sseserver_subscribers", "gauge", "Open event streams.", [({}, bouncer.subscriber_count)]),
             Family("sseserver_connections", "gauge", "Open connections still reading a request.",
                    [({}, len(self._connections))]),
+            Family("sseserver_history_waiting", "gauge", "GET /history long polls waiting for an event.",
+                   [({}, bouncer.history_waiting)]),
             Family("sseserver_events_published_total", "counter", "Events published since the process started.",
                    [({}, bouncer.published)]),
             Family("sseserver_events_delivered_total", "counter",

@@ -217,6 +217,52 @@ class BouncerTest(unittest.TestCase):
         self.assertEqual(ids_of(bouncer, bouncer.subscribe(None, "20").subscriber), [21])
         self.assertEqual([e.id for e in bouncer.history()], [10, 11, 20, 21])
 
+    def test_history_pages_read_back_exactly_what_a_stream_would_replay(self):
+        """GET /history's pages, followed cursor to cursor with random limits and filters, give exactly the
+        events a stream replaying from the same id gets, and `reset` exactly when the stream would be told.
+        Seeded random steps; the seed and steps are in the message on failure."""
+        for seed in range(30):
+            rng = random.Random(seed)
+            bouncer = Bouncer(history_size=6, queue_size=2, first_id=1)
+            steps, next_id, held = [], 1, []
+            for _ in range(150):
+                if rng.random() < 0.6:
+                    skip = rng.random() < 0.1
+                    event_id = next_id + (2 if skip else 0)
+                    prev = held[-1] if held else 0
+                    name = rng.choice(["a", "b"])
+                    bouncer.ingest(event_id, name, "x", prev_id=prev + (1 if skip else 0))
+                    steps.append(f"ingest {event_id} {name}{' skip' if skip else ''}")
+                    held.append(event_id)
+                    next_id = event_id + 1
+                    continue
+                names = rng.choice([None, frozenset({"a"})])
+                after = str(rng.choice(held + [0, next_id + 3])) if held and rng.random() < 0.8 else None
+                limit = rng.randint(1, 4)
+                steps.append(f"page after {after} names {names} limit {limit}")
+                context = f"seed {seed}, steps {steps}"
+                replay = bouncer.subscribe(names, after) if after is not None else None
+                if replay is not None:
+                    feed = FeedReader().feed(bouncer.collect(bouncer.ring, replay.subscriber.cursor, bouncer.head,
+                                                             names)[0])
+                    expected = [int(e.id) for e in feed if e.type == "message" or e.type in ("a", "b")]
+                    told = replay.reset is not None or any(e.type == "sseserver.reset" for e in feed)
+                else:
+                    expected = [e.id for e in bouncer.history() if names is None or e.name in names]
+                    told = any(event.notice for pos in range(bouncer.head - bouncer.retained(), bouncer.head)
+                               if (event := bouncer.ring.get(pos)) is not None)
+                got, reset, cursor = [], False, after
+                for _ in range(100):
+                    page = bouncer.page(names, cursor, limit)
+                    got += [event.id for event in page.events]
+                    reset = reset or page.reset
+                    cursor = str(page.last_id)
+                    if not page.events:
+                        break
+                self.assertEqual(got, expected, context)
+                self.assertEqual(reset, told, context)
+                self.assertEqual(cursor, str(bouncer.last_id), context)  # the end of the pages is the present
+
     def test_replay_matches_a_model_over_random_publishes_gaps_and_reloads(self):
         """Seeded random steps; on failure the seed and the steps so far are in the message."""
         for seed in range(20):
