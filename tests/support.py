@@ -31,13 +31,17 @@ STOP_TIMEOUT = 15.0
 REQUIRE_ALL = os.environ.get("SSESERVER_TEST_REQUIRE_ALL") == "1"
 
 
-def require_binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed"
+def require(present: bool, message: str) -> None:
+    """Skip the test when a prerequisite is missing, or fail it under SSESERVER_TEST_REQUIRE_ALL=1."""
+    if not present:
         if REQUIRE_ALL:
             raise AssertionError(message + " (SSESERVER_TEST_REQUIRE_ALL=1 forbids skipping)")
         raise unittest.SkipTest(message)
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    require(path is not None, f"{name} is not installed")
     return path
 
 
@@ -477,8 +481,9 @@ def daemon_process(*args, env: dict | None = None, listen_socket: socket.socket 
     if listen_socket is not None:
         fd = listen_socket.fileno()
         pass_fds = (fd,)
-        # fd 3 in the child, and LISTEN_PID = the shell's pid, which exec keeps for the daemon.
-        command = ["sh", "-c", f'exec 3<&{fd}; LISTEN_FDS=1 LISTEN_PID=$$ exec "$@"', "sh", *command]
+        # fd 3 in the child, and LISTEN_PID = the shell's pid, which exec keeps for the daemon. bash, not sh:
+        # dash redirects only fds 0-9, and a test with several daemons at once holds higher ones.
+        command = ["bash", "-c", f'exec 3<&{fd}; LISTEN_FDS=1 LISTEN_PID=$$ exec "$@"', "bash", *command]
     # Under a prefix the daemon is the wrapper's child (strace) or the wrapper itself (nsenter execs): give it a
     # process group of its own, so that cleanup kills the daemon too and never leaves it running unparented.
     process = subprocess.Popen(command, cwd=ROOT, env=full_env, start_new_session=bool(prefix),

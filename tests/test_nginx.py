@@ -4,6 +4,10 @@ Only three things in the block are substituted, each checked to occur exactly on
 socket in the test's directory, so no TCP port is picked and released), the upstream's port (the daemon's), and
 the certificate paths (a throwaway self-signed pair). The daemon listens on a socket the test owns and passes
 down through LISTEN_FDS, so a restart keeps the port nginx points at, as sseserver.socket does in production.
+
+A test that needs nginx on TCP (a client that takes a URL, such as `sseserver doctor`) gives Nginx a listening
+socket it owns: nginx inherits it through its `NGINX` environment variable (the mechanism of its binary
+upgrade), so again no port is picked and released. `edits` then change the block the way an operator might.
 """
 
 import json
@@ -40,18 +44,29 @@ def substitute(block: str, old: str, new: str) -> str:
 
 
 class Nginx:
-    def __init__(self, upstream_port: int | list[int]):
+    """nginx running README's block. `listen_socket`: a listening TCP socket (on 127.0.0.1) that nginx inherits
+    instead of the unix socket; `http2=False` drops http2 from the listen line; `edits`: (old, new) pairs
+    substituted in the block, each checked to occur exactly once."""
+
+    def __init__(self, upstream_port: int | list[int], listen_socket: socket.socket | None = None,
+                 http2: bool = True, edits: tuple[tuple[str, str], ...] = ()):
         self.nginx = require_binary("nginx")
         openssl = require_binary("openssl")
         self.dir = tempfile.mkdtemp(prefix="sseserver-nginx-")
         os.chmod(self.dir, 0o755)
         self.socket_path = os.path.join(self.dir, "nginx.sock")
-        cert, key = os.path.join(self.dir, "cert.pem"), os.path.join(self.dir, "key.pem")
-        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                        "/CN=localhost", "-keyout", key, "-out", cert], check=True, capture_output=True,
-                       timeout=60)
+        self.listen_socket = listen_socket
+        self.cert = cert = os.path.join(self.dir, "cert.pem")
+        key = os.path.join(self.dir, "key.pem")
+        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj",
+                        "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                        "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)
         block = readme_nginx_block()
-        block = substitute(block, "listen 443 ssl http2;", f"listen unix:{self.socket_path} ssl http2;")
+        listen = (f"unix:{self.socket_path}" if listen_socket is None
+                  else "%s:%d" % listen_socket.getsockname()[:2])
+        block = substitute(block, "listen 443 ssl http2;", f"listen {listen} ssl{' http2' if http2 else ''};")
+        for old, new in edits:
+            block = substitute(block, old, new)
         ports = upstream_port if isinstance(upstream_port, list) else [upstream_port]
         block = substitute(block, "server 127.0.0.1:5000;", " ".join(f"server 127.0.0.1:{p};" for p in ports))
         block = substitute(block, "/etc/ssl/certs/events.example.com.pem", cert)
@@ -82,11 +97,17 @@ http {{
         self.context.verify_mode = ssl.CERT_NONE
 
     def __enter__(self):
+        env, fds = None, ()
+        if self.listen_socket is not None:
+            fds = (self.listen_socket.fileno(),)
+            env = dict(os.environ, NGINX=f"{fds[0]};")  # nginx's own way to inherit a listening socket
         self.process = subprocess.Popen([self.nginx, "-c", self.conf, "-p", self.dir, "-e",
-                                         os.path.join(self.dir, "error.log")],
+                                         os.path.join(self.dir, "error.log")], env=env, pass_fds=fds,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_until(lambda: os.path.exists(self.socket_path) or self.process.poll() is not None,
-                   what="nginx to listen")
+        # The pid file is written once the configuration is loaded and the sockets are open; connections made
+        # to an inherited socket before the worker accepts wait in its backlog.
+        ready = self.socket_path if self.listen_socket is None else os.path.join(self.dir, "nginx.pid")
+        wait_until(lambda: os.path.exists(ready) or self.process.poll() is not None, what="nginx to listen")
         if self.process.poll() is not None:
             raise AssertionError(f"nginx failed: {self.process.stderr.read().decode()}")
         return self
