@@ -299,6 +299,9 @@ class SSEServer(ThreadingHTTPServer):
             "last_event_id": None if bouncer.newest_event_id is None else str(bouncer.newest_event_id),
             "history_size": bouncer.retained(),
             "uptime_s": round(time.monotonic() - self.started, 3),
+            # What a client should expect of a stream (`sseserver doctor` reads them to judge what it sees).
+            "heartbeat_interval": self.config.heartbeat_interval,
+            "retry_ms": self.config.retry_ms,
             **(self.cluster.health() if self.cluster is not None else {}),
         }
 

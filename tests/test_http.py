@@ -115,6 +115,8 @@ class SubscribeAndPublishTest(unittest.TestCase):
         self.assertEqual(health["status"], "ok")
         for key in ("subscribers", "last_event_id", "history_size", "uptime_s"):
             self.assertIn(key, health)
+        # What streams get, for clients such as `sseserver doctor` that judge what they see by it.
+        self.assertEqual((health["heartbeat_interval"], health["retry_ms"]), (60.0, 3000))
         status, headers, body = request(self.server.port, "HEAD", "/health")
         self.assertEqual((status, body), (200, b""))
 
