@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sseserver",
         description="A Server-Sent Events notification daemon: POST /publish, GET /subscribe.",
+        epilog="sseserver doctor URL [--help]: check what breaks streaming between a deployment and browsers.",
     )
     parser.add_argument("-c", "--config", metavar="FILE", help="TOML config file (see sseserver.toml)")
     parser.add_argument("--host", help="address to listen on (overrides the config file)")
@@ -48,6 +49,10 @@ def overrides(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["doctor"]:
+        from . import doctor  # a client of a deployment, with its own flags; loaded only when asked for
+        return doctor.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         flags = overrides(args)
