@@ -230,8 +230,8 @@ class Bouncer:
         prev_id that clients may have seen are gone. In both cases prev_id is no honest replay cursor, so the
         event's predecessor becomes `event_id - 1`, an id above every lost one that no client was given for
         another event: a client holding an id from before the loss is reset, and the reset's own cursor
-        (see _reset_notice) is honoured. (When that is the last id here, no lost event can have had an id
-        between the two: the sequence goes on without a notice.)"""
+        (see _reset_notice) is honoured. With `gap` the notice goes out even when that is the last id here:
+        the caller knows of a loss the ids cannot show (an id handed out twice)."""
         body = framing.encode_event(data, None, name)
         now = time.monotonic_ns()
         with self._lock:
@@ -242,7 +242,7 @@ class Bouncer:
             broken = gap or (self._has_events and prev_id < self._last_id)
             if broken:
                 prev_id = event_id - 1
-            if self._has_events and prev_id != self._last_id:
+            if self._has_events and (gap or prev_id != self._last_id):
                 notice = _gap_notice(self._last_id, event_id)
                 self._append_locked(Event(self.head, self._last_id, self._last_id, RESET_EVENT, "", notice, now,
                                           notice=True))

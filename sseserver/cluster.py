@@ -30,6 +30,14 @@ an AOF restarted from an older snapshot, or a replica took over: entries may hav
 (paused, cut off, or started later) never read, so no `p` could show it. That is a gap too. With an AOF a
 restart keeps the stream and produces no reset.
 
+The chain rule: ids alone can repeat after a loss. An instance whose clock runs ahead raises every instance's
+floor (highest id seen + 1) above the clock, so after a FLUSHALL or a restart without persistence two instances
+can both be handed the same id, one of them lost: each would then take the other's event for the one it read,
+and `p` would match. So each entry also carries `k`, a random key the publishing instance makes, and `q`, the
+`k` of the stream's last entry when it was added ("" for an empty stream). The follower compares `q` with the
+`k` of the last entry it read; when they differ, the entries between are not the ones it read, and streams get a
+reset (Bouncer.ingest(gap=True)) even where the ids line up.
+
 What `p` cannot show: entries lost before this instance read them, when nothing after them shows the loss (a
 failover to a replica that never got the newest entries: the next entry's `p` is the replica's last one, which
 this instance has read). For its own publishes an instance knows better: it remembers the ids it acknowledged
@@ -48,6 +56,7 @@ is logged again only after REPEAT_LOG_INTERVAL (with the count of repeats), unle
 import collections
 import hashlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -57,13 +66,20 @@ from .resp import Connection, RedisError, RedisUnavailable, parse_url
 
 log = logging.getLogger("sseserver.cluster")
 
-# KEYS[1] the stream; ARGV: maxlen, floor, name, data. Lua numbers are doubles: exact for integers below 2**53
+# KEYS[1] the stream; ARGV: maxlen, floor, name, data, chain key. Lua numbers are doubles: exact for integers below 2**53
 # (microseconds until the year 2255), and formatted with %.0f because tostring() would write 1.7e+15.
 PUBLISH_SCRIPT = """
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local prev = nil
+local chain = ''
 if #last > 0 then
   prev = tonumber(string.match(last[1][1], '^(%d+)'))
+  local fields = last[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'k' then
+      chain = fields[i + 1]
+    end
+  end
 end
 local id = math.max((prev or 0) + 1, tonumber(ARGV[2]))
 -- Which Redis wrote the entry: its run_id, unless it keeps an append-only file (a restart then loses nothing
@@ -74,7 +90,8 @@ if string.match(redis.call('INFO', 'persistence'), 'aof_enabled:(%d)') ~= '1' th
 end
 local function add(at)
   return redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], string.format('%.0f', at) .. '-0',
-                     'p', string.format('%.0f', prev or at - 1), 'r', origin, 'n', ARGV[3], 'd', ARGV[4])
+                     'p', string.format('%.0f', prev or at - 1), 'k', ARGV[5], 'q', chain, 'r', origin,
+                     'n', ARGV[3], 'd', ARGV[4])
 end
 local added = add(id)
 if type(added) == 'table' and added.err then
@@ -126,9 +143,12 @@ class RedisBridge:
         self._highest = 0  # the highest id this instance has seen or assigned: part of the publish floor
         self._read = 0  # the highest id the follower has read back
         self._origin: bytes | None = None  # the `r` of the last entry read: which Redis wrote it
+        self._chain: bytes | None = None  # the `k` of the last entry read (None: it had none)
         self._unconfirmed: collections.deque[int] = collections.deque()  # own acknowledged ids above _read, ascending
         self._highest_lock = threading.Lock()
         self._confirmed = threading.Condition(self._highest_lock)  # _unconfirmed shrank, or the link went down
+        self._last_ack = 0.0  # when this instance last acknowledged an event (time.monotonic())
+        self._caught_up_at = 0.0  # when the follower sent its last read that found nothing new
         self._beat = time.monotonic()  # when the follower's loop last came round (healthy())
         self._logged: tuple[str, float] | None = None  # the last failure logged, and when
         self._suppressed = 0  # identical failures not logged since then
@@ -136,6 +156,7 @@ class RedisBridge:
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._following: Connection | None = None  # the follower's connection, for stop() to interrupt
 
     # -- methods for the caller ----------------------------------------------------------------------------------
 
@@ -146,6 +167,9 @@ class RedisBridge:
 
     def stop(self) -> None:
         self._stop.set()
+        following = self._following
+        if following is not None:
+            following.interrupt()  # else shutdown waits out a black-holed XREAD (up to 6 s past its deadline)
         if self._thread is not None:
             self._thread.join(timeout=BLOCK_MS / 1000 + COMMAND_TIMEOUT)
         while True:
@@ -158,7 +182,7 @@ class RedisBridge:
         """Store the event in the shared stream and return its id. StoreError when Redis did not store it:
         nothing is acknowledged that Redis does not hold. OutcomeUnknown when the command was sent but no reply
         came (the link failed, or Redis stalled past COMMAND_TIMEOUT): Redis may have stored it."""
-        args = (1, self.stream_key, self.maxlen, self._floor(), name, data)
+        args = (1, self.stream_key, self.maxlen, self._floor(), name, data, os.urandom(8).hex())
 
         def run_script(connection: Connection):
             try:
@@ -186,8 +210,11 @@ class RedisBridge:
         link is down (they may never come back), or `deadline` (time.monotonic()). For the drain at shutdown:
         an event answered 200 here must reach this instance's open streams before they are ended."""
         with self._confirmed:
-            return self._confirmed.wait_for(lambda: not self._unconfirmed or not self.up,
-                                            max(0.0, deadline - time.monotonic()))
+            # Once the follower has found nothing new after the last acknowledgement, what is still
+            # unconfirmed was lost in Redis: it will never come back, so there is nothing to wait for.
+            return self._confirmed.wait_for(
+                lambda: not self._unconfirmed or not self.up or self._caught_up_at > self._last_ack,
+                max(0.0, deadline - time.monotonic()))
 
     def newest_id(self) -> int | None:
         """The id of the stream's newest entry (0 for an empty stream), or None when Redis cannot say."""
@@ -263,6 +290,8 @@ class RedisBridge:
     def _saw(self, event_id: int, acknowledged: bool = False) -> None:
         with self._highest_lock:
             self._highest = max(self._highest, event_id)
+            if acknowledged:
+                self._last_ack = time.monotonic()
             if acknowledged and event_id > self._read:
                 # Publishes finish in any order: keep the deque ascending (a late one usually goes near the end).
                 index = len(self._unconfirmed)
@@ -323,10 +352,12 @@ class RedisBridge:
         except (RedisUnavailable, RedisError) as exc:  # RedisError: WRONGPASS, NOPERM, max clients, LOADING
             return 0.0, str(exc)
         since = None  # when the first read succeeded
+        self._following = connection
         try:
             while not self._stop.is_set():
                 # The first read of a session does not block, so /health says "up" as soon as the link works.
                 block = () if since is None else ("BLOCK", BLOCK_MS)
+                sent = time.monotonic()
                 reply = connection.command("XREAD", "COUNT", 1000, *block, "STREAMS", self.stream_key,
                                            self.last_seen)
                 self._beat = time.monotonic()
@@ -336,10 +367,15 @@ class RedisBridge:
                 self.up = True  # also after a failed publish cleared it
                 if reply:
                     self._ingest(reply[0][1])
+                else:
+                    with self._confirmed:  # everything added before `sent` has been read
+                        self._caught_up_at = sent
+                        self._confirmed.notify_all()
             return 0.0, None
         except (RedisUnavailable, RedisError) as exc:
             return (0.0 if since is None else time.monotonic() - since), str(exc)
         finally:
+            self._following = None
             connection.close()
 
     def _ingest(self, entries) -> None:
@@ -357,6 +393,14 @@ class RedisBridge:
                 gap = True
             if origin is not None:
                 self._origin = origin
+            follows = values.get(b"q")
+            if follows is not None and self._chain is not None and follows != self._chain and not gap:
+                # Not the entry this instance read last before it: entries were lost, although the ids may line
+                # up (an id handed out twice after a loss). Be told.
+                log.warning("the stream's chain broke before entry %s (entries lost): streams get a reset",
+                            entry_id.decode("ascii", "replace"))
+                gap = True
+            self._chain = values.get(b"k")
             lost = self._lost_before(event_id)
             if lost is not None:
                 log.error("event %d, acknowledged by this instance, is not in the stream: Redis lost it", lost)

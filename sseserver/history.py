@@ -121,6 +121,9 @@ def decode_records(blob: bytes, path: str) -> tuple[list[StoredEvent], int, str 
             raise ConfigError("history_file", f"{path} is corrupt: bad UTF-8 in the record at offset {offset}") from None
         if events and event_id <= events[-1].id:
             raise ConfigError("history_file", f"{path} is corrupt: ids go backwards at offset {offset}")
+        if prev_id >= event_id:  # replay would take it as an id we hold and resend what the client has
+            raise ConfigError("history_file", f"{path} is corrupt: a predecessor id not below its event's at "
+                              f"offset {offset}")
         events.append(StoredEvent(event_id, prev_id, name, data))
         offset = end
     return events, offset, None
@@ -468,8 +471,11 @@ class HistoryFile:
         except OSError:
             return False
         with self._sync_lock:  # no cut-back in progress: the size we expect is the size it should have
+            # Read before the fstat: an append (not under this lock) writes before it counts, so the file can
+            # only be larger than `expected`, never falsely shorter.
+            expected = self._size
             try:
-                shorter = os.fstat(self._fd).st_size < self._size
+                shorter = os.fstat(self._fd).st_size < expected
             except OSError:
                 return False
         return (stat.st_dev, stat.st_ino) != self._identity or shorter

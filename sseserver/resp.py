@@ -115,6 +115,14 @@ class Connection:
             self.close()
             raise RedisUnavailable(f"lost {self.address!r}: {exc}", unsent=False) from None
 
+    def interrupt(self) -> None:
+        """From another thread: make the command this connection is blocked in (an XREAD BLOCK) fail at once, so
+        a stop need not wait for its timeout."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def reusable(self) -> bool:
         """For an idle pooled connection, before it is used again: False when Redis has closed it since its last
         reply (a restart, `timeout`, CLIENT KILL), which a send would often not notice (TCP accepts the bytes

@@ -202,6 +202,17 @@ class BouncerTest(unittest.TestCase):
                     self.assertIsNone(bouncer.subscribe(None, reset.id).reset)
                 self.assertEqual(ids_of(bouncer, bouncer.subscribe(None, "500").subscriber), [501, 502])
 
+    def test_a_known_loss_is_told_even_where_the_ids_line_up(self):
+        """An id handed out twice after a Redis loss (an instance's clock ahead raised every floor): the next id
+        is the last one here + 1, so no id can show the loss, but the follower knows (the chain broke)."""
+        bouncer = Bouncer(history_size=10, queue_size=4, first_id=1)
+        bouncer.ingest(100, "message", "a", prev_id=99)
+        stream = bouncer.subscribe(None, None).subscriber
+        bouncer.ingest(101, "message", "b", prev_id=100, gap=True)
+        events = FeedReader().feed(bouncer.collect(bouncer.ring, stream.cursor, bouncer.head, None)[0])
+        self.assertEqual([(e.type, e.data) for e in events],
+                         [("sseserver.reset", '{"last_event_id": "100", "oldest_id": "101"}'), ("message", "b")])
+
     def test_a_hole_in_restored_history_is_replayed_with_a_reset(self):
         """A file whose predecessor chain is broken (written by an earlier version's compaction under a burst):
         replay across the hole tells the client instead of skipping it in silence."""
@@ -280,7 +291,9 @@ class BouncerTest(unittest.TestCase):
                     # After a loss the predecessors cannot show, no earlier id is an honest cursor, except the one
                     # just below the new id: then no lost event can have had an id between the two.
                     honest = prev if event_id - 1 == prev else None
-                    if model and loss < 0.05:  # the stream's writer changed
+                    if model and loss < 0.05:  # the stream's writer changed (its clock moved on: a skip)
+                        event_id = next_id + rng.randint(1, 3)
+                        honest = None
                         bouncer.ingest(event_id, "message", "x", prev_id=prev, gap=True)
                         steps.append(f"ingest {event_id} prev {prev} gap")
                         model.append((event_id, honest))

@@ -370,6 +370,55 @@ class RedisFaultTest(unittest.TestCase):
                 self.assertEqual((event.data, int(event.id)), ("last words", event_id))
             assert_exit(process, 0)
 
+    def test_an_id_handed_out_twice_after_a_loss_is_a_reset_on_both_instances(self):
+        """An entry from an instance whose clock is an hour ahead raises every floor (highest id seen + 1) above
+        the clock. B publishes id F+1 while A's follower is stalled, Redis loses it (FLUSHALL), and A is handed
+        F+1 again. No id shows the loss (B's follower even skips A's entry: it has read F+1), so the follower
+        compares the chain keys (`q` of an entry, `k` of the one it read before): every stream is told."""
+        redis = self.start_redis()
+        proxy = TcpProxy(redis.socket).start()
+        self.addCleanup(proxy.stop)
+        config_a = write_config(redis.dir, "a.toml", redis_url=f"redis://127.0.0.1:{proxy.port}", retry_ms=200)
+        with daemon_process("--port", "0", "-c", config_a) as (_, port_a), \
+                daemon_process("--port", "0", "-c", self.config(redis, "b.toml")) as (__, port_b):
+            future = time.time_ns() // 1000 + 3600 * 10**6
+            redis.command("XADD", STREAM_KEY, f"{future}-0", "p", str(future - 1), "k", "fast-clock", "q", "",
+                          "n", "message", "d", "from a fast clock")
+            for port in (port_a, port_b):
+                wait_until(lambda: health(port)["last_event_id"] == str(future), what="the fast entry")
+            with SSEClient(port_a) as on_a, SSEClient(port_b) as on_b:
+                wait_for_subscribers(port_a, 1)
+                wait_for_subscribers(port_b, 1)
+                proxy.freeze_open()  # A's follower stalls (A has no pooled publish connection yet)
+                self.assertEqual(published_id(port_b, "B's event"), future + 1)
+                self.assertEqual(on_b.read_events(1)[0].data, "B's event")
+                redis.command("FLUSHALL")
+                self.assertEqual(published_id(port_a, "A's event"), future + 1)  # handed out again
+                proxy.thaw()
+                published_id(port_b, "after")
+                for name, client in (("A", on_a), ("B", on_b)):
+                    seen = []
+                    while not seen or seen[-1].data != "after":
+                        seen += client.read_events(1)
+                        self.assertLess(len(seen), 5, seen)
+                    self.assertIn("sseserver.reset", [e.type for e in seen], f"{name} crossed the loss in silence")
+
+    def test_sigterm_with_a_black_holed_redis_still_exits_within_the_shutdown_timeout(self):
+        """The follower blocks in an XREAD whose socket timeout is 6 s; an earlier version's stop waited it out,
+        so the process exited seconds after shutdown_timeout. The bound is generous (the old code takes > 6 s)."""
+        redis = self.start_redis()
+        proxy = TcpProxy(redis.socket).start()
+        self.addCleanup(proxy.stop)
+        config = write_config(redis.dir, "sseserver.toml", redis_url=f"redis://127.0.0.1:{proxy.port}",
+                              shutdown_timeout=1.0)
+        with daemon_process("--port", "0", "-c", config) as (process, port):
+            wait_until(lambda: redis_is_up(port), what="the follower to be up")
+            proxy.cut("blackhole")
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            assert_exit(process, 0)
+            self.assertLess(time.monotonic() - started, 4.5, process.log_lines[-5:])
+
     def test_a_redis_that_stalls_past_the_timeout_gets_504_may_have_been_published_never_503(self):
         """A 503 means "not published". A command Redis received but did not answer in time may still run: that
         is a 504, and the event may then arrive (exactly once)."""

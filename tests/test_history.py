@@ -43,6 +43,11 @@ class RecordFormatTest(unittest.TestCase):
             history.decode_records(bytes(damaged), "f")
         with self.assertRaisesRegex(ConfigError, "not an sseserver history file"):
             history.decode_records(b"something else entirely", "f")
+        # Well-formed records (good checksums) that make no sense: replay would treat a predecessor that is not
+        # below its event as an id it holds and send a client again what it has.
+        for prev in (10, 11):
+            with self.assertRaisesRegex(ConfigError, "predecessor"):
+                history.decode_records(history.MAGIC + history.encode_record(10, prev, "message", "x"), "f")
 
 
 class RestartTest(unittest.TestCase):
