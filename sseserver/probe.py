@@ -16,7 +16,9 @@ Deliberate choices, so nobody "fixes" them:
   without verification, so the checks of the streaming path still run; a browser would refuse that site.
 - Streams offer only HTTP/1.1 in ALPN (this client speaks nothing else); a separate handshake offers h2 to learn
   what a browser would get.
-- Replies are read up to MAX_BODY bytes: a doctor must not be made to read forever.
+- Whatever a server sends, memory stays bounded: replies are read up to MAX_BODY bytes, a stream's line, an
+  event's data and what one read decompresses to are capped at MAX_BODY too (beyond: the stream counts as broken),
+  and a stream keeps only the events it was told to keep (the rest are counted).
 """
 
 import dataclasses
@@ -381,10 +383,11 @@ class Client:
         finally:
             sock.close()
 
-    def open_stream(self, path: str, headers: list[tuple[str, str]], deadline: float) -> "Stream":
+    def open_stream(self, path: str, headers: list[tuple[str, str]], deadline: float,
+                    keep: frozenset[str] | None = None) -> "Stream":
         """Send a stream's GET and return at once: the Stream's reads wait for its head and body."""
         sock = self._send("GET", self.base.target(path), list(headers), None, deadline)
-        return Stream(sock)
+        return Stream(sock, keep)
 
 
 def _read_head(sock: socket.socket, buffer: bytearray, deadline: float) -> Head:
@@ -475,7 +478,15 @@ def content_decoder(encoding: str | None) -> Callable[[bytes], bytes] | None:
         return lambda data: data
     if coding in ("gzip", "x-gzip", "deflate"):
         # 32 + MAX_WBITS accepts a gzip or a zlib header, and "deflate" in the wild is either.
-        return zlib.decompressobj(32 + zlib.MAX_WBITS).decompress
+        decompressor = zlib.decompressobj(32 + zlib.MAX_WBITS)
+
+        def decompress(data: bytes) -> bytes:
+            out = decompressor.decompress(data, MAX_BODY)
+            if decompressor.unconsumed_tail:  # a compression bomb, not an event stream
+                raise ValueError(f"{len(data)} compressed bytes expand to more than {MAX_BODY} bytes")
+            return out
+
+        return decompress
     return None
 
 
@@ -489,10 +500,13 @@ class Event:
 
 class Stream:
     """A GET /subscribe held open. Every read timestamps what it decodes: the head, the first complete body line,
-    each event, each comment (heartbeat), any other data, and the end of the stream."""
+    each event, each comment (heartbeat), any other data, and the end of the stream. `keep`: the event types to
+    keep in `events` (None: all); others only count in `other_events`."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, keep: frozenset[str] | None = None):
         self.sock = sock
+        self.keep = keep
+        self.other_events = 0
         self.sent_at = time.monotonic()
         self.head: Head | None = None
         self.head_at: float | None = None
@@ -510,6 +524,7 @@ class Stream:
         self._decode: Callable[[bytes], bytes] | None = None
         self._text = bytearray()
         self._data: list[str] = []
+        self._data_size = 0
         self._data_seen = False
         self._type = ""
 
@@ -581,7 +596,7 @@ class Stream:
         except zlib.error:
             self.undecodable = f"{self.head.get('content-encoding')} (corrupt)"
             self._decode = None
-            return
+            return  # the head is fine; only the body cannot be read (the compression check names it)
         if text:
             self.activity.append(now)
             self._text += text
@@ -593,6 +608,8 @@ class Stream:
             cr, lf = self._text.find(b"\r"), self._text.find(b"\n")
             ends = [index for index in (cr, lf) if index >= 0]
             if not ends:
+                if len(self._text) > MAX_BODY:
+                    raise ValueError(f"a line longer than {MAX_BODY} bytes")
                 return
             end = min(ends)
             if end == cr and end + 1 == len(self._text):
@@ -606,9 +623,12 @@ class Stream:
 
     def _interpret(self, line: str, now: float) -> None:
         if line == "":
-            if self._data_seen:
-                self.events.append(Event(now, self._type or "message", "\n".join(self._data), self.last_id))
-            self._data, self._data_seen, self._type = [], False, ""
+            kind = self._type or "message"
+            if self._data_seen and (self.keep is None or kind in self.keep):
+                self.events.append(Event(now, kind, "\n".join(self._data), self.last_id))
+            elif self._data_seen:
+                self.other_events += 1
+            self._data, self._data_seen, self._type, self._data_size = [], False, "", 0
             return
         if line.startswith(":"):
             self.comments.append(now)
@@ -617,7 +637,10 @@ class Stream:
         if colon and value.startswith(" "):
             value = value[1:]
         if name == "data":
-            self._data.append(value)
+            self._data_size += len(value) + 1
+            if self._data_size > MAX_BODY:
+                raise ValueError(f"an event with more than {MAX_BODY} bytes of data")
+            self._data.append(value)  # kept or not is decided at dispatch: `event:` may come after `data:`
             self._data_seen = True
         elif name == "event":
             self._type = value

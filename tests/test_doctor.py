@@ -21,6 +21,7 @@ import socket
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import unittest
 import zlib
@@ -28,8 +29,8 @@ import zlib
 from sseserver import cli
 from sseserver import findings as f
 from sseserver.findings import Cause, Check, ReplayOutcome, Status
-from sseserver.probe import (BaseURL, ChunkedDecoder, Stream, UsageError, base_after_redirect, certificate_expiry,
-                             parse_base_url)
+from sseserver.probe import (MAX_BODY, BaseURL, ChunkedDecoder, Stream, UsageError, base_after_redirect,
+                             certificate_expiry, parse_base_url)
 from tests.support import daemon_process, listening_socket, require, require_binary, run_cli, write_config
 from tests.test_nginx import Nginx
 
@@ -68,7 +69,8 @@ def run_doctor(*args: str) -> Run:
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One deployment (the daemon's config keys, Nginx's options) and the doctor runs against it: extra
-    arguments per run ("{cert}" becomes nginx's certificate); the URL and --watch are added."""
+    arguments per run ("{cert}" becomes nginx's certificate; a first one starting with "/" is the path instead
+    of `path`); the URL and --watch are added."""
 
     runs: tuple[tuple[str, ...], ...] = (TRUSTED,)
     daemon: dict = dataclasses.field(default_factory=dict)
@@ -94,10 +96,15 @@ CASES = {
                  daemon={"cors_origins": ["https://app.example.com"]}),
     "token": Case(runs=(TRUSTED, (*TRUSTED, "--token", SUBSCRIBE_TOKEN)),
                   daemon={"subscribe_tokens": [SUBSCRIBE_TOKEN]}),
-    # The daemon under /sse/ (nginx strips the prefix), and an old address that redirects there.
-    "prefix": Case(runs=(TRUSTED, (*TRUSTED, "--redirected")), path="/sse/", nginx={"edits": (
-        ("location / {", "location = /old/health { return 301 /sse/health; }\n    location /sse/ {"),
-        ("proxy_pass http://sseserver;", "proxy_pass http://sseserver/;"))}),
+    # The daemon under /sse/ (nginx strips the prefix); an old address that redirects there, and one that
+    # redirects to another host name (localhost instead of 127.0.0.1).
+    "prefix": Case(runs=(TRUSTED, ("/old/", *TRUSTED), ("/moved/", *TRUSTED), ("/moved/", *TRUSTED, "--token",
+                                                                               SUBSCRIBE_TOKEN)),
+                   path="/sse/", nginx={"edits": (
+                       ("location / {", "location = /old/health { return 301 /sse/health; }\n"
+                        "    location = /moved/health { return 301 https://localhost:$server_port/sse/health; }\n"
+                        "    location /sse/ {"),
+                       ("proxy_pass http://sseserver;", "proxy_pass http://sseserver/;"))}),
 }
 
 
@@ -119,9 +126,8 @@ def run_case(case: Case) -> list[Run]:
     with deployment(case) as (origin, cert):
         runs = []
         for extra in case.runs:
-            path = "/old/" if "--redirected" in extra else case.path
-            args = [arg.format(cert=cert) for arg in extra if arg != "--redirected"]
-            runs.append(run_doctor(origin + path, *args, "--watch", WATCH_S))
+            path, extra = (extra[0], extra[1:]) if extra and extra[0].startswith("/") else (case.path, extra)
+            runs.append(run_doctor(origin + path, *(arg.format(cert=cert) for arg in extra), "--watch", WATCH_S))
         return runs
 
 
@@ -198,11 +204,16 @@ class DoctorThroughNginxTest(unittest.TestCase):
         self.assert_report(with_token, {}, {})
 
     def test_a_path_prefix_works_and_a_redirect_to_it_is_followed_with_a_warning(self):
-        direct, redirected = self.runs("prefix")
+        direct, redirected, elsewhere, with_token = self.runs("prefix")
         self.assert_report(direct, {}, {})
         self.assertTrue(direct.report["url"].endswith("/sse/"), direct.report["url"])
         self.assert_report(redirected, {}, {"health": "redirect"})
         self.assertTrue(redirected.report["url"].endswith("/sse/"), redirected.report["url"])
+        self.assert_report(elsewhere, {}, {"health": "redirect"})
+        self.assertTrue(elsewhere.report["url"].startswith("https://localhost:"), elsewhere.report["url"])
+        # With a token, a redirect to another host is not followed: the token goes only where it was meant to.
+        self.assertEqual(with_token.returncode, 2, with_token.stderr)
+        self.assertIn("redirects to another host", with_token.stderr)
 
 
 class DoctorCommandTest(unittest.TestCase):
@@ -320,6 +331,22 @@ class ClientTest(unittest.TestCase):
         self.assertEqual([(e.type, e.data, e.id) for e in stream.events], [("doctor.probe", "a\nb", "7")])
         self.assertIsNotNone(stream.first_line_at)
         self.assertIsNotNone(stream.ended_at)  # the last chunk ends the stream, before the socket closes
+
+    def test_a_stream_keeps_only_wanted_events_and_stops_at_an_endless_line(self):
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+        server, client = socket.socketpair()
+        with server, client:
+            stream = Stream(client, keep=frozenset({"doctor.probe"}))
+            server.sendall(head + b"data: other\n\ndata: x\nevent: doctor.probe\n\n")  # `event:` after `data:`
+            self.assertTrue(stream.read_until(lambda s: s.events, time.monotonic() + 10))
+            self.assertEqual(([e.data for e in stream.events], stream.other_events), (["x"], 1))
+            # No line end, ever: the stream is over for the reader. Sent from a thread: the reader must read.
+            sender = threading.Thread(target=server.sendall, args=(b"x" * (MAX_BODY + 1),), daemon=True)
+            sender.start()
+            self.assertFalse(stream.read_until(lambda s: False, time.monotonic() + 10))
+            client.close()  # unblocks the sender if the reader stopped before taking everything
+            sender.join(10)
+        self.assertIn("line longer", stream.error)
 
     def test_the_certificate_expiry_is_read_from_der_in_both_time_formats(self):
         openssl = require_binary("openssl")
