@@ -2,23 +2,24 @@
 
 Owns: the doctor's flags, the order of its run (below), the probe events it publishes, the report (one line per
 check, then the fixes; or one JSON object) and its exit code: 0 no problem (warnings allowed), 1 a problem, 2 bad
-usage or a URL that does not answer within REACH_TIMEOUT.
+usage, a URL that does not answer within REACH_TIMEOUT, or one that redirects to another host while tokens were
+given.
 Must not know: the daemon's internals. It is a client like a browser (probe.py observes, findings.py judges);
 from the package it borrows only the rules for event names and origins, so a bad --event or --origin is refused
 with the daemon's own words.
 
 A run, in order:
-1. GET /health (following redirects that keep /health): reachability and the settings to expect
-   (heartbeat_interval, retry_ms).
+1. GET /health (following up to MAX_REDIRECTS redirects that keep /health; to another host only without tokens):
+   reachability and the settings to expect (heartbeat_interval, retry_ms).
 2. With https, a TLS handshake offering h2 and http/1.1: certificate and ALPN.
 3. GET /subscribe?event=<probe name> as a browser sends it (Accept-Encoding: gzip, deflate, br; Cache-Control:
    no-cache; Origin with --origin): the status, the headers, and how soon the head and the first line come.
-4. POST /publish?event=<probe name>: probe 1, timed until it reaches the open stream; when it has not come within
-   DELIVERY_WAIT, a second probe follows, to tell "held until more data follows" from "lost".
+4. POST /publish?event=<probe name>: the PROBE, timed until it reaches the open stream; when it has not come
+   within DELIVERY_WAIT, MORE_DATA follows, to tell "held until more data follows" from "lost".
 5. Hold the stream idle for --watch seconds: heartbeat gaps, and whether the stream survives.
-6. Close it, publish probe 2, reconnect with Last-Event-ID, publish probe 3 as a marker: probe 2 must come
-   before the marker. If not, reconnect once more with ?last_event_id=: when that replays, the header is
-   dropped on the way.
+6. Close it, publish the MISSED probe, reconnect with Last-Event-ID, publish a MARKER: MISSED must come before
+   the marker. If not, reconnect once more with ?last_event_id= (and another marker): when that replays, the
+   header is dropped on the way.
 7. With --origin: a CORS preflight for POST /publish.
 
 Only probe events are published, each named --event (default doctor.probe), so a browser's onmessage never
