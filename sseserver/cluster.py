@@ -451,8 +451,10 @@ def wait_for_replay(bridge: RedisBridge, bouncer, wanted: int, timeout: float = 
     """Before replaying for a Last-Event-ID this instance has not seen yet: if Redis has handed that id out,
     give the follower a moment to bring it here, so a client that moves between instances is not sent a reset
     for an event that exists."""
-    if wanted <= bouncer.last_id:
+    if wanted <= bouncer.last_id and bouncer.newest_event_id is not None:
         return
+    # Nothing read yet (a new instance): even a low id, such as 0, must wait for the first read, or it would be
+    # taken for this instance's empty start and replay nothing while the stream holds events.
     newest = bridge.newest_id()
-    if newest is not None and wanted <= newest:
+    if newest is not None and newest and wanted <= newest:
         bouncer.wait_for_id(wanted, timeout)
