@@ -179,10 +179,6 @@ class Bouncer:
     # -- methods for the caller ---------------------------------------------------------------------------
 
     @property
-    def queue_size(self) -> int:
-        return self._queue_size
-
-    @property
     def subscriber_count(self) -> int:
         return self._total
 

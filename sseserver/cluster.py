@@ -202,7 +202,7 @@ class RedisBridge:
             raise StoreError(f"Redis is unavailable ({exc})") from None
         except RedisError as exc:
             raise StoreError(f"Redis refused the event: {exc}") from None
-        self._saw(event_id, acknowledged=True)
+        self._acknowledged(event_id)
         return event_id
 
     def wait_confirmed(self, deadline: float) -> bool:
@@ -287,12 +287,12 @@ class RedisBridge:
         with self._highest_lock:
             return max(time.time_ns() // 1000, self._highest + 1)
 
-    def _saw(self, event_id: int, acknowledged: bool = False) -> None:
+    def _acknowledged(self, event_id: int) -> None:
+        """A publish of ours was stored: remember its id until the follower reads it back."""
         with self._highest_lock:
             self._highest = max(self._highest, event_id)
-            if acknowledged:
-                self._last_ack = time.monotonic()
-            if acknowledged and event_id > self._read:
+            self._last_ack = time.monotonic()
+            if event_id > self._read:
                 # Publishes finish in any order: keep the deque ascending (a late one usually goes near the end).
                 index = len(self._unconfirmed)
                 while index and self._unconfirmed[index - 1] > event_id:

@@ -448,7 +448,6 @@ class Delivery:
     def __init__(self, bouncer: Bouncer, writer_threads: int, heartbeat_interval: float):
         self.first_writes = FirstWrites()
         self.writers = [Writer(i, bouncer, heartbeat_interval, self.first_writes) for i in range(writer_threads)]
-        self._next = 0
         bouncer.on_publish(self.wake)
 
     def start(self) -> None:

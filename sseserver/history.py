@@ -67,7 +67,6 @@ _LENGTH = struct.Struct(">I")
 _IDS = struct.Struct(">QQB")
 _ID1 = struct.Struct(">QB")
 MAX_RECORD = 64 * 1024 * 1024 + 300
-FSYNC_MODES = ("always", "interval", "never")
 CHECK_INTERVAL = 1.0  # how often the background thread looks for a deleted file or a needed rewrite
 RETRY_START, RETRY_MAX = 1.0, 60.0  # backoff between failed compactions (a full disk stays full for a while)
 

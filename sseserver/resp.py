@@ -96,9 +96,6 @@ class Connection:
             self.close()
             raise
 
-    def settimeout(self, timeout: float | None) -> None:
-        self.sock.settimeout(timeout)
-
     def command(self, *args):
         """Send one command and return its reply. RedisError for an error reply; RedisUnavailable (and the
         connection closed) when the socket fails or times out, with `unsent` telling whether it failed while
