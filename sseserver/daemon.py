@@ -65,7 +65,7 @@ class Daemon:
         inherited = systemd.listen_sockets(self.environ)
         try:
             self.server = SSEServer(policy, inherited[0] if inherited else None)
-        except config_module.ConfigError as exc:  # the history file is unreadable or corrupt
+        except config_module.ConfigError as exc:  # history.HistoryFileError: unreadable, in use, or corrupt
             log.error("%s", exc)
             return 2
         except OSError as exc:

@@ -71,6 +71,21 @@ CHECK_INTERVAL = 1.0  # how often the background thread looks for a deleted file
 RETRY_START, RETRY_MAX = 1.0, 60.0  # backoff between failed compactions (a full disk stays full for a while)
 
 
+class HistoryFileError(ConfigError):
+    """The history file cannot be used at start: it cannot be opened or read, another daemon holds it, or it is not
+    ours. A problem with the key history_file, so it is reported like any config error: one line, exit code 2."""
+
+    def __init__(self, problem: str):
+        super().__init__("history_file", problem)
+
+
+class CorruptHistory(HistoryFileError):
+    """Damage that a crash cannot leave (see "Recovery" above): the start stops instead of guessing."""
+
+    def __init__(self, path: str, what: str):
+        super().__init__(f"{path} is corrupt: {what}")
+
+
 class StoredEvent:
     __slots__ = ("id", "prev_id", "name", "data")
 
@@ -90,7 +105,8 @@ def encode_records(events) -> bytes:
 
 def decode_records(blob: bytes, path: str) -> tuple[list[StoredEvent], int, str | None]:
     """Parse a whole file. Returns (events, length of the valid prefix, why the tail was dropped or None).
-    Raises ConfigError when the file is not ours or is damaged anywhere but at its very end."""
+    Raises HistoryFileError when the file is not ours, CorruptHistory when it is damaged anywhere but at its very
+    end."""
     if blob.startswith(MAGIC):
         ids, header = _IDS, _HEADER
     elif blob.startswith(MAGIC1):
@@ -98,14 +114,14 @@ def decode_records(blob: bytes, path: str) -> tuple[list[StoredEvent], int, str 
     elif MAGIC.startswith(blob):
         return [], 0, "empty file"  # created, then crashed before the magic was complete
     else:
-        raise ConfigError("history_file", f"{path} is not an sseserver history file")
+        raise HistoryFileError(f"{path} is not an sseserver history file")
     events, offset = [], len(MAGIC)
     while offset < len(blob):
         problem, torn, end = _damage(blob, offset, header, ids.size)
         if problem:
             if torn or not blob[offset:].strip(b"\0"):
                 return events, offset, f"{problem} at the end (offset {offset}), left by a crash"
-            raise ConfigError("history_file", f"{path} is corrupt: {problem} at offset {offset} of {len(blob)}")
+            raise CorruptHistory(path, f"{problem} at offset {offset} of {len(blob)}")
         payload = blob[offset + header.size:end]
         if ids is _IDS:
             event_id, prev_id, name_length = ids.unpack_from(payload)
@@ -117,12 +133,11 @@ def decode_records(blob: bytes, path: str) -> tuple[list[StoredEvent], int, str 
             name = payload[ids.size:ids.size + name_length].decode("utf-8")
             data = payload[ids.size + name_length:].decode("utf-8")
         except UnicodeDecodeError:
-            raise ConfigError("history_file", f"{path} is corrupt: bad UTF-8 in the record at offset {offset}") from None
+            raise CorruptHistory(path, f"bad UTF-8 in the record at offset {offset}") from None
         if events and event_id <= events[-1].id:
-            raise ConfigError("history_file", f"{path} is corrupt: ids go backwards at offset {offset}")
+            raise CorruptHistory(path, f"ids go backwards at offset {offset}")
         if prev_id >= event_id:  # replay would take it as an id we hold and resend what the client has
-            raise ConfigError("history_file", f"{path} is corrupt: a predecessor id not below its event's at "
-                              f"offset {offset}")
+            raise CorruptHistory(path, f"a predecessor id not below its event's at offset {offset}")
         events.append(StoredEvent(event_id, prev_id, name, data))
         offset = end
     return events, offset, None
@@ -206,7 +221,7 @@ class HistoryFile:
 
     def load(self) -> list[StoredEvent]:
         """Open (creating with mode 0600) and read the file; returns its events, oldest first. Raises
-        ConfigError naming the file for anything but a torn last record, which is cut off with a warning."""
+        HistoryFileError naming the file for anything but a torn last record, which is cut off with a warning."""
         leftover = self.path + ".compact"
         if os.path.exists(leftover):
             log.warning("removing %s, left by a compaction that did not finish (the history file is intact)",
@@ -215,12 +230,12 @@ class HistoryFile:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise ConfigError("history_file", f"cannot open {self.path}: {exc.strerror}") from None
+            raise HistoryFileError(f"cannot open {self.path}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise ConfigError("history_file", f"{self.path} is in use by another sseserver process") from None
+            raise HistoryFileError(f"{self.path} is in use by another sseserver process") from None
         try:
             blob = _read_all(fd)
             events, valid, dropped = decode_records(blob, self.path)
@@ -234,8 +249,8 @@ class HistoryFile:
                 valid = len(MAGIC)
         except OSError as exc:
             os.close(fd)
-            raise ConfigError("history_file", f"cannot read {self.path}: {exc.strerror}") from None
-        except ConfigError:
+            raise HistoryFileError(f"cannot read {self.path}: {exc.strerror}") from None
+        except HistoryFileError:
             os.close(fd)
             raise
         self._adopt(fd, valid, len(events))
@@ -243,8 +258,8 @@ class HistoryFile:
             try:
                 self._rewrite(events)
             except OSError as exc:
-                raise ConfigError("history_file", f"cannot convert {self.path} to the current format: "
-                                  f"{exc.strerror or exc}") from None
+                raise HistoryFileError(f"cannot convert {self.path} to the current format: "
+                                       f"{exc.strerror or exc}") from None
             log.info("history file %s converted to the current format", self.path)
         return events
 

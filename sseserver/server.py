@@ -66,7 +66,7 @@ class SSEServer(ThreadingHTTPServer):
         self._filters = weakref.WeakValueDictionary()
         self.history = None
         stored = []
-        if config.history_file:  # read before binding, so a bad file never holds the port (ConfigError)
+        if config.history_file:  # read before binding, so a bad file never holds the port (HistoryFileError)
             self.history = HistoryFile(config.history_file, config.history_fsync, config.history_fsync_interval,
                                        config.history_size)
             stored = self.history.load()

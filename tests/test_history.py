@@ -13,7 +13,6 @@ import zlib
 
 from sseserver import history
 from sseserver.bouncer import Bouncer
-from sseserver.config import ConfigError
 from tests.faults import PrivateTmpfs, strace_prefix
 from tests.support import (IO_TIMEOUT, RunningServer, SSEClient, assert_exit, connect, daemon_process,
                            health, read_response, request, require_binary, run_cli, stop_daemon, wait_until,
@@ -39,14 +38,14 @@ class RecordFormatTest(unittest.TestCase):
             self.assertIn("left by a crash", dropped)
         damaged = bytearray(blob)
         damaged[len(history.MAGIC) + 12] ^= 0xFF  # inside the first record, with good records after it
-        with self.assertRaisesRegex(ConfigError, "corrupt"):
+        with self.assertRaisesRegex(history.CorruptHistory, "corrupt"):
             history.decode_records(bytes(damaged), "f")
-        with self.assertRaisesRegex(ConfigError, "not an sseserver history file"):
+        with self.assertRaisesRegex(history.HistoryFileError, "not an sseserver history file"):
             history.decode_records(b"something else entirely", "f")
         # Well-formed records (good checksums) that make no sense: replay would treat a predecessor that is not
         # below its event as an id it holds and send a client again what it has.
         for prev in (10, 11):
-            with self.assertRaisesRegex(ConfigError, "predecessor"):
+            with self.assertRaisesRegex(history.CorruptHistory, "predecessor"):
                 history.decode_records(history.MAGIC + history.encode_record(10, prev, "message", "x"), "f")
 
 
@@ -504,7 +503,7 @@ class FileFaultReviewTest(unittest.TestCase):
             for bit in range(32):  # every bit of the length field: one bit flip must never look like a crash
                 damaged = bytearray(blob)
                 damaged[offset + bit // 8] ^= 1 << (bit % 8)
-                with self.subTest(record=index, bit=bit), self.assertRaisesRegex(ConfigError, "corrupt"):
+                with self.subTest(record=index, bit=bit), self.assertRaisesRegex(history.CorruptHistory, "corrupt"):
                     history.decode_records(bytes(damaged), "f")
             offset += len(record)
 
