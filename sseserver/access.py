@@ -19,7 +19,7 @@ import threading
 import time
 from fnmatch import fnmatchcase
 
-from .config import ConfigError
+from .config import Config, ConfigError, IPNetwork, ip_networks
 from .errors import HTTPError
 
 WILDCARD = "*"
@@ -43,8 +43,7 @@ class EventFilter:
     def __contains__(self, name: str) -> bool:
         answer = self._cache.get(name)
         if answer is None:
-            answer = ((self.names is None or name in self.names)
-                      and (self.patterns is None or any(fnmatchcase(name, p) for p in self.patterns)))
+            answer = (self.names is None or name in self.names) and scope_allows(self.patterns, name)
             if len(self._cache) < 4096:  # publishers choose names; never let them grow this without bound
                 self._cache[name] = answer
         return answer
@@ -66,7 +65,7 @@ def stream_filter(requested: list[str], scope: tuple[str, ...] | None) -> frozen
     if scope is None:
         return names
     if names is not None:
-        outside = sorted(name for name in names if not any(fnmatchcase(name, p) for p in scope))
+        outside = sorted(name for name in names if not scope_allows(scope, name))
         if outside:
             raise HTTPError(403, f"token does not allow event {outside[0]!r}")
         return names  # every name is in scope: the plain set is enough
@@ -159,22 +158,24 @@ def authorize(tokens: TokenSet, presented: str | None, client: str, role: str) -
 
 
 def scope_allows(scope: tuple[str, ...] | None, name: str) -> bool:
+    """Whether a token's scope (None = unlimited) covers the event name: the one place scopes are matched."""
     return scope is None or any(fnmatchcase(name, pattern) for pattern in scope)
+
+
+def authorize_metrics(expected: str, presented: str | None) -> None:
+    """GET /metrics: open when no metrics_token is set; otherwise 401 without a token, 403 with a wrong one
+    (compared in constant time)."""
+    if not expected:
+        return
+    if presented is None:
+        raise HTTPError(401, "metrics needs a token", headers=(("WWW-Authenticate", "Bearer"),))
+    if not hmac.compare_digest(presented.encode(), expected.encode()):
+        raise HTTPError(403, "invalid token")
 
 
 # -- client address -------------------------------------------------------------------------------------------
 
-def parse_networks(values: tuple[str, ...], key: str) -> tuple:
-    networks = []
-    for value in values:
-        try:
-            networks.append(ipaddress.ip_network(value, strict=False))
-        except ValueError:
-            raise ConfigError(key, f"{value!r} is not an IP address or network") from None
-    return tuple(networks)
-
-
-def client_address(peer: str, headers: dict[str, str], trusted: tuple) -> str:
+def client_address(peer: str, headers: dict[str, str], trusted: tuple[IPNetwork, ...]) -> str:
     """The address a request counts as. A trusted proxy's X-Forwarded-For is read right to left, skipping
     further trusted proxies; anything else uses the TCP peer, so a client cannot choose its own address."""
     if not trusted or not _is_trusted(peer, trusted):
@@ -192,7 +193,7 @@ def client_address(peer: str, headers: dict[str, str], trusted: tuple) -> str:
     return hops[0] or peer
 
 
-def _is_trusted(address: str, trusted: tuple) -> bool:
+def _is_trusted(address: str, trusted: tuple[IPNetwork, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -285,13 +286,13 @@ class Policy:
     so a reload that cannot read them fails before anything is swapped. The rate limiter's buckets carry over
     from the previous policy while the limits are unchanged, so a reload does not hand out fresh bursts."""
 
-    def __init__(self, config, previous: "Policy | None" = None):
+    def __init__(self, config: Config, previous: "Policy | None" = None):
         self.config = config
         self.publish_tokens = load_tokens(config.publish_tokens, config.publish_tokens_file,
                                           "publish_tokens", "publish_tokens_file")
         self.subscribe_tokens = load_tokens(config.subscribe_tokens, config.subscribe_tokens_file,
                                             "subscribe_tokens", "subscribe_tokens_file")
-        self.trusted = parse_networks(config.trusted_proxies, "trusted_proxies")
+        self.trusted = ip_networks(config.trusted_proxies)  # valid: the config checked them
         same_limits = previous is not None and (previous.config.publish_rate, previous.config.publish_burst) == (
             config.publish_rate, config.publish_burst)
         self.limiter = previous.limiter if same_limits else RateLimiter(config.publish_rate, config.publish_burst)

@@ -28,16 +28,21 @@ its own, a notice: a ready-made `sseserver.reset` block that every stream receiv
 replay across the spot includes, so no stream crosses a gap in silence.
 """
 
+import enum
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from . import framing
 from .errors import StoreError
 
 
 RESET_EVENT = "sseserver.reset"
+
+# A stream's filter: None (every event), a frozenset of names, or another hashable object supporting `in` (a
+# pattern filter, access.EventFilter).
+EventNames = Hashable | None
 
 
 class Event:
@@ -75,27 +80,24 @@ class Ring:
 
 
 class Subscriber:
-    """One open stream's place in the ring. The bouncer sets it up; the delivery layer moves its cursor."""
+    """One open stream as the bouncer counts it: its filter, its client address, and where in the ring it starts.
+    The delivery layer reads from there on (delivery.Stream keeps the moving cursor) and hands it back to
+    unsubscribe() when the stream ends."""
 
-    __slots__ = (
-        "names", "cursor", "live_from", "scan", "backlog", "sock", "out", "last_write", "last_id_sent",
-        "peer", "started", "events_sent", "reason",
-    )
+    __slots__ = ("names", "cursor", "live_from", "peer")
 
-    def __init__(self, names: frozenset | None, cursor: int, live_from: int, peer: str = ""):
+    def __init__(self, names: "EventNames", cursor: int, live_from: int, peer: str = ""):
         self.names = names  # None = every event
-        self.cursor = cursor  # pos of the next event not yet handed to the socket
-        self.live_from = live_from  # events before this pos are replay and never count as backlog
-        self.scan = cursor  # while blocked: how far `backlog` has been counted
-        self.backlog = 0  # while blocked: matching live events waiting behind the socket
-        self.sock = None
-        self.out = None  # bytes the socket has not yet taken
-        self.last_write = time.monotonic()
-        self.last_id_sent = None
+        self.cursor = cursor  # pos of the first entry to send
+        self.live_from = live_from  # entries before this pos are replay and never count toward the slow rule
         self.peer = peer
-        self.started = time.monotonic()
-        self.events_sent = 0
-        self.reason = None  # why the stream ended
+
+
+class Refusal(enum.Enum):
+    """Why subscribe() registered no stream; the value says it in words."""
+
+    FULL = "too many subscribers"
+    PEER_FULL = "too many streams from this address"
 
 
 class Replay:
@@ -122,6 +124,18 @@ class Page:
         self.last_id = last_id
         self.reset = reset
         self.end = end
+
+
+def _sequenced(event_id: int, prev_id: int, name: str, data: str, body: bytes, now_ns: int) -> Event:
+    """An event with its place in the sequence, as the ring holds it: the block every stream gets, encoded once,
+    with its id line in front. Its pos is set when it is appended."""
+    return Event(-1, event_id, prev_id, name, data, b"id: %d\n" % event_id + body, now_ns)
+
+
+def _gap_entry(last_id: int, next_id: int, now_ns: int) -> Event:
+    """The ring entry that stands where events are missing between `last_id` and `next_id`: a notice carrying
+    the id before the gap (see Event)."""
+    return Event(-1, last_id, last_id, RESET_EVENT, "", _gap_notice(last_id, next_id), now_ns, notice=True)
 
 
 def _bump(counts: dict, key, delta: int) -> None:
@@ -239,10 +253,8 @@ class Bouncer:
             if broken:
                 prev_id = event_id - 1
             if self._has_events and (gap or prev_id != self._last_id):
-                notice = _gap_notice(self._last_id, event_id)
-                self._append_locked(Event(self.head, self._last_id, self._last_id, RESET_EVENT, "", notice, now,
-                                          notice=True))
-            self._append_locked(Event(self.head, event_id, prev_id, name, data, b"id: %d\n" % event_id + body, now))
+                self._append_locked(_gap_entry(self._last_id, event_id, now))
+            self._append_locked(_sequenced(event_id, prev_id, name, data, body, now))
             self._last_id = event_id
             self._next_id = event_id + 1
             self._has_events = True
@@ -260,7 +272,7 @@ class Bouncer:
     def queued_for(self, name: str) -> int:
         """How many streams here would receive an event of this name."""
         with self._lock:
-            return self._count_locked(name)
+            return self._queued_for_locked(name)
 
     def restore(self, stored) -> None:
         """Load events read back from durable history (oldest first, each with its predecessor's id): the newest
@@ -272,11 +284,9 @@ class Bouncer:
             previous = None
             for item in stored[-self._history_size:] if self._history_size else []:
                 if previous is not None and item.prev_id != previous.id:
-                    self._append_locked(Event(self.head, previous.id, previous.id, RESET_EVENT, "",
-                                              _gap_notice(previous.id, item.id), now, notice=True))
+                    self._append_locked(_gap_entry(previous.id, item.id, now))
                 body = framing.encode_event(item.data, None, item.name)
-                self._append_locked(Event(self.head, item.id, item.prev_id, item.name, item.data,
-                                          b"id: %d\n" % item.id + body, now))
+                self._append_locked(_sequenced(item.id, item.prev_id, item.name, item.data, body, now))
                 previous = item
             if stored:
                 self._last_id = stored[-1].id
@@ -294,7 +304,7 @@ class Bouncer:
         store = self._store
         with self._lock:
             event_id, prev_id = self._next_id, self._last_id
-            event = Event(-1, event_id, prev_id, name, data, b"id: %d\n" % event_id + body, now)
+            event = _sequenced(event_id, prev_id, name, data, body, now)
             ticket = 0
             if store is not None:
                 try:
@@ -309,7 +319,7 @@ class Bouncer:
                 self._unsynced.append((ticket, event))
             else:
                 self._append_locked(event)
-                count = self._count_locked(name)
+                count = self._queued_for_locked(name)
         if ticket and store.must_sync():
             try:
                 store.sync(ticket)
@@ -320,7 +330,7 @@ class Bouncer:
                 self._settle_locked(failed=failure is not None)
                 stored = event.pos >= 0  # on disk by this fsync or another one that covered it
                 if stored:
-                    count = self._count_locked(name)
+                    count = self._queued_for_locked(name)
             if not stored:
                 why = failure.strerror or failure if failure else "an fsync of the history file failed"
                 raise StoreError(f"could not fsync the history file: {why}")
@@ -328,18 +338,16 @@ class Bouncer:
             listener()
         return event, count
 
-    def subscribe(self, names, last_event_id: str | None, peer: str = "", limit: int | None = None,
-                  per_peer_limit: int = 0) -> Replay | str:
-        """Register a subscriber, or say why not ("full", or "peer full" when `peer` already has
-        `per_peer_limit` streams). `names` is None (every event), a frozenset of names, or any other object
-        supporting `in` and hashing (a pattern filter). With a Last-Event-ID the cursor starts just after that
-        id, so replay and live events come from the same ring in one pass; an id we cannot place gets a reset
-        notice and everything retained."""
+    def subscribe(self, names: EventNames, last_event_id: str | None, peer: str = "", limit: int | None = None,
+                  per_peer_limit: int = 0) -> Replay | Refusal:
+        """Register a subscriber, or say why not (FULL, or PEER_FULL when `peer` already has `per_peer_limit`
+        streams). With a Last-Event-ID the cursor starts just after that id, so replay and live events come from
+        the same ring in one pass; an id we cannot place gets a reset notice and everything retained."""
         with self._lock:
             if limit is not None and self._total >= limit:
-                return "full"
+                return Refusal.FULL
             if per_peer_limit and self._by_peer.get(peer, 0) >= per_peer_limit:
-                return "peer full"
+                return Refusal.PEER_FULL
             head = self.head
             oldest = self._oldest_pos(head)
             reset = None
@@ -352,29 +360,12 @@ class Bouncer:
                     reset = self._reset_notice(last_event_id, oldest, head)
                     cursor = oldest
             subscriber = Subscriber(names, cursor, head, peer)
-            self._total += 1
-            _bump(self._by_peer, peer, 1)
-            if names is None:
-                self._unfiltered += 1
-            elif isinstance(names, frozenset):
-                for name in names:
-                    _bump(self._by_name, name, 1)
-            else:
-                _bump(self._pattern_filters, names, 1)
+            self._count_locked(subscriber, 1)
         return Replay(subscriber, reset)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         with self._lock:
-            self._total -= 1
-            _bump(self._by_peer, subscriber.peer, -1)
-            names = subscriber.names
-            if names is None:
-                self._unfiltered -= 1
-            elif isinstance(names, frozenset):
-                for name in names:
-                    _bump(self._by_name, name, -1)
-            else:
-                _bump(self._pattern_filters, names, -1)
+            self._count_locked(subscriber, -1)
 
     def page(self, names, after: str | None, limit: int) -> Page:
         """The retained events after the id `after` (None: from the oldest) that `names` accepts, at most
@@ -451,7 +442,8 @@ class Bouncer:
 
     # -- used by the delivery layer (lock-free: it reads a ring reference and immutable events) ---------------
 
-    def collect(self, ring: Ring, cursor: int, head: int, names, limit: int = 1 << 20):
+    def collect(self, ring: Ring, cursor: int, head: int, names: EventNames,
+                limit: int = 1 << 20) -> tuple[bytes, int, int, int] | None:
         """The wire bytes of entries from `cursor` that `names` accepts (gap notices go to every stream),
         stopping at `head` or once `limit` bytes are gathered (so a long replay of large events never becomes
         one huge buffer). Returns (bytes, how many entries, id of the last one or 0, the pos to continue from),
@@ -470,23 +462,25 @@ class Bouncer:
                     return b"".join(chunks), len(chunks), last_id, pos + 1
         return b"".join(chunks), len(chunks), last_id, head
 
-    def is_slow(self, ring: Ring, sub: Subscriber, head: int) -> bool:
-        """True when a blocked subscriber has more than queue_size live events waiting, or when events it still
-        needs have left the ring. Counts incrementally, so each event is looked at once per subscriber."""
-        if sub.cursor < head - ring.capacity:
-            return True
-        start = max(sub.scan, sub.live_from)
-        if sub.names is None:
-            sub.backlog += max(0, head - start)
-        else:
-            for pos in range(start, head):
-                event = ring.get(pos)
-                if event is None:
-                    return True
-                if event.name in sub.names:
-                    sub.backlog += 1
-        sub.scan = head
-        return sub.backlog > self._queue_size
+    def count_waiting(self, ring: Ring, names: EventNames, start: int, head: int) -> int | None:
+        """How many events in [start, head) a stream with the filter `names` receives, or None when one of them
+        has left the ring (the stream can no longer get it). Gap notices do not count: nobody published them."""
+        if start < head - ring.capacity:
+            return None
+        if names is None:
+            return max(0, head - start)
+        waiting = 0
+        for pos in range(start, head):
+            event = ring.get(pos)
+            if event is None:
+                return None
+            if event.name in names:
+                waiting += 1
+        return waiting
+
+    def is_slow(self, waiting: int) -> bool:
+        """The slow rule: a stream with more than queue_size live events waiting behind its socket is dropped."""
+        return waiting > self._queue_size
 
     # -- internals ------------------------------------------------------------------------------------------
 
@@ -519,7 +513,20 @@ class Bouncer:
         return [event for pos in range(start, self.head)
                 if (event := self.ring.get(pos)) is not None and not event.notice]
 
-    def _count_locked(self, name: str) -> int:
+    def _count_locked(self, subscriber: Subscriber, delta: int) -> None:
+        """Add (1) or remove (-1) a subscriber in the counts that queued_for() and the limits read."""
+        self._total += delta
+        _bump(self._by_peer, subscriber.peer, delta)
+        names = subscriber.names
+        if names is None:
+            self._unfiltered += delta
+        elif isinstance(names, frozenset):
+            for name in names:
+                _bump(self._by_name, name, delta)
+        else:
+            _bump(self._pattern_filters, names, delta)
+
+    def _queued_for_locked(self, name: str) -> int:
         count = self._unfiltered + self._by_name.get(name, 0)
         for pattern_filter, subscribers in self._pattern_filters.items():  # token scopes: few distinct ones
             if name in pattern_filter:

@@ -60,12 +60,26 @@ def one_of(*choices: str) -> Check:
     return check
 
 
-def networks(values) -> str | None:
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def ip_networks(values: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    """Addresses and networks (trusted_proxies) parsed, the one place they are: ValueError names the first value
+    that is neither."""
+    parsed = []
     for value in values:
         try:
-            ipaddress.ip_network(value, strict=False)
+            parsed.append(ipaddress.ip_network(value, strict=False))
         except ValueError:
-            return f"{value!r} is not an IP address or network"
+            raise ValueError(f"{value!r} is not an IP address or network") from None
+    return tuple(parsed)
+
+
+def networks(values: tuple[str, ...]) -> str | None:
+    try:
+        ip_networks(values)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 

@@ -9,6 +9,7 @@ A run inside a test thread installs no signal handlers (they are process state, 
 the main thread); tests stop such a server with Daemon.request_stop().
 """
 
+import enum
 import logging
 import os
 import queue
@@ -24,8 +25,18 @@ from .server import SSEServer
 
 log = logging.getLogger("sseserver")
 
-_DRAINED = "drained"  # put on the queue by the drain thread when it is done
-_STOP = "stop"
+
+
+class Command(enum.Enum):
+    """What the control loop is asked to do: the items of Daemon.events."""
+
+    STOP = "stop"  # SIGTERM, SIGINT, request_stop(): drain and exit 0 (a second one: exit 1 at once)
+    RELOAD = "reload"  # SIGHUP
+    DRAINED = "drained"  # from the drain thread: every stream has ended, or the deadline passed
+
+
+# What each handled signal asks for. A dict lookup is all a handler does besides the enqueue.
+SIGNAL_COMMANDS = {signal.SIGTERM: Command.STOP, signal.SIGINT: Command.STOP, signal.SIGHUP: Command.RELOAD}
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -46,7 +57,7 @@ class Daemon:
         self.config_path = config_path
         self.overrides = dict(overrides or {})  # command-line keys, layered over the file again on each reload
         self.environ = environ
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self.server: SSEServer | None = None
         self.ready = threading.Event()  # set once listening (tests wait on it)
         self._accept_thread: threading.Thread | None = None
@@ -89,29 +100,30 @@ class Daemon:
 
     def request_stop(self) -> None:
         """Ask for a graceful stop from any thread (what SIGTERM does)."""
-        self.events.put(_STOP)
+        self.events.put(Command.STOP)
 
     # -- the control loop ------------------------------------------------------------------------------------
 
     def _control_loop(self) -> int:
+        server = self.server
         watchdog = systemd.watchdog_interval(self.environ)
         tick = min(watchdog, 5.0) if watchdog else 5.0
         next_watchdog = time.monotonic()
         while True:
             try:
-                item = self.events.get(timeout=tick)
+                command = self.events.get(timeout=tick)
             except queue.Empty:
-                item = None
-            if item in (signal.SIGTERM, signal.SIGINT, _STOP):
+                command = None
+            if command is Command.STOP:
                 if self._drain_thread is not None:
                     log.warning("second stop signal: exiting now without waiting for streams")
                     return 1
                 self._begin_stop()
-            elif item == signal.SIGHUP:
+            elif command is Command.RELOAD:
                 self._reload()
-            elif item == _DRAINED:
+            elif command is Command.DRAINED:
                 self._drain_thread.join()
-                self.server.server_close()
+                server.server_close()
                 log.info("stopped")
                 return 0
             if watchdog and time.monotonic() >= next_watchdog and self._healthy():
@@ -127,19 +139,17 @@ class Daemon:
         listening for a second signal, which exits at once."""
         server = self.server
         deadline = time.monotonic() + self.config.shutdown_timeout
-        log.info("stopping: %d stream(s) to end within %gs", server.bouncer.subscriber_count,
-                 self.config.shutdown_timeout)
+        log.info("stopping: %d stream(s) to end within %gs", server.subscriber_count(), self.config.shutdown_timeout)
         systemd.notify("STOPPING=1", self.environ)
         server.stop_accepting()
-        server.shutdown()
-        server.socket.close()
+        server.close_listener()
 
         def drain() -> None:
             try:
                 if not server.drain(deadline):
                     log.warning("stopped at the shutdown_timeout deadline; some streams were cut")
             finally:
-                self.events.put(_DRAINED)
+                self.events.put(Command.DRAINED)
 
         self._drain_thread = threading.Thread(target=drain, name="sseserver-drain", daemon=True)
         self._drain_thread.start()
@@ -177,12 +187,11 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
 
-    def _on_signal(self, signum, frame) -> None:
-        self.events.put(signum)  # only this: no logging, no locks (see the module docstring)
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.events.put(SIGNAL_COMMANDS[signal.Signals(signum)])  # only this: no logging, no locks (see the top)
 
     def _healthy(self) -> bool:
-        server = self.server
-        return not server.stopping and self._accept_thread.is_alive() and server.healthy()
+        return self._accept_thread.is_alive() and self.server.healthy()
 
     def _status(self) -> str:
-        return f"{self.server.bouncer.subscriber_count} subscribers, last id {self.server.bouncer.last_id}"
+        return self.server.status()

@@ -1,7 +1,8 @@
 """Delivery: the writer threads, the only code that writes to subscriber sockets after their headers.
 
-Owns: every open stream's socket once its response headers are out; batching events into send() calls;
-heartbeats; noticing dead peers; dropping slow subscribers (by the bouncer's rule); ending streams at shutdown.
+Owns: every open stream's socket once its response headers are out, and the stream's state (Stream below);
+batching events into send() calls; heartbeats; noticing dead peers (the socket options that make one visible, and
+EVENT_READ); dropping slow subscribers (by the bouncer's rule); ending streams at shutdown.
 Must not know: HTTP requests, routes or config files (it gets numbers).
 
 Why this design (measured with ../shared/tools/sseload on the 2-core machine, numbers in README "Performance"):
@@ -21,12 +22,14 @@ Why this design (measured with ../shared/tools/sseload on the 2-core machine, nu
   accumulates a backlog, and beyond `queue_size` live events it is dropped (reason "slow"). It reconnects with
   Last-Event-ID and catches up from history. A fast subscriber is never dropped.
 - The selector also watches every stream for EVENT_READ, so a client that closes is forgotten at once; TCP
-  keepalive and TCP_USER_TIMEOUT (set by the handler) turn a half-open peer into a socket error within about two
-  heartbeat intervals, because each heartbeat is data that must be acknowledged.
+  keepalive and TCP_USER_TIMEOUT (set by Delivery.add()) turn a half-open peer into a socket error within about
+  two heartbeat intervals, because each heartbeat is data that must be acknowledged.
 """
 
 import array
 import collections
+import dataclasses
+import enum
 import logging
 import os
 import random
@@ -37,20 +40,104 @@ import threading
 import time
 
 from . import framing
-from .bouncer import Bouncer, Subscriber
+from .bouncer import Bouncer, EventNames, Replay, Ring, Subscriber
 from .metrics import Histogram
 
 log = logging.getLogger("sseserver.delivery")
 access_log = logging.getLogger("sseserver.access")
-_END_REASONS = {"disconnected": "client gone", "slow": "dropped as slow", "shutdown": "server shutdown",
-                "flooding": "dropped for sending data on its stream"}
 # What a client may send on its stream after the request (a stray line end, a pipelined request nobody will
 # answer) is read and discarded; past this many bytes it is flooding, and reading it would keep the writer busy.
 STREAM_INPUT_LIMIT = 64 * 1024
 
 _EVICTED = object()  # cache marker: the events for this cursor have left the ring
-# A closing stream's cursor: past any head, so sweeps skip it with the ordinary `cursor >= head` test.
+# A closing stream's cursor: past any head, so a sweep skips it with the `cursor >= head` test it already makes
+# for every stream that is up to date (a state check there would cost every stream of every sweep).
 _CLOSING = sys.maxsize
+
+
+class EndReason(enum.Enum):
+    """Why a stream ended. The value is the `reason` label of sseserver_subscribers_dropped_total."""
+
+    DISCONNECTED = "disconnected"
+    SLOW = "slow"
+    SHUTDOWN = "shutdown"
+    FLOODING = "flooding"
+
+    @property
+    def text(self) -> str:
+        """How the access log says it."""
+        return _END_TEXT[self]
+
+
+_END_TEXT = {EndReason.DISCONNECTED: "client gone", EndReason.SLOW: "dropped as slow",
+             EndReason.SHUTDOWN: "server shutdown", EndReason.FLOODING: "dropped for sending data on its stream"}
+
+
+class State(enum.Enum):
+    """Where a stream is in its life on its writer thread. Only that thread changes it (after the hand-over).
+
+    NEW         handed over by the handler, waiting in the writer's inbox
+    LIVE        registered for EVENT_READ; every sweep sends it what it is missing
+    BLOCKED     the socket did not take everything (`out` holds the rest) or a batch hit the size cap; also
+                watched for EVENT_WRITE, and its backlog counts toward the slow rule
+    CLOSING     shutdown: it gets no more events, only the farewell `retry:` (queued behind `out`)
+    FINISHED    socket closed, subscriber gone from the bouncer's counts; `reason` says why
+
+    NEW -> LIVE (registered) | FINISHED (the socket is already dead, or the writer has stopped)
+    LIVE -> BLOCKED (send() left bytes, or more events are waiting than one batch holds)
+    BLOCKED -> LIVE (the socket took the rest) | FINISHED (slow: too far behind, or its events left the ring)
+    LIVE, BLOCKED -> CLOSING (close_all) -> FINISHED (the farewell is out and FIN sent, or the deadline passed)
+    any -> FINISHED (peer gone, flooding, the writer thread failing)
+    """
+
+    NEW = "new"
+    LIVE = "live"
+    BLOCKED = "blocked"
+    CLOSING = "closing"
+    FINISHED = "finished"
+
+
+class Stream:
+    """One subscriber's stream on its writer: its socket and everything about it that only the writer changes.
+    Attributes, not properties: the sweep reads them for every stream on every publish."""
+
+    __slots__ = (
+        "subscriber", "sock", "names", "cursor", "live_from", "state", "out", "scan", "backlog", "last_write",
+        "last_id_sent", "peer", "started", "events_sent", "received", "reason",
+    )
+
+    def __init__(self, subscriber: Subscriber, sock: socket.socket):
+        self.subscriber = subscriber  # handed back to the bouncer when the stream ends
+        self.sock = sock
+        self.names = subscriber.names
+        self.cursor = subscriber.cursor  # pos of the next entry not yet handed to the socket (_CLOSING: none)
+        self.live_from = subscriber.live_from
+        self.state = State.NEW
+        self.out: memoryview | None = None  # BLOCKED or CLOSING: bytes the socket has not taken yet
+        self.scan = self.cursor  # BLOCKED: how far `backlog` has been counted
+        self.backlog = 0  # BLOCKED: live matching events waiting behind the socket
+        self.last_write = time.monotonic()
+        self.last_id_sent: int | None = None
+        self.peer = subscriber.peer
+        self.started = time.monotonic()
+        self.events_sent = 0
+        self.received = 0  # bytes the client sent on its stream, which nobody reads
+        self.reason: EndReason | None = None  # FINISHED: why
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Add:
+    """Inbox message: take over this stream."""
+
+    stream: Stream
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CloseAll:
+    """Inbox message: end every stream gracefully, with this `retry:`, by this deadline (time.monotonic())."""
+
+    retry_ms: int
+    deadline: float
 
 
 class WriterStats:
@@ -58,9 +145,25 @@ class WriterStats:
 
     __slots__ = ("delivered", "dropped")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.delivered = 0
-        self.dropped: dict[str, int] = collections.Counter()
+        self.dropped: collections.Counter[EndReason] = collections.Counter()
+
+
+def tune_for_dead_peers(sock: socket.socket, heartbeat_interval: float) -> None:
+    """Make a dead peer visible: keepalive probes while idle, and TCP_USER_TIMEOUT so that a heartbeat that is
+    never acknowledged (cable pulled) errors the socket after about one more interval."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    seconds = max(1, int(heartbeat_interval))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, seconds // 3))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(heartbeat_interval * 1000) + 1000)
+    except (OSError, AttributeError):
+        pass  # a platform without these options still detects closed peers by EVENT_READ
 
 
 class FirstWrites:
@@ -109,9 +212,8 @@ class Writer(threading.Thread):
         self._wake_lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_fd, selectors.EVENT_READ, None)
-        self._inbox: collections.deque = collections.deque()  # (kind, payload) from other threads
-        self._subs: dict[int, Subscriber] = {}
-        self._unsolicited: dict[Subscriber, int] = {}  # bytes each stream's client has sent us, once it sent any
+        self._inbox: collections.deque[Add | CloseAll] = collections.deque()  # from other threads
+        self._streams: dict[int, Stream] = {}  # by socket fd: every stream that is LIVE, BLOCKED or CLOSING
         self._swept_head = bouncer.head
         self.access_log = False
         self._closing_deadline: float | None = None
@@ -129,30 +231,29 @@ class Writer(threading.Thread):
                 if self._wake_fd >= 0:  # -1 once the writer has ended: nothing left to wake
                     os.eventfd_write(self._wake_fd, 1)
 
-    def add(self, sub: Subscriber, sock: socket.socket) -> None:
-        sub.sock = sock
+    def add(self, stream: Stream) -> None:
         if self._stopped.is_set():  # the writer already ended (shutdown): nobody would ever close this stream
-            sub.reason = "shutdown"
-            self._finish(sub)
+            self._finish(stream, EndReason.SHUTDOWN)
             return
-        self._inbox.append(("add", sub))
-        self.wake_pending = False  # force a write: the inbox must be seen even if a wake is pending
-        self.wake()
+        self._tell(Add(stream))
 
     def close_all(self, retry_ms: int, deadline: float) -> None:
         """End every stream: deliver what was published, a jittered `retry:`, then a clean end of stream."""
-        self._inbox.append(("close_all", (retry_ms, deadline)))
-        self.wake_pending = False
-        self.wake()
+        self._tell(CloseAll(retry_ms, deadline))
 
     def set_heartbeat(self, interval: float) -> None:
         self.heartbeat_interval = interval  # a float store is atomic; the loop reads it each tick
 
     def count(self) -> int:
-        return len(self._subs)
+        return len(self._streams)
 
     def join_stopped(self, timeout: float) -> bool:
         return self._stopped.wait(timeout)
+
+    def _tell(self, message: Add | CloseAll) -> None:
+        self._inbox.append(message)
+        self.wake_pending = False  # force a write: the inbox must be seen even if a wake is pending
+        self.wake()
 
     # -- the loop --------------------------------------------------------------------------------------------
 
@@ -162,8 +263,8 @@ class Writer(threading.Thread):
         except Exception:  # a bug must not leave streams hanging silently
             log.exception("writer thread failed; closing its streams")
         finally:
-            for sub in list(self._subs.values()):
-                self._drop(sub, "shutdown")
+            for stream in list(self._streams.values()):
+                self._drop(stream, EndReason.SHUTDOWN)
             self._selector.close()
             with self._wake_lock:
                 os.close(self._wake_fd)
@@ -189,16 +290,16 @@ class Writer(threading.Thread):
                 if self._closing_deadline is None:
                     self._heartbeats(now)
             if self._closing_deadline is not None:
-                if not self._subs:
+                if not self._streams:
                     return
                 if now >= self._closing_deadline:
-                    for sub in list(self._subs.values()):
-                        self._drop(sub, "shutdown")
+                    for stream in list(self._streams.values()):
+                        self._drop(stream, EndReason.SHUTDOWN)
                     return
                 next_tick = min(next_tick, self._closing_deadline)
 
     # The selector's answer and the inbox are handled in methods of their own so that their locals (the last
-    # subscriber seen) are gone when they return: a stream that ended must not be kept alive by the loop's
+    # stream seen) are gone when they return: a stream that ended must not be kept alive by the loop's
     # variables until the next wake-up (its filter would linger in the server's table of shared filters).
 
     def _poll(self, timeout: float) -> float:
@@ -207,65 +308,66 @@ class Writer(threading.Thread):
         ready = self._selector.select(timeout)
         now = time.monotonic()
         for key, mask in ready:
-            sub = key.data
-            if sub is None:
+            stream = key.data
+            if stream is None:
                 try:
                     os.eventfd_read(self._wake_fd)
                 except BlockingIOError:
                     pass
                 continue
-            if sub.reason is not None:
+            if stream.state is State.FINISHED:
                 continue  # dropped earlier in this batch
             if mask & selectors.EVENT_READ:
-                self._readable(sub)
-            if mask & selectors.EVENT_WRITE and sub.reason is None:
-                self._writable(sub, now)
+                self._readable(stream)
+            if mask & selectors.EVENT_WRITE and stream.state is not State.FINISHED:
+                self._writable(stream, now)
         return now
 
     def _handle_inbox(self, now: float) -> None:
         while self._inbox:
-            kind, payload = self._inbox.popleft()
-            if kind == "add":
-                self._register(payload, now)
+            message = self._inbox.popleft()
+            if isinstance(message, Add):
+                self._register(message.stream, now)
             else:
-                self._retry_ms, self._closing_deadline = payload
+                self._retry_ms, self._closing_deadline = message.retry_ms, message.deadline
                 self._begin_closing()
 
-    # -- per-subscriber work ---------------------------------------------------------------------------------
+    # -- per-stream work -------------------------------------------------------------------------------------
 
-    def _register(self, sub: Subscriber, now: float) -> None:
-        sock = sub.sock
+    def _register(self, stream: Stream, now: float) -> None:
+        sock = stream.sock
         try:
             sock.setblocking(False)
-            self._selector.register(sock, selectors.EVENT_READ, sub)
+            self._selector.register(sock, selectors.EVENT_READ, stream)
         except (OSError, ValueError):
-            sub.reason = "disconnected"
-            self._finish(sub)
+            self._finish(stream, EndReason.DISCONNECTED)
             return
-        self._subs[sock.fileno()] = sub
-        sub.last_write = now
+        self._streams[sock.fileno()] = stream
+        stream.state = State.LIVE
+        stream.last_write = now
         if self._closing_deadline is not None:
-            self._close_gracefully(sub)
+            self._close_gracefully(stream)
         else:
-            self._catch_up(sub, self.bouncer.head, now)
+            self._catch_up(stream, self.bouncer.head, now)
 
-    def _catch_up(self, sub: Subscriber, head: int, now: float) -> None:
-        if sub.cursor >= head:
+    def _catch_up(self, stream: Stream, head: int, now: float) -> None:
+        if stream.cursor >= head:
             return
         ring = self.bouncer.ring
-        start = sub.cursor
-        got = self.bouncer.collect(ring, start, head, sub.names)
+        start = stream.cursor
+        got = self.bouncer.collect(ring, start, head, stream.names)
         if got is None:
-            self._drop(sub, "slow")
+            self._drop(stream, EndReason.SLOW)
             return
-        data, count, last_id, sub.cursor = got
-        if count and not self._send(sub, data, count, last_id, now):
-            self._drop(sub, "disconnected")
+        data, count, last_id, stream.cursor = got
+        if count and not self._send(stream, data, count, last_id, now):
+            self._drop(stream, EndReason.DISCONNECTED)
             return
         if count:
-            self.first_writes.observe(ring, max(start, sub.live_from), sub.cursor, sub.names, time.monotonic_ns())
-        if sub.cursor < head and sub.out is None:
-            self._arm(sub)
+            self.first_writes.observe(ring, max(start, stream.live_from), stream.cursor, stream.names,
+                                      time.monotonic_ns())
+        if stream.cursor < head and stream.state is State.LIVE:
+            self._block(stream)
 
     def _sweep(self, head: int, now: float) -> None:
         ring = self.bouncer.ring  # read after head: the ring holds every event below that head
@@ -274,121 +376,140 @@ class Writer(threading.Thread):
         written: dict = {}  # (cursor, names) -> (pos reached, oldest live_from among its streams): for latency
         failed = []
         bouncer = self.bouncer
-        for sub in self._subs.values():
-            if sub.cursor >= head:
+        for stream in self._streams.values():
+            if stream.cursor >= head:
+                continue  # up to date, or CLOSING
+            if stream.state is State.BLOCKED:
+                if self._is_slow(stream, ring, head):
+                    failed.append((stream, EndReason.SLOW))
                 continue
-            if sub.out is not None:
-                if bouncer.is_slow(ring, sub, head):
-                    failed.append((sub, "slow"))
-                continue
-            key = (sub.cursor, sub.names)
+            key = (stream.cursor, stream.names)
             got = cache.get(key)
             if got is None:
-                got = bouncer.collect(ring, sub.cursor, head, sub.names) or _EVICTED
+                got = bouncer.collect(ring, stream.cursor, head, stream.names) or _EVICTED
                 cache[key] = got
             if got is _EVICTED:
-                failed.append((sub, "slow"))
+                failed.append((stream, EndReason.SLOW))
                 continue
-            data, count, last_id, sub.cursor = got
-            if count and not self._send(sub, data, count, last_id, now):
-                failed.append((sub, "disconnected"))
+            data, count, last_id, stream.cursor = got
+            if count and not self._send(stream, data, count, last_id, now):
+                failed.append((stream, EndReason.DISCONNECTED))
                 continue
             if count:
                 seen = written.get(key)
-                if seen is None or sub.live_from < seen[1]:
-                    written[key] = (sub.cursor, sub.live_from)
-            if sub.cursor < head and sub.out is None:
-                self._arm(sub)  # a batch hit the size cap: continue as soon as the socket can take more
-        for sub, reason in failed:
-            self._drop(sub, reason)
-        # Latency once per distinct filter and range written (not per subscriber: that would cost as much as
-        # the delivery itself), after the sends, so that only events some socket took are observed.
+                if seen is None or stream.live_from < seen[1]:
+                    written[key] = (stream.cursor, stream.live_from)
+            if stream.cursor < head and stream.state is State.LIVE:
+                self._block(stream)  # a batch hit the size cap: continue as soon as the socket can take more
+        for stream, reason in failed:
+            self._drop(stream, reason)
+        # Latency once per distinct filter and range written (not per stream: that would cost as much as the
+        # delivery itself), after the sends, so that only events some socket took are observed.
         now_ns = time.monotonic_ns()
         for (cursor, names), (end, live_from) in written.items():
             self.first_writes.observe(ring, max(cursor, live_from), end, names, now_ns)
 
-    def _send(self, sub: Subscriber, data: bytes, count: int, last_id: int, now: float) -> bool:
+    def _is_slow(self, stream: Stream, ring: Ring, head: int) -> bool:
+        """The bouncer's slow rule for a BLOCKED stream, counted incrementally (each event is looked at once per
+        stream): too many live events waiting, or events it still needs gone from the ring."""
+        if stream.cursor < head - ring.capacity:
+            return True
+        waiting = self.bouncer.count_waiting(ring, stream.names, max(stream.scan, stream.live_from), head)
+        if waiting is None:
+            return True
+        stream.backlog += waiting
+        stream.scan = head
+        return self.bouncer.is_slow(stream.backlog)
+
+    def _send(self, stream: Stream, data: bytes, count: int, last_id: int, now: float) -> bool:
         """Hand `data` to the socket; keep what it does not take. False when the peer is gone (the caller
         drops it, so that a sweep never changes the dict it iterates)."""
         try:
-            sent = sub.sock.send(data)
+            sent = stream.sock.send(data)
         except BlockingIOError:
             sent = 0
         except OSError:
             return False
-        sub.last_write = now
+        stream.last_write = now
         if last_id:
-            sub.last_id_sent = last_id
-        sub.events_sent += count
+            stream.last_id_sent = last_id
+        stream.events_sent += count
         self.stats.delivered += count
         if sent < len(data):
-            self._arm(sub, memoryview(data)[sent:])
+            self._block(stream, memoryview(data)[sent:])
         return True
 
-    def _arm(self, sub: Subscriber, rest: memoryview = memoryview(b"")) -> None:
+    def _block(self, stream: Stream, rest: memoryview = memoryview(b"")) -> None:
         """Wait for the socket to take more: `rest` is what it has not taken yet (empty when a batch only hit the
-        size cap). Until then the subscriber is "blocked", and its backlog counts toward the slow rule."""
-        sub.out = rest
-        sub.scan = sub.cursor
-        sub.backlog = 0
-        self._selector.modify(sub.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, sub)
+        size cap). LIVE -> BLOCKED, and from now on its backlog counts toward the slow rule; a CLOSING stream
+        (its farewell not taken whole) stays CLOSING."""
+        if stream.state is State.LIVE:
+            stream.state = State.BLOCKED
+            stream.scan = stream.cursor
+            stream.backlog = 0
+        stream.out = rest
+        self._selector.modify(stream.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, stream)
 
-    def _writable(self, sub: Subscriber, now: float) -> None:
+    def _writable(self, stream: Stream, now: float) -> None:
+        """A BLOCKED or CLOSING stream's socket can take more."""
+        out = stream.out
+        if out is None:
+            return
         try:
-            sent = sub.sock.send(sub.out)
+            sent = stream.sock.send(out)
         except BlockingIOError:
             return
         except OSError:
-            self._drop(sub, "disconnected")
+            self._drop(stream, EndReason.DISCONNECTED)
             return
-        sub.last_write = now
-        if sent < len(sub.out):
-            sub.out = sub.out[sent:]
+        stream.last_write = now
+        if sent < len(out):
+            stream.out = out[sent:]
             return
-        sub.out = None
-        if sub.cursor == _CLOSING:
-            self._finish_closing(sub)
+        stream.out = None
+        if stream.state is State.CLOSING:
+            self._finish_closing(stream)
             return
-        self._selector.modify(sub.sock, selectors.EVENT_READ, sub)
+        stream.state = State.LIVE
+        self._selector.modify(stream.sock, selectors.EVENT_READ, stream)
         if self._closing_deadline is None:
-            self._catch_up(sub, self.bouncer.head, now)
+            self._catch_up(stream, self.bouncer.head, now)
 
-    def _readable(self, sub: Subscriber) -> None:
+    def _readable(self, stream: Stream) -> None:
         try:
-            chunk = sub.sock.recv(4096)
+            chunk = stream.sock.recv(4096)
         except BlockingIOError:
             return
         except OSError:
-            self._drop(sub, "disconnected")
+            self._drop(stream, EndReason.DISCONNECTED)
             return
         if not chunk:
-            self._drop(sub, "disconnected")
+            self._drop(stream, EndReason.DISCONNECTED)
             return
         # Anything else a client sends on a stream means nothing to us and is discarded, up to a limit.
-        received = self._unsolicited.get(sub, 0) + len(chunk)
-        self._unsolicited[sub] = received
-        if received > STREAM_INPUT_LIMIT:
-            self._drop(sub, "flooding")
+        stream.received += len(chunk)
+        if stream.received > STREAM_INPUT_LIMIT:
+            self._drop(stream, EndReason.FLOODING)
 
     def _heartbeats(self, now: float) -> None:
         idle_since = now - self.heartbeat_interval
         ring = self.bouncer.ring
         failed = []
-        for sub in self._subs.values():
-            if sub.out is not None or sub.last_write > idle_since:
+        for stream in self._streams.values():
+            if stream.state is not State.LIVE or stream.last_write > idle_since:
                 continue
             beat = framing.HEARTBEAT
-            if sub.names is not None and sub.cursor > 0:
+            if stream.names is not None and stream.cursor > 0:
                 # A filtered stream may have skipped many events; moving its id on keeps a reconnect from
                 # replaying (or resetting over) events it never wanted.
-                seen = ring.get(sub.cursor - 1)
-                if seen is not None and seen.id != sub.last_id_sent:
+                seen = ring.get(stream.cursor - 1)
+                if seen is not None and seen.id != stream.last_id_sent:
                     beat = b":\n" + framing.encode_id_only(seen.id)
-                    sub.last_id_sent = seen.id
-            if not self._send(sub, beat, 0, 0, now):
-                failed.append(sub)
-        for sub in failed:
-            self._drop(sub, "disconnected")
+                    stream.last_id_sent = seen.id
+            if not self._send(stream, beat, 0, 0, now):
+                failed.append(stream)
+        for stream in failed:
+            self._drop(stream, EndReason.DISCONNECTED)
 
     # -- ending streams --------------------------------------------------------------------------------------
 
@@ -396,50 +517,54 @@ class Writer(threading.Thread):
         head = self.bouncer.head
         now = time.monotonic()
         self._sweep(head, now)  # everything accepted before the stop still goes out
-        for sub in list(self._subs.values()):
-            if sub.reason is None:
-                self._close_gracefully(sub)
+        for stream in list(self._streams.values()):
+            if stream.state is State.LIVE or stream.state is State.BLOCKED:  # not dropped during the sweep
+                self._close_gracefully(stream)
 
-    def _close_gracefully(self, sub: Subscriber) -> None:
-        sub.cursor = _CLOSING  # no more events; finish once the retry line is out
+    def _close_gracefully(self, stream: Stream) -> None:
+        """LIVE or BLOCKED -> CLOSING: no more events; finish once the farewell `retry:` is out."""
+        blocked = stream.state is State.BLOCKED
+        stream.state = State.CLOSING
+        stream.cursor = _CLOSING
         farewell = framing.encode_jittered_retry(self._retry_ms, random.random())
-        if sub.out is not None:
-            sub.out = memoryview(bytes(sub.out) + farewell)
+        if blocked:
+            stream.out = memoryview(bytes(stream.out or b"") + farewell)
             return
-        if not self._send(sub, farewell, 0, 0, time.monotonic()):
-            self._drop(sub, "disconnected")
-        elif sub.out is None:
-            self._finish_closing(sub)
+        if not self._send(stream, farewell, 0, 0, time.monotonic()):
+            self._drop(stream, EndReason.DISCONNECTED)
+        elif stream.out is None:
+            self._finish_closing(stream)
 
-    def _finish_closing(self, sub: Subscriber) -> None:
+    def _finish_closing(self, stream: Stream) -> None:
         try:
-            sub.sock.shutdown(socket.SHUT_WR)  # a clean end of stream: FIN after whole events
+            stream.sock.shutdown(socket.SHUT_WR)  # a clean end of stream: FIN after whole events
         except OSError:
             pass
-        self._drop(sub, "shutdown")
+        self._drop(stream, EndReason.SHUTDOWN)
 
-    def _drop(self, sub: Subscriber, reason: str) -> None:
-        if sub.reason is not None:
+    def _drop(self, stream: Stream, reason: EndReason) -> None:
+        """Any registered state -> FINISHED, counted by reason."""
+        if stream.state is State.FINISHED:
             return
-        sub.reason = reason
-        self._subs.pop(sub.sock.fileno(), None)
-        self._unsolicited.pop(sub, None)
+        self._streams.pop(stream.sock.fileno(), None)
         try:
-            self._selector.unregister(sub.sock)
+            self._selector.unregister(stream.sock)
         except (KeyError, ValueError):
             pass
         self.stats.dropped[reason] += 1
-        self._finish(sub)
+        self._finish(stream, reason)
 
-    def _finish(self, sub: Subscriber) -> None:
+    def _finish(self, stream: Stream, reason: EndReason) -> None:
+        stream.state = State.FINISHED
+        stream.reason = reason
         try:
-            sub.sock.close()
+            stream.sock.close()
         except OSError:
             pass
-        self.bouncer.unsubscribe(sub)
+        self.bouncer.unsubscribe(stream.subscriber)
         if self.access_log:
-            access_log.info("%s stream end: %d events in %.1fs, %s", sub.peer, sub.events_sent,
-                            time.monotonic() - sub.started, _END_REASONS.get(sub.reason, sub.reason))
+            access_log.info("%s stream end: %d events in %.1fs, %s", stream.peer, stream.events_sent,
+                            time.monotonic() - stream.started, reason.text)
 
 
 class Delivery:
@@ -447,6 +572,7 @@ class Delivery:
 
     def __init__(self, bouncer: Bouncer, writer_threads: int, heartbeat_interval: float):
         self.first_writes = FirstWrites()
+        self.heartbeat_interval = heartbeat_interval
         self.writers = [Writer(i, bouncer, heartbeat_interval, self.first_writes) for i in range(writer_threads)]
         bouncer.on_publish(self.wake)
 
@@ -458,12 +584,15 @@ class Delivery:
         for writer in self.writers:
             writer.wake()
 
-    def add(self, sub: Subscriber, sock: socket.socket) -> None:
+    def add(self, replay: Replay, sock: socket.socket) -> None:
+        """Take over a stream whose response head is out: `sock` is its connection, detached from the request."""
+        tune_for_dead_peers(sock, self.heartbeat_interval)
         # The least-loaded writer; ties and races only cost balance, never correctness.
         writer = min(self.writers, key=Writer.count) if len(self.writers) > 1 else self.writers[0]
-        writer.add(sub, sock)
+        writer.add(Stream(replay.subscriber, sock))
 
     def set_heartbeat(self, interval: float) -> None:
+        self.heartbeat_interval = interval
         for writer in self.writers:
             writer.set_heartbeat(interval)
 
@@ -471,14 +600,18 @@ class Delivery:
         for writer in self.writers:
             writer.access_log = enabled
 
+    def alive(self) -> bool:
+        """Every writer thread is running (for the watchdog)."""
+        return all(writer.is_alive() for writer in self.writers)
+
     def latency(self) -> Histogram:
         return self.first_writes.snapshot()
 
     def delivered(self) -> int:
         return sum(writer.stats.delivered for writer in self.writers)
 
-    def dropped(self) -> dict[str, int]:
-        total: collections.Counter = collections.Counter()
+    def dropped(self) -> dict[EndReason, int]:
+        total: collections.Counter[EndReason] = collections.Counter()
         for writer in self.writers:
             total.update(writer.stats.dropped)
         return dict(total)

@@ -10,7 +10,6 @@ request.py for why) and its response writing: a response is built as one bytes o
 sendall(), because a keep-alive publisher pays for every system call.
 """
 
-import hmac
 import json
 import logging
 import random
@@ -20,6 +19,8 @@ from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlencode
 
 from . import __version__, access, framing, metrics, page
+from .access import Policy
+from .bouncer import EventNames, Refusal
 from .errors import ClientGone, HTTPError, OutcomeUnknown, StoreError
 from .request import Request, RequestReader, body_length, parse_head
 
@@ -185,7 +186,8 @@ class Handler(BaseHTTPRequestHandler):
             elif request.path == "/history":
                 self._history(request, policy, client)
             elif request.path == "/metrics":
-                self._metrics(request, policy)
+                access.authorize_metrics(policy.config.metrics_token, access.bearer_token(headers))
+                self._respond(200, metrics.render(self.server.metric_families()).encode("utf-8"), metrics.CONTENT_TYPE)
             elif request.path == "/":
                 self._respond(200, page.HTML, "text/html; charset=utf-8", page.HEADERS)
             else:
@@ -213,7 +215,7 @@ class Handler(BaseHTTPRequestHandler):
         self.cors = ()  # already part of `headers`
         self._respond(204, b"", None, headers)
 
-    def _publish(self, request: Request, policy, client: str) -> None:
+    def _publish(self, request: Request, policy: Policy, client: str) -> None:
         server = self.server
         config = policy.config
         if server.stopping:
@@ -259,17 +261,7 @@ class Handler(BaseHTTPRequestHandler):
         status = 503 if server.stopping else 200
         self._respond(status, json.dumps(server.health()).encode("utf-8"), JSON)
 
-    def _metrics(self, request: Request, policy) -> None:
-        expected = policy.config.metrics_token
-        if expected:
-            presented = access.bearer_token(request.headers)
-            if presented is None:
-                raise HTTPError(401, "metrics needs a token", headers=(("WWW-Authenticate", "Bearer"),))
-            if not hmac.compare_digest(presented.encode(), expected.encode()):
-                raise HTTPError(403, "invalid token")
-        self._respond(200, metrics.render(self.server.metric_families()).encode("utf-8"), metrics.CONTENT_TYPE)
-
-    def _reader_filter(self, request: Request, policy, client: str):
+    def _reader_filter(self, request: Request, policy: Policy, client: str) -> EventNames:
         """The event filter of a reader (/subscribe, /history): its ?event= names within its token's scope."""
         names = request.query_values("event")
         for name in names:
@@ -281,7 +273,7 @@ class Handler(BaseHTTPRequestHandler):
         grant = access.authorize(policy.subscribe_tokens, token, client, "subscribe")
         return access.stream_filter(names, grant.scope)
 
-    def _history(self, request: Request, policy, client: str) -> None:
+    def _history(self, request: Request, policy: Policy, client: str) -> None:
         """Catch up without a stream: JSON of the retained events after ?after=, optionally held (?wait=) until
         one arrives. A held request is an ordinary connection (max_connections), never a subscriber."""
         wanted = self._reader_filter(request, policy, client)
@@ -296,7 +288,7 @@ class Handler(BaseHTTPRequestHandler):
         }, ensure_ascii=False).encode("utf-8")
         self._respond(200, body, JSON, (("Cache-Control", "no-store"),))
 
-    def _subscribe(self, request: Request, policy, client: str) -> None:
+    def _subscribe(self, request: Request, policy: Policy, client: str) -> None:
         server = self.server
         config = policy.config
         wanted = self._reader_filter(request, policy, client)
@@ -310,16 +302,10 @@ class Handler(BaseHTTPRequestHandler):
         if server.stopping:
             self._turn_away(request, "shutting down")
             return
-        server.prepare_replay(last_event_id)
-        replay = server.bouncer.subscribe(server.intern_filter(wanted), last_event_id, client,
-                                          config.max_subscribers, config.max_subscribers_per_ip)
-        if replay == "full":
-            self._turn_away(request, "too many subscribers")
+        replay = server.subscribe(wanted, last_event_id, client, config)
+        if isinstance(replay, Refusal):
+            self._turn_away(request, replay.value)
             return
-        if replay == "peer full":
-            self._turn_away(request, "too many streams from this address")
-            return
-        sub = replay.subscriber
         server.hand_over(self)  # counted as a stream from here on, never as both a stream and a request
         preamble = [stream_head(self._common_headers()), framing.encode_retry(config.retry_ms)]
         if replay.reset is not None:
@@ -329,13 +315,12 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self.reader.set_timeout(config.request_timeout)
             sock.sendall(b"".join(preamble))
-            self._tune_stream_socket(sock, config.heartbeat_interval)
             stream = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
         except OSError:
-            server.bouncer.unsubscribe(sub)
+            server.abandon_stream(replay)
             return
         self.detached = True
-        server.delivery.add(sub, stream)
+        server.start_stream(replay, stream)
 
     # -- responses ---------------------------------------------------------------------------------------------
 
@@ -373,7 +358,7 @@ class Handler(BaseHTTPRequestHandler):
     def _account(self, request, status: int, size: int) -> None:
         """Every response passes here once: the status counter, and the access log line if it is on."""
         server = self.server
-        server.statuses.add(status)
+        server.count_status(status)
         if server.config.access_log:
             if isinstance(request, Request):
                 what = f"{request.method} {_without_token(request)}"
@@ -388,22 +373,6 @@ class Handler(BaseHTTPRequestHandler):
             self._respond(error.status, error_body(error.message), JSON, error.headers, close=error.close)
         except OSError:
             pass  # the client is gone; nothing to tell it
-
-    @staticmethod
-    def _tune_stream_socket(sock: socket.socket, heartbeat_interval: float) -> None:
-        """Make a dead peer visible: keepalive probes while idle, and TCP_USER_TIMEOUT so that a heartbeat that
-        is never acknowledged (cable pulled) errors the socket after about one more interval."""
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            return
-        seconds = max(1, int(heartbeat_interval))
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, seconds // 3))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(heartbeat_interval * 1000) + 1000)
-        except (OSError, AttributeError):
-            pass  # a platform without these options still detects closed peers by EVENT_READ
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
         log.info("%s " + format, self.peer, *args)

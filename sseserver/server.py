@@ -1,11 +1,10 @@
 """SSEServer: the listening socket and everything shared between threads.
 
-Owns: the Config reference (swapped whole by apply()), the Bouncer, the Delivery writers, the `stopping` flag,
-the open request connections and their threads, and the orderly drain at shutdown.
+Owns: the Policy and Config reference (swapped whole by apply()), the Bouncer, the Delivery writers, the history
+file and the Redis bridge, the `stopping` flag, the open request connections and their threads, the status
+counter, and the orderly drain at shutdown. Callers use the methods listed in SSEServer's docstring; what is behind
+them (bouncer, delivery, cluster) is this module's business.
 Must not know: signals, systemd, argv (daemon.py and cli.py drive it), or how a request is parsed.
-
-Methods for the caller: start(), serve_forever() (on its own thread), apply(config), stop_accepting(),
-drain(deadline), server_close(). Methods a handler uses: track(), untrack(), hand_over(), health(), http_date().
 
 Traps in the base classes this class steps around, on purpose:
 - ThreadingHTTPServer's threads are daemon threads it never joins, so draining streams and joining request
@@ -25,12 +24,14 @@ import threading
 import time
 import weakref
 from http.server import ThreadingHTTPServer
+from typing import Any
 
 from . import __version__
 from .access import Policy
-from .bouncer import Bouncer, Page, parse_event_id
+from .bouncer import Bouncer, EventNames, Page, Refusal, Replay, parse_event_id
 from .cluster import RedisBridge, wait_for_replay
-from .delivery import Delivery
+from .config import Config
+from .delivery import Delivery, EndReason
 from .handler import Handler, refusal
 from .history import HistoryFile
 from .metrics import Family, StatusCounter
@@ -40,6 +41,8 @@ log = logging.getLogger("sseserver")
 # File descriptors kept free for everything that is not a connection: the listener, epoll, eventfds, config
 # and token files, the notify socket, logging.
 FD_RESERVE = 64
+# Reasons /metrics shows even at 0, so a dashboard finds the series before the first drop.
+ALWAYS_SHOWN_REASONS = frozenset({EndReason.SLOW, EndReason.DISCONNECTED, EndReason.SHUTDOWN})
 
 
 def connection_limit(configured: int) -> int:
@@ -52,6 +55,33 @@ def connection_limit(configured: int) -> int:
 
 
 class SSEServer(ThreadingHTTPServer):
+    """The running server: one listening socket, and everything its threads share.
+
+    Methods for the caller (daemon.py, tests):
+        start()                 start the writers, the history thread and the Redis follower
+        serve_forever()         the accept loop (socketserver's), on its own thread
+        port, server_address    where it listens
+        apply(policy)           a reload: swap in a new Policy and its Config
+        status()                one line for systemd's STATUS=
+        subscriber_count()      open streams
+        healthy()               for the watchdog: every thread it runs is alive, and it is not stopping
+        stop_accepting()        /health says 503, publishes and new streams are turned away
+        close_listener()        stop the accept loop and close the listening socket
+        drain(deadline)         end every stream and request by the deadline
+        server_close()          release the rest (after drain)
+
+    Methods a handler uses (handler.py):
+        policy, config, stopping    the access policy and config (read once per request), and the stop flag
+        track(h), untrack(h), request_finished(), hand_over(h)    connection bookkeeping for the drain
+        publish(data, name)     -> (id, streams it is queued for); StoreError / OutcomeUnknown
+        subscribe(wanted, last_event_id, client, config)    -> a Replay, or a Refusal saying why not
+        start_stream(replay, sock)  hand a stream whose head is out to the writers
+        abandon_stream(replay)  a stream that never started (its head could not be sent)
+        history_page(wanted, after, limit, wait)    GET /history: retained events after an id (a long poll)
+        count_status(status)    every response's status, for /metrics
+        health(), metric_families(), http_date()    what /health and /metrics show; the Date header
+    """
+
     allow_reuse_address = True
     daemon_threads = True  # joined by drain() with a deadline, never by the base class without one
     # The kernel's accept queue: thousands of subscribers connect at once after a restart.
@@ -59,13 +89,13 @@ class SSEServer(ThreadingHTTPServer):
 
     def __init__(self, policy: Policy, listen_socket: socket.socket | None = None):
         config = policy.config
-        self.policy = policy
+        self.policy = policy  # read by handlers without a lock: apply() replaces the reference whole
         self.max_connections = connection_limit(config.max_connections)
         # hash(filter) -> the one shared filter object, held weakly: an entry lives exactly as long as some
         # stream (or a request being answered) uses the filter, so the table never outgrows the open streams.
-        self._filters = weakref.WeakValueDictionary()
-        self.history = None
-        stored = []
+        self._filters: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        self.history: HistoryFile | None = None
+        stored: list = []
         if config.history_file:  # read before binding, so a bad file never holds the port (HistoryFileError)
             self.history = HistoryFile(config.history_file, config.history_fsync, config.history_fsync_interval,
                                        config.history_size)
@@ -76,7 +106,7 @@ class SSEServer(ThreadingHTTPServer):
         self.bouncer = Bouncer(config.history_size, config.queue_size, first_id=1 if config.redis_url else None,
                                store=self.history)
         self.bouncer.restore(stored)
-        self.cluster = None
+        self.cluster: RedisBridge | None = None
         if config.redis_url:  # a bad URL is a ConfigError before anything is bound
             self.cluster = RedisBridge(config.redis_url, config.redis_key_prefix, config.history_size, self.bouncer)
         if stored:
@@ -131,7 +161,7 @@ class SSEServer(ThreadingHTTPServer):
 
     def _refuse(self, request, message: str, retry_after: int) -> None:
         """503 from the accept thread, without a request thread or a read, then close."""
-        self.statuses.add(503)
+        self.count_status(503)
         try:
             request.setblocking(False)
             request.send(refusal(self.http_date(), message, retry_after))
@@ -167,35 +197,6 @@ class SSEServer(ThreadingHTTPServer):
         if self.cluster is not None:
             self.cluster.start()
 
-    def publish(self, data: str, name: str) -> tuple[int, int]:
-        """(id, streams here it is queued for). With Redis the id comes from the shared stream and the event
-        reaches local streams through the follower, like everyone else's. StoreError: not published."""
-        if self.cluster is None:
-            event, count = self.bouncer.publish(data, name)
-            return event.id, count
-        return self.cluster.publish(data, name), self.bouncer.queued_for(name)
-
-    def prepare_replay(self, last_event_id: str | None) -> None:
-        """With Redis, a Last-Event-ID from another instance may be ahead of this one's follower: wait for it."""
-        if self.cluster is not None and last_event_id is not None:
-            wanted = parse_event_id(last_event_id)
-            if wanted is not None:
-                wait_for_replay(self.cluster, self.bouncer, wanted)
-
-    def history_page(self, names, after: str | None, limit: int, wait: float) -> Page:
-        """GET /history: the retained events after `after` (see Bouncer.page). With `wait` and nothing to
-        return yet, hold until a matching event arrives, `wait` seconds pass, or shutdown begins (drain()
-        wakes every waiter, so a held request is answered at once, never cut)."""
-        self.prepare_replay(after)
-        deadline = time.monotonic() + wait
-        while True:
-            page = self.bouncer.page(names, after, limit)
-            remaining = deadline - time.monotonic()
-            if page.events or page.reset or remaining <= 0 or self.stopping:
-                return page
-            self.bouncer.wait_for_more(page.end, remaining, lambda: self.stopping)
-            after = str(page.last_id)  # what arrived may not match: look again from where this look ended
-
     def server_close(self) -> None:
         if self.cluster is not None:
             self.cluster.stop()
@@ -206,7 +207,7 @@ class SSEServer(ThreadingHTTPServer):
             self.history = None
 
     @property
-    def config(self):
+    def config(self) -> Config:
         return self.policy.config
 
     def apply(self, policy: Policy) -> None:
@@ -221,9 +222,28 @@ class SSEServer(ThreadingHTTPServer):
             self.delivery.set_heartbeat(config.heartbeat_interval)
         self.delivery.set_access_log(config.access_log)
 
+    def status(self) -> str:
+        return f"{self.bouncer.subscriber_count} subscribers, last id {self.bouncer.last_id}"
+
+    def subscriber_count(self) -> int:
+        return self.bouncer.subscriber_count
+
+    def healthy(self) -> bool:
+        """For the systemd watchdog: not stopping, and the threads this server runs are alive (the writers, and
+        the Redis follower coming round its loop; see RedisBridge.healthy() for why a Redis outage does not
+        count)."""
+        return (not self.stopping and self.delivery.alive()
+                and (self.cluster is None or self.cluster.healthy()))
+
     def stop_accepting(self) -> None:
         """Mark the server stopping: /health says 503, publishes and new streams are turned away."""
         self.stopping = True
+
+    def close_listener(self) -> None:
+        """Stop the accept loop (serve_forever() returns) and close the listening socket, so a new connection is
+        refused instead of left hanging. Call it from another thread than the accept loop's."""
+        self.shutdown()
+        self.socket.close()
 
     def drain(self, deadline: float) -> bool:
         """After the accept loop has stopped: let in-flight requests finish, end every stream with a jittered
@@ -277,7 +297,56 @@ class SSEServer(ThreadingHTTPServer):
             with self._idle:
                 self._idle.notify_all()
 
-    def intern_filter(self, wanted):
+    def publish(self, data: str, name: str) -> tuple[int, int]:
+        """(id, streams here it is queued for). With Redis the id comes from the shared stream and the event
+        reaches local streams through the follower, like everyone else's. StoreError: not published."""
+        if self.cluster is None:
+            event, count = self.bouncer.publish(data, name)
+            return event.id, count
+        return self.cluster.publish(data, name), self.bouncer.queued_for(name)
+
+    def subscribe(self, wanted: EventNames, last_event_id: str | None, client: str,
+                  config: Config) -> Replay | Refusal:
+        """Register a stream for the events `wanted` accepts, starting after `last_event_id`, within `config`'s
+        limits (the request's own config: a reload mid-request must not mix two). Its head is not sent yet: follow
+        with start_stream(), or abandon_stream() if the head cannot be sent."""
+        self._prepare_replay(last_event_id)
+        return self.bouncer.subscribe(self._intern_filter(wanted), last_event_id, client, config.max_subscribers,
+                                      config.max_subscribers_per_ip)
+
+    def start_stream(self, replay: Replay, sock: socket.socket) -> None:
+        """The stream's head is out and `sock` is its connection, detached from the request: the writers own it
+        from now on."""
+        self.delivery.add(replay, sock)
+
+    def abandon_stream(self, replay: Replay) -> None:
+        self.bouncer.unsubscribe(replay.subscriber)
+
+    def history_page(self, names: EventNames, after: str | None, limit: int, wait: float) -> Page:
+        """GET /history: the retained events after `after` (see Bouncer.page). With `wait` and nothing to
+        return yet, hold until a matching event arrives, `wait` seconds pass, or shutdown begins (drain()
+        wakes every waiter, so a held request is answered at once, never cut)."""
+        self._prepare_replay(after)
+        deadline = time.monotonic() + wait
+        while True:
+            page = self.bouncer.page(names, after, limit)
+            remaining = deadline - time.monotonic()
+            if page.events or page.reset or remaining <= 0 or self.stopping:
+                return page
+            self.bouncer.wait_for_more(page.end, remaining, lambda: self.stopping)
+            after = str(page.last_id)  # what arrived may not match: look again from where this look ended
+
+    def count_status(self, status: int) -> None:
+        self.statuses.add(status)
+
+    def _prepare_replay(self, last_event_id: str | None) -> None:
+        """With Redis, a Last-Event-ID from another instance may be ahead of this one's follower: wait for it."""
+        if self.cluster is not None and last_event_id is not None:
+            wanted = parse_event_id(last_event_id)
+            if wanted is not None:
+                wait_for_replay(self.cluster, self.bouncer, wanted)
+
+    def _intern_filter(self, wanted: EventNames) -> EventNames:
         """One shared object per distinct filter among the open streams, so the delivery layer joins bytes once
         per filter. Keyed by hash, because a key is held strongly and would keep its filter alive; two filters
         with the same hash (not equal) only lose the sharing, never correctness."""
@@ -305,12 +374,6 @@ class SSEServer(ThreadingHTTPServer):
             **(self.cluster.health() if self.cluster is not None else {}),
         }
 
-    def healthy(self) -> bool:
-        """For the systemd watchdog: the threads this server runs are alive (the writers, and the Redis follower
-        coming round its loop; see RedisBridge.healthy() for why a Redis outage does not count)."""
-        return (all(writer.is_alive() for writer in self.delivery.writers)
-                and (self.cluster is None or self.cluster.healthy()))
-
     def metric_families(self) -> list[Family]:
         """Everything /metrics shows, read from where it is kept (bouncer, writers, the status counter)."""
         bouncer, delivery = self.bouncer, self.delivery
@@ -327,8 +390,8 @@ class SSEServer(ThreadingHTTPServer):
                    "Event deliveries handed to subscriber sockets (one per event per subscriber).",
                    [({}, delivery.delivered())]),
             Family("sseserver_subscribers_dropped_total", "counter", "Streams ended by the server, by reason.",
-                   [({"reason": reason}, dropped.get(reason, 0))
-                    for reason in sorted(set(dropped) | {"slow", "disconnected", "shutdown"})]),
+                   [({"reason": reason.value}, dropped.get(reason, 0))
+                    for reason in sorted(set(dropped) | ALWAYS_SHOWN_REASONS, key=lambda reason: reason.value)]),
             Family("sseserver_replay_resets_total", "counter",
                    "Streams that began with sseserver.reset because their Last-Event-ID could not be honoured.",
                    [({}, bouncer.resets)]),

@@ -5,7 +5,7 @@ import random
 import time
 import unittest
 
-from sseserver.bouncer import Bouncer
+from sseserver.bouncer import Bouncer, Refusal, Replay
 from sseserver.history import StoredEvent
 from tests.test_framing import FeedReader
 
@@ -32,10 +32,10 @@ class BouncerTest(unittest.TestCase):
 
     def test_subscribe_refuses_past_the_total_limit_and_past_the_per_peer_limit(self):
         bouncer = Bouncer(10, 4, first_id=1)
-        self.assertNotIsInstance(bouncer.subscribe(None, None, limit=1), str)
-        self.assertEqual(bouncer.subscribe(None, None, limit=1), "full")
-        self.assertNotIsInstance(bouncer.subscribe(None, None, peer="b", per_peer_limit=1), str)
-        self.assertEqual(bouncer.subscribe(None, None, peer="b", per_peer_limit=1), "peer full")
+        self.assertIsInstance(bouncer.subscribe(None, None, limit=1), Replay)
+        self.assertIs(bouncer.subscribe(None, None, limit=1), Refusal.FULL)
+        self.assertIsInstance(bouncer.subscribe(None, None, peer="b", per_peer_limit=1), Replay)
+        self.assertIs(bouncer.subscribe(None, None, peer="b", per_peer_limit=1), Refusal.PEER_FULL)
 
     def test_replay_from_a_known_id(self):
         bouncer = Bouncer(history_size=5, queue_size=2, first_id=1)
@@ -84,9 +84,11 @@ class BouncerTest(unittest.TestCase):
         bouncer.publish("x", "b")
         bouncer.publish("x", "a")
         bouncer.publish("x", "a")
-        self.assertFalse(bouncer.is_slow(bouncer.ring, sub, bouncer.head))
+        waiting = bouncer.count_waiting(bouncer.ring, sub.names, sub.live_from, bouncer.head)
+        self.assertEqual(waiting, 2)
+        self.assertFalse(bouncer.is_slow(waiting))
         bouncer.publish("x", "a")
-        self.assertTrue(bouncer.is_slow(bouncer.ring, sub, bouncer.head))
+        self.assertTrue(bouncer.is_slow(bouncer.count_waiting(bouncer.ring, sub.names, sub.live_from, bouncer.head)))
 
     def test_a_subscriber_whose_next_event_was_evicted_collects_nothing_and_is_slow(self):
         bouncer = Bouncer(history_size=2, queue_size=1, first_id=1)
@@ -94,7 +96,7 @@ class BouncerTest(unittest.TestCase):
         for _ in range(5):
             bouncer.publish("x")
         self.assertIsNone(bouncer.collect(bouncer.ring, sub.cursor, bouncer.head, None))
-        self.assertTrue(bouncer.is_slow(bouncer.ring, sub, bouncer.head))
+        self.assertIsNone(bouncer.count_waiting(bouncer.ring, None, sub.cursor, bouncer.head))
 
     def test_collect_stops_at_the_byte_limit(self):
         bouncer = Bouncer(history_size=10, queue_size=1, first_id=1)

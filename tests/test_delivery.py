@@ -5,7 +5,7 @@ import time
 import unittest
 
 from sseserver.bouncer import Bouncer
-from sseserver.delivery import STREAM_INPUT_LIMIT, Delivery
+from sseserver.delivery import STREAM_INPUT_LIMIT, Delivery, EndReason
 from tests.support import IO_TIMEOUT, RunningServer, wait_for_subscribers
 
 
@@ -47,7 +47,7 @@ class StreamInputTest(unittest.TestCase):
             except (BrokenPipeError, ConnectionResetError):
                 pass  # dropped on the way, as it should be
             wait_for_subscribers(server.port, 0)  # the flooding stream dropped
-            self.assertEqual(server.server.delivery.dropped().get("flooding"), 1)
+            self.assertEqual(server.server.delivery.dropped().get(EndReason.FLOODING), 1)
             self.assertEqual(client.read_until_closed(), [])
         self.assertLess(STREAM_INPUT_LIMIT, 4 * 1024 * 1024)
 

@@ -5,6 +5,7 @@ import socket
 import threading
 import unittest
 
+from sseserver.delivery import EndReason
 from tests.support import (IO_TIMEOUT, RunningServer, connect, raw_exchange, read_response, request,
                            wait_for_subscribers, wait_until)
 
@@ -325,7 +326,7 @@ class BouncerBehaviourTest(unittest.TestCase):
                     sent += 1
                     fast.read_events(1)
                 self.assertEqual(server.health()["subscribers"], 1)
-                self.assertEqual(dict(server.server.delivery.dropped()).get("slow"), 1)
+                self.assertEqual(server.server.delivery.dropped().get(EndReason.SLOW), 1)
                 server.publish("after")
                 self.assertEqual(fast.read_events(1)[0].data, "after")
             slow.close()
