@@ -293,9 +293,12 @@ class Policy:
         self.subscribe_tokens = load_tokens(config.subscribe_tokens, config.subscribe_tokens_file,
                                             "subscribe_tokens", "subscribe_tokens_file")
         self.trusted = ip_networks(config.trusted_proxies)  # valid: the config checked them
-        same_limits = previous is not None and (previous.config.publish_rate, previous.config.publish_burst) == (
-            config.publish_rate, config.publish_burst)
-        self.limiter = previous.limiter if same_limits else RateLimiter(config.publish_rate, config.publish_burst)
+        limits = (config.publish_rate, config.publish_burst)
+        self.limiter: RateLimiter
+        if previous is not None and (previous.config.publish_rate, previous.config.publish_burst) == limits:
+            self.limiter = previous.limiter
+        else:
+            self.limiter = RateLimiter(config.publish_rate, config.publish_burst)
 
     def cors(self, origin: str | None) -> tuple[tuple[str, str], ...]:
         return cors_headers(self.config.cors_origins, self.config.cors_credentials, origin)

@@ -582,7 +582,7 @@ def measure(workers: Workers, publisher: Publisher, ready: int, args) -> Window:
     publisher_cpu = time.process_time() - cpu_before
     busy_after = machine_busy_seconds()
     return Window(started, published, ended, publisher_cpu,
-                  None if busy_before is None else busy_after - busy_before)
+                  None if busy_before is None or busy_after is None else busy_after - busy_before)
 
 
 def behind_schedule(rate: float, msgs: int, duration: float, achieved: float) -> bool:

@@ -32,7 +32,8 @@ import enum
 import json
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
+from typing import Protocol
 
 from . import framing
 from .errors import StoreError
@@ -40,9 +41,18 @@ from .errors import StoreError
 
 RESET_EVENT = "sseserver.reset"
 
-# A stream's filter: None (every event), a frozenset of names, or another hashable object supporting `in` (a
-# pattern filter, access.EventFilter).
-EventNames = Hashable | None
+
+
+class NameFilter(Protocol):
+    """A stream's filter: a frozenset of names, or another hashable object supporting `in` (a token scope's
+    patterns, access.EventFilter)."""
+
+    def __contains__(self, name: str, /) -> bool: ...
+
+    def __hash__(self) -> int: ...
+
+
+EventNames = NameFilter | None  # None: every event
 
 
 class Event:
@@ -77,6 +87,12 @@ class Ring:
     def get(self, pos: int) -> Event | None:
         event = self.slots[pos % self.capacity]
         return event if event is not None and event.pos == pos else None
+
+    def held(self, pos: int) -> Event:
+        """The entry at `pos`, which the caller knows is retained (a pos in the bouncer's range, under its lock)."""
+        event = self.slots[pos % self.capacity]
+        assert event is not None and event.pos == pos, f"pos {pos} is not retained"
+        return event
 
 
 class Subscriber:
@@ -171,7 +187,8 @@ class Bouncer:
         self.head = 0  # pos the next entry will take; read without the lock by the delivery layer
         self._first_pos = 0  # no entry below this pos exists (a ring resized larger holds nothing older)
         self._next_id = lifetime_first_id() if first_id is None else first_id
-        self._origin = self._next_id - 1  # the predecessor of this lifetime's first event: an id no event has
+        # The predecessor of this lifetime's first event: an id no event has (None once history was restored).
+        self._origin: int | None = self._next_id - 1
         self._last_id = self._origin  # the newest id in the sequence
         self._has_events = False
         self._unfiltered = 0
@@ -354,11 +371,12 @@ class Bouncer:
             if last_event_id is None:
                 cursor = head
             else:
-                cursor = self._replay_start(parse_event_id(last_event_id), oldest, head)
-                if cursor is None:
+                start = self._replay_start(parse_event_id(last_event_id), oldest, head)
+                if start is None:
                     self.resets += 1
                     reset = self._reset_notice(last_event_id, oldest, head)
-                    cursor = oldest
+                    start = oldest
+                cursor = start
             subscriber = Subscriber(names, cursor, head, peer)
             self._count_locked(subscriber, 1)
         return Replay(subscriber, reset)
@@ -543,27 +561,27 @@ class Bouncer:
             return None  # not one of our ids
         if oldest == head:  # nothing retained: fine only if the client has seen the very last id
             return head if wanted == self._last_id else None
-        if wanted == self.ring.get(oldest).prev_id:
+        if wanted == self.ring.held(oldest).prev_id:
             return oldest
         low, high = oldest, head  # the first pos whose id is >= wanted
         while low < high:
             middle = (low + high) // 2
-            if self.ring.get(middle).id >= wanted:
+            if self.ring.held(middle).id >= wanted:
                 high = middle
             else:
                 low = middle + 1
         if low < head:
-            entry = self.ring.get(low)
+            entry = self.ring.held(low)
             if entry.id == wanted and not entry.notice:
                 return low + 1
         return None
 
     def _reset_notice(self, last_event_id: str, oldest: int, head: int) -> bytes:
-        first = next((event for pos in range(oldest, head) if not (event := self.ring.get(pos)).notice), None)
+        first = next((event for pos in range(oldest, head) if not (event := self.ring.held(pos)).notice), None)
         payload = json.dumps({"last_event_id": last_event_id, "oldest_id": str(first.id) if first else None})
         # The id moves the browser's cursor to just before the replay (an id _replay_start accepts), so a
         # reconnect during the replay does not trigger a second reset and a second full replay.
-        cursor_id = self.ring.get(oldest).prev_id if oldest < head else self._last_id
+        cursor_id = self.ring.held(oldest).prev_id if oldest < head else self._last_id
         return framing.encode_event(payload, cursor_id, RESET_EVENT)
 
 

@@ -175,12 +175,53 @@ KEYS: tuple[Key, ...] = (
 
 KEYS_BY_NAME = {key.name: key for key in KEYS}
 
-Config = dataclasses.make_dataclass(
-    "Config",
-    [(key.name, key.kind, dataclasses.field(default=key.default, repr=not key.secret)) for key in KEYS],
-    frozen=True,
-)
-Config.__doc__ = "A validated configuration. Build it with from_mapping() or load(); never mutate it."
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A validated configuration. Build it with from_mapping() or load(); never mutate it.
+
+    One attribute per key of KEYS, in the same order and of the key's kind (a test keeps the two equal). They
+    are written out, not generated from the table, so that a type checker sees them; the defaults, checks and
+    docs stay in the table alone."""
+
+    host: str
+    port: int
+    queue_size: int
+    history_size: int
+    heartbeat_interval: float
+    retry_ms: int
+    max_message_bytes: int
+    max_subscribers: int
+    request_timeout: float
+    keepalive_timeout: float
+    max_header_bytes: int
+    shutdown_timeout: float
+    writer_threads: int
+    log_level: str
+    access_log: bool
+    demo_page: bool
+    metrics_token: str
+    history_file: str
+    history_fsync: str
+    history_fsync_interval: float
+    redis_url: str
+    redis_key_prefix: str
+    publish_tokens: tuple[str, ...]
+    publish_tokens_file: str
+    subscribe_tokens: tuple[str, ...]
+    subscribe_tokens_file: str
+    cors_origins: tuple[str, ...]
+    cors_credentials: bool
+    trusted_proxies: tuple[str, ...]
+    max_subscribers_per_ip: int
+    publish_rate: float
+    publish_burst: int
+    max_connections: int
+
+    def __repr__(self) -> str:  # never a secret
+        shown = ", ".join(f"{key.name}={getattr(self, key.name)!r}" for key in KEYS if not key.secret)
+        return f"Config({shown})"
 
 
 def _convert(key: Key, value: Any) -> Any:
@@ -208,7 +249,7 @@ def _convert(key: Key, value: Any) -> Any:
     raise AssertionError(f"key {key.name} has an unknown kind {key.kind!r}")
 
 
-def from_mapping(values: Mapping[str, Any], base=None, source: str | None = None):
+def from_mapping(values: Mapping[str, Any], base: Config | None = None, source: str | None = None) -> Config:
     """A Config from `values` layered over `base` (the defaults when None). Unknown keys are refused."""
     merged = dataclasses.asdict(base) if base is not None else {key.name: key.default for key in KEYS}
     for name, value in values.items():
@@ -239,7 +280,7 @@ def _check_together(values: dict, source: str | None) -> None:
                           "allowed to send credentials", source)
 
 
-def load(path: str, base=None):
+def load(path: str, base: Config | None = None) -> Config:
     """Read and validate a TOML file. Any problem, including a missing or unreadable file, is a ConfigError."""
     try:
         with open(path, "rb") as handle:
@@ -251,7 +292,7 @@ def load(path: str, base=None):
     return from_mapping(values, base, source=path)
 
 
-def load_layered(path: str | None, overrides: Mapping[str, Any]):
+def load_layered(path: str | None, overrides: Mapping[str, Any]) -> Config:
     """The running configuration: defaults, then the file (if any), then command-line overrides, each layer
     validated. Used at start and on every reload, so a reload never reverts a command-line flag."""
     config = load(path) if path else from_mapping({})
@@ -260,7 +301,7 @@ def load_layered(path: str | None, overrides: Mapping[str, Any]):
     return config
 
 
-def restart_keys_changed(old, new) -> list[str]:
+def restart_keys_changed(old: Config, new: Config) -> list[str]:
     """Keys whose new value a reload cannot apply."""
     return [key.name for key in KEYS if key.restart and getattr(old, key.name) != getattr(new, key.name)]
 

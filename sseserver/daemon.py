@@ -17,10 +17,12 @@ import resource
 import signal
 import threading
 import time
+from collections.abc import Mapping
 
 from . import config as config_module
 from . import logs, systemd
 from .access import Policy
+from .config import Config
 from .server import SSEServer
 
 log = logging.getLogger("sseserver")
@@ -52,7 +54,8 @@ def raise_open_file_limit() -> tuple[int, int]:
 
 
 class Daemon:
-    def __init__(self, config, config_path: str | None, environ=os.environ, overrides: dict | None = None):
+    def __init__(self, config: Config, config_path: str | None, environ: Mapping[str, str] = os.environ,
+                 overrides: dict | None = None):
         self.config = config
         self.config_path = config_path
         self.overrides = dict(overrides or {})  # command-line keys, layered over the file again on each reload
@@ -87,16 +90,16 @@ class Daemon:
         # a SIGTERM must then drain and exit 0, not kill the process with the default action.
         self._install_signal_handlers()
         server.start()
-        self._accept_thread = threading.Thread(target=server.serve_forever, name="sseserver-accept",
-                                               kwargs={"poll_interval": 0.5}, daemon=True)
-        self._accept_thread.start()
+        self._accept_thread = accept = threading.Thread(target=server.serve_forever, name="sseserver-accept",
+                                                        kwargs={"poll_interval": 0.5}, daemon=True)
+        accept.start()
         host = server.server_address[0]
-        shown = f"[{host}]" if ":" in str(host) else host
+        shown = f"[{host!s}]" if ":" in str(host) else str(host)
         how = "inherited socket" if inherited else "bound"
         log.info("listening on http://%s:%d (%s; open-file limit %d)", shown, server.port, how, soft)
         self.ready.set()
-        systemd.notify(f"READY=1\nSTATUS={self._status()}", self.environ)
-        return self._control_loop()
+        systemd.notify(f"READY=1\nSTATUS={server.status()}", self.environ)
+        return self._control_loop(server)
 
     def request_stop(self) -> None:
         """Ask for a graceful stop from any thread (what SIGTERM does)."""
@@ -104,8 +107,7 @@ class Daemon:
 
     # -- the control loop ------------------------------------------------------------------------------------
 
-    def _control_loop(self) -> int:
-        server = self.server
+    def _control_loop(self, server: SSEServer) -> int:
         watchdog = systemd.watchdog_interval(self.environ)
         tick = min(watchdog, 5.0) if watchdog else 5.0
         next_watchdog = time.monotonic()
@@ -118,26 +120,25 @@ class Daemon:
                 if self._drain_thread is not None:
                     log.warning("second stop signal: exiting now without waiting for streams")
                     return 1
-                self._begin_stop()
+                self._begin_stop(server)
             elif command is Command.RELOAD:
-                self._reload()
-            elif command is Command.DRAINED:
+                self._reload(server)
+            elif command is Command.DRAINED and self._drain_thread is not None:
                 self._drain_thread.join()
                 server.server_close()
                 log.info("stopped")
                 return 0
-            if watchdog and time.monotonic() >= next_watchdog and self._healthy():
+            if watchdog and time.monotonic() >= next_watchdog and self._healthy(server):
                 systemd.notify("WATCHDOG=1", self.environ)
                 next_watchdog = time.monotonic() + watchdog
             if self._drain_thread is None:
-                systemd.notify(f"STATUS={self._status()}", self.environ)
+                systemd.notify(f"STATUS={server.status()}", self.environ)
 
-    def _begin_stop(self) -> None:
+    def _begin_stop(self, server: SSEServer) -> None:
         """Shutdown, in order: (1) tell systemd and make /health say 503; (2) stop the accept loop and close the
         listener so a new connection is refused, not left hanging; (3) on another thread, let in-flight requests
         finish and end every stream with a jittered retry, within shutdown_timeout. The main thread keeps
         listening for a second signal, which exits at once."""
-        server = self.server
         deadline = time.monotonic() + self.config.shutdown_timeout
         log.info("stopping: %d stream(s) to end within %gs", server.subscriber_count(), self.config.shutdown_timeout)
         systemd.notify("STOPPING=1", self.environ)
@@ -154,7 +155,7 @@ class Daemon:
         self._drain_thread = threading.Thread(target=drain, name="sseserver-drain", daemon=True)
         self._drain_thread.start()
 
-    def _reload(self) -> None:
+    def _reload(self, server: SSEServer) -> None:
         if self._drain_thread is not None:
             return
         if self.config_path is None:
@@ -168,7 +169,7 @@ class Daemon:
             if ignored:
                 keep = {name: getattr(self.config, name) for name in ignored}
                 new = config_module.from_mapping(keep, base=new)
-            policy = Policy(new, previous=self.server.policy)  # reads token files: may fail, before any swap
+            policy = Policy(new, previous=server.policy)  # reads token files: may fail, before any swap
         except config_module.ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             systemd.notify("READY=1", self.environ)
@@ -176,10 +177,10 @@ class Daemon:
         if ignored:
             log.warning("reload: %s cannot change without a restart; ignored", ", ".join(ignored))
         self.config = new
-        self.server.apply(policy)
+        server.apply(policy)
         logs.set_level(new.log_level)
         log.info("reloaded %s", self.config_path)
-        systemd.notify(f"READY=1\nSTATUS={self._status()}", self.environ)
+        systemd.notify(f"READY=1\nSTATUS={server.status()}", self.environ)
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -190,8 +191,6 @@ class Daemon:
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.events.put(SIGNAL_COMMANDS[signal.Signals(signum)])  # only this: no logging, no locks (see the top)
 
-    def _healthy(self) -> bool:
-        return self._accept_thread.is_alive() and self.server.healthy()
-
-    def _status(self) -> str:
-        return self.server.status()
+    def _healthy(self, server: SSEServer) -> bool:
+        accept = self._accept_thread
+        return accept is not None and accept.is_alive() and server.healthy()

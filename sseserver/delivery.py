@@ -38,6 +38,7 @@ import socket
 import sys
 import threading
 import time
+from typing import Any
 
 from . import framing
 from .bouncer import Bouncer, EventNames, Replay, Ring, Subscriber
@@ -50,6 +51,7 @@ access_log = logging.getLogger("sseserver.access")
 STREAM_INPUT_LIMIT = 64 * 1024
 
 _EVICTED = object()  # cache marker: the events for this cursor have left the ring
+_NOTHING = memoryview(b"")
 # A closing stream's cursor: past any head, so a sweep skips it with the `cursor >= head` test it already makes
 # for every stream that is up to date (a state check there would cost every stream of every sweep).
 _CLOSING = sys.maxsize
@@ -372,7 +374,7 @@ class Writer(threading.Thread):
     def _sweep(self, head: int, now: float) -> None:
         ring = self.bouncer.ring  # read after head: the ring holds every event below that head
         self._swept_head = head
-        cache: dict = {}
+        cache: dict[tuple[int, EventNames], Any] = {}  # a collect() result, or _EVICTED
         written: dict = {}  # (cursor, names) -> (pos reached, oldest live_from among its streams): for latency
         failed = []
         bouncer = self.bouncer
@@ -384,7 +386,7 @@ class Writer(threading.Thread):
                     failed.append((stream, EndReason.SLOW))
                 continue
             key = (stream.cursor, stream.names)
-            got = cache.get(key)
+            got: Any = cache.get(key)
             if got is None:
                 got = bouncer.collect(ring, stream.cursor, head, stream.names) or _EVICTED
                 cache[key] = got
@@ -439,7 +441,7 @@ class Writer(threading.Thread):
             self._block(stream, memoryview(data)[sent:])
         return True
 
-    def _block(self, stream: Stream, rest: memoryview = memoryview(b"")) -> None:
+    def _block(self, stream: Stream, rest: memoryview = _NOTHING) -> None:
         """Wait for the socket to take more: `rest` is what it has not taken yet (empty when a batch only hit the
         size cap). LIVE -> BLOCKED, and from now on its backlog counts toward the slow rule; a CLOSING stream
         (its farewell not taken whole) stays CLOSING."""

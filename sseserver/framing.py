@@ -68,7 +68,7 @@ def encode_jittered_retry(retry_ms: int, fraction: float) -> bytes:
 def encode_id_only(event_id: int | str) -> bytes:
     """A block that moves the browser's last event id without firing an event (the spec applies `id` even when
     no data follows). Used so a filtered subscriber's cursor keeps up with events it did not want."""
-    return f"id: {event_id}\n\n".encode("utf-8")
+    return f"id: {event_id}\n\n".encode()
 
 
 def event_name_error(name: str) -> str | None:

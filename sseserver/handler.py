@@ -16,6 +16,7 @@ import random
 import socket
 import time
 from http.server import BaseHTTPRequestHandler
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 from . import __version__, access, framing, metrics, page
@@ -23,6 +24,9 @@ from .access import Policy
 from .bouncer import EventNames, Refusal
 from .errors import ClientGone, HTTPError, OutcomeUnknown, StoreError
 from .request import Request, RequestReader, body_length, parse_head
+
+if TYPE_CHECKING:  # server.py imports this module
+    from .server import SSEServer
 
 log = logging.getLogger("sseserver.http")
 access_log = logging.getLogger("sseserver.access")
@@ -92,6 +96,7 @@ def refusal(date: bytes, message: str, retry_after: int) -> bytes:
 
 
 class Handler(BaseHTTPRequestHandler):
+    server: "SSEServer"  # the methods it may call are listed in SSEServer's docstring
     server_version = SERVER_HEADER
     protocol_version = "HTTP/1.1"
 
@@ -102,10 +107,10 @@ class Handler(BaseHTTPRequestHandler):
         self.connection = self.request
         self.detached = False
         self.busy = False
-        self.cors = ()
+        self.cors: tuple[tuple[str, str], ...] = ()
         self.body_pending = False
         self.started = time.monotonic()
-        self.current_request = None  # the Request being answered, for the access log
+        self.current_request: Request | None = None  # the Request being answered, for the access log
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:

@@ -31,7 +31,7 @@ more than ~2 GiB at once); a record that cannot be written whole is cut off agai
 record boundary. Compaction rewrites the newest events into `<file>.compact`, fsyncs it, renames it over the
 file and fsyncs the directory. Any failure before the rename (a full disk) leaves the old file in force and
 untouched, and compaction is retried with backoff. A crash before the rename leaves the old file whole (the
-leftover is deleted at the next start); a crash after it leaves the new file whole. 
+leftover is deleted at the next start); a crash after it leaves the new file whole.
 
 Recovery never depends on what publishers put in events: a crash can only leave a torn *last* record (appends
 are single writes at the end of the file), so damage is accepted as a torn tail exactly when it is what a cut
@@ -115,7 +115,8 @@ def decode_records(blob: bytes, path: str) -> tuple[list[StoredEvent], int, str 
         return [], 0, "empty file"  # created, then crashed before the magic was complete
     else:
         raise HistoryFileError(f"{path} is not an sseserver history file")
-    events, offset = [], len(MAGIC)
+    events: list[StoredEvent] = []
+    offset = len(MAGIC)
     while offset < len(blob):
         problem, torn, end = _damage(blob, offset, header, ids.size)
         if problem:
@@ -448,7 +449,8 @@ class HistoryFile:
             if now >= next_check:
                 next_check = now + CHECK_INTERVAL
                 if self._file_lost():
-                    log.error("history file %s was deleted, replaced or truncated while running; writing it anew", self.path)
+                    log.error("history file %s was deleted, replaced or truncated while running; writing it anew",
+                              self.path)
                     pending = True
                 self._recover()
                 pending = pending or self._state is FileState.REWRITE

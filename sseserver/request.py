@@ -124,7 +124,7 @@ class RequestReader:
         self.sock = sock
         self.buffer = bytearray()
         self.deadline = 0.0
-        self.timeout = None  # what SO_RCVTIMEO/SO_SNDTIMEO are set to
+        self.timeout: float | None = None  # what SO_RCVTIMEO/SO_SNDTIMEO are set to
         # Timeouts are the kernel's (SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket), not Python's: a socket with
         # a Python timeout poll()s before every recv() and send(), two extra system calls per request.
         sock.settimeout(None)

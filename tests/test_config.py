@@ -4,6 +4,7 @@ import dataclasses
 import os
 import tempfile
 import tomllib
+import typing
 import unittest
 
 from sseserver import config
@@ -54,6 +55,16 @@ class ConfigTest(unittest.TestCase):
     def test_config_is_frozen(self):
         with self.assertRaises(dataclasses.FrozenInstanceError):
             config.from_mapping({}).port = 1
+
+    def test_the_config_class_declares_every_key_of_the_table_in_order_with_its_kind(self):
+        fields = dataclasses.fields(config.Config)
+        declared = [(field.name, typing.get_origin(field.type) or field.type) for field in fields]
+        self.assertEqual(declared, [(key.name, key.kind) for key in config.KEYS])
+
+    def test_secret_keys_never_show_in_the_repr(self):
+        secret = config.from_mapping({"metrics_token": "s3cret-metrics", "publish_tokens": ["s3cret-publish"]})
+        self.assertNotIn("s3cret", repr(secret))
+        self.assertIn("port=5000", repr(secret))
 
     def test_a_file_that_is_not_toml_or_cannot_be_read_is_a_config_error(self):
         with tempfile.TemporaryDirectory() as tmp:
