@@ -26,7 +26,8 @@ class PrivateTmpfs:
     def __enter__(self) -> "PrivateTmpfs":
         self.holder = subprocess.Popen(
             ["unshare", "-m", "--propagation", "private", "sh", "-c",
-             f"mount -t tmpfs -o size={self.size},mode=0700 tmpfs {self.mountpoint} && echo mounted && exec sleep 3600"],
+             f"mount -t tmpfs -o size={self.size},mode=0700 tmpfs {self.mountpoint}"
+             " && echo mounted && exec sleep 3600"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         line = self.holder.stdout.readline()  # blocks until mounted or the holder died
         if line.strip() != b"mounted":

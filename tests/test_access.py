@@ -9,7 +9,7 @@ import time
 import unittest
 
 from sseserver import access
-from sseserver.config import ip_networks
+from sseserver.config import ConfigError, ip_networks
 from sseserver.errors import HTTPError
 from tests.support import (IO_TIMEOUT, RunningServer, SSEClient, connect, daemon_process, raw_exchange,
                            read_response, request, run_cli, stop_daemon, wait_for_subscribers, wait_until,
@@ -157,7 +157,7 @@ class TokenUnitTest(unittest.TestCase):
         self.assertEqual(tokens.match("ijklmnop")[:2], (True, ("a.*", "b")))
         self.assertEqual(tokens.match("ijklmnoq")[:2], (False, None))
         for bad in (["short"], ["caf\u00e9caf\u00e9caf\u00e9"]):
-            with self.assertRaises(Exception):
+            with self.assertRaises(ConfigError):
                 access.parse_token_entries(bad, "k")
 
     def test_a_stream_filter_is_narrowed_to_the_token_scope_and_names_outside_it_are_refused(self):

@@ -199,7 +199,8 @@ class BenchAccountingTest(unittest.TestCase):
                 self.assertIs(bench.behind_schedule(rate, msgs, duration, achieved), behind)
 
     def test_the_client_is_the_bottleneck_when_it_ran_flat_out_or_starved_the_machine(self):
-        calm = dict(worker_util=0.3, publisher_util=0.2, behind_schedule=False, machine_util=0.5, client_share=0.2)
+        calm = {"worker_util": 0.3, "publisher_util": 0.2, "behind_schedule": False, "machine_util": 0.5,
+                "client_share": 0.2}
         cases = (({}, False),
                  ({"worker_util": 0.9}, True),
                  ({"publisher_util": 0.9}, True),

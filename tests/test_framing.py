@@ -49,7 +49,7 @@ class FramingTest(unittest.TestCase):
                 self.assertEqual(framing.encode_event(data, event_id, name), wire)
 
     def test_a_spec_reader_gets_the_payload_back_whole_and_byte_by_byte(self):
-        for data, event_id, name, wire, seen in CASES:
+        for data, _event_id, name, wire, seen in CASES:
             with self.subTest(data=data[:40]):
                 whole = FeedReader().feed(wire)
                 self.assertEqual([(e.type, e.data) for e in whole], [(name or "message", seen)])

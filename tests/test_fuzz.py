@@ -85,7 +85,8 @@ def make_case(rng: random.Random) -> dict:
         if rng.random() < 0.2:
             ending = "stall"  # keep it open and silent: the server must time the request out
     elif kind == "reset":
-        raw = rng.choice([b"GET /subscribe HTTP/1.1\r\n\r\n", b"POST /publish HTTP/1.1\r\nContent-Length: 1000\r\n\r\nab",
+        raw = rng.choice([b"GET /subscribe HTTP/1.1\r\n\r\n",
+                          b"POST /publish HTTP/1.1\r\nContent-Length: 1000\r\n\r\nab",
                           b"GET /health HTTP/1.1\r\nHost: x\r\n"])
         ending = "reset"
     else:  # split: a valid publish sent in random fragments

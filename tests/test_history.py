@@ -196,7 +196,7 @@ class CompactionTest(unittest.TestCase):
                 def publisher(tag):
                     with connect(server.port) as sock:
                         buffer = bytearray()
-                        for i in range(600):
+                        for _ in range(600):
                             sock.sendall(b"POST /publish HTTP/1.1\r\nContent-Length: 1\r\n\r\n%s" % tag)
                             status, _, reply = read_response(sock, buffer)
                             self.assertEqual(status, 200)
@@ -397,14 +397,14 @@ class FileFaultTest(unittest.TestCase):
                 with connect(port) as publisher:  # one request thread: its fsyncs are not counted with the others
                     buffer = bytearray()
                     acknowledged = []
-                    for i in range(125):  # past 2 x 10 + 100 records: one compaction
+                    for _ in range(125):  # past 2 x 10 + 100 records: one compaction
                         publisher.sendall(b"POST /publish HTTP/1.1\r\nContent-Length: 1\r\n\r\nx")
                         status, _, body = read_response(publisher, buffer)
                         self.assertEqual(status, 200)
                         acknowledged.append(json.loads(body)["id"])
                     wait_until(lambda: any(" error " in line for line in process.log_lines),
                                what="the failed directory fsync in the log")
-                    for i in range(5):  # these must reach the file now in force, not the unlinked old one
+                    for _ in range(5):  # these must reach the file now in force, not the unlinked old one
                         publisher.sendall(b"POST /publish HTTP/1.1\r\nContent-Length: 1\r\n\r\ny")
                         status, _, body = read_response(publisher, buffer)
                         acknowledged.append(json.loads(body)["id"])

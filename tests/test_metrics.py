@@ -80,10 +80,10 @@ class MetricsTest(unittest.TestCase):
     def test_counters_move_as_events_flow(self):
         with RunningServer(queue_size=2, history_size=3) as server:
             before = self.scrape(server)
-            for name in ("sseserver_subscribers", "sseserver_events_published_total", "sseserver_events_delivered_total",
-                         "sseserver_subscribers_dropped_total", "sseserver_replay_resets_total",
-                         "sseserver_http_requests_total", "sseserver_publish_to_write_seconds",
-                         "process_start_time_seconds", "sseserver_build_info"):
+            for name in ("sseserver_subscribers", "sseserver_events_published_total",
+                         "sseserver_events_delivered_total", "sseserver_subscribers_dropped_total",
+                         "sseserver_replay_resets_total", "sseserver_http_requests_total",
+                         "sseserver_publish_to_write_seconds", "process_start_time_seconds", "sseserver_build_info"):
                 self.assertIn(name, before)
             self.assertEqual(before["sseserver_publish_to_write_seconds"]["type"], "histogram")
             with server.subscribe() as first, server.subscribe() as second:
