@@ -385,7 +385,7 @@ class Bouncer:
         with self._lock:
             self._count_locked(subscriber, -1)
 
-    def page(self, names, after: str | None, limit: int) -> Page:
+    def page(self, names: EventNames, after: str | None, limit: int) -> Page:
         """The retained events after the id `after` (None: from the oldest) that `names` accepts, at most
         `limit` of them. An `after` that replay would reset starts from the oldest, with reset=True."""
         with self._lock:
@@ -401,22 +401,22 @@ class Bouncer:
                     cursor = start
             # The id a client holds once it has seen everything before `cursor` (what replay accepts from it).
             if cursor > oldest:
-                last_id = self.ring.get(cursor - 1).id
+                last_id = self.ring.held(cursor - 1).id
             elif oldest < head:
-                last_id = self.ring.get(oldest).prev_id
+                last_id = self.ring.held(oldest).prev_id
             else:
                 last_id = self._last_id
             events: list[Event] = []
             pos = cursor
             while pos < head and len(events) < limit:
-                entry = self.ring.get(pos)
+                entry = self.ring.held(pos)
                 if entry.notice:
                     reset = True  # a gap inside the range: the client missed events, as a stream would be told
                 elif names is None or entry.name in names:
                     events.append(entry)
                 last_id = entry.id
                 pos += 1
-            first = next((event for at in range(oldest, head) if not (event := self.ring.get(at)).notice), None)
+            first = self._oldest_event_locked(oldest, head)
             return Page(events, first.id if first else None, last_id, reset, pos)
 
     def wait_for_more(self, pos: int, timeout: float, stop: Callable[[], bool]) -> None:
@@ -576,8 +576,12 @@ class Bouncer:
                 return low + 1
         return None
 
+    def _oldest_event_locked(self, oldest: int, head: int) -> Event | None:
+        """The oldest retained event (not a notice), or None."""
+        return next((event for pos in range(oldest, head) if not (event := self.ring.held(pos)).notice), None)
+
     def _reset_notice(self, last_event_id: str, oldest: int, head: int) -> bytes:
-        first = next((event for pos in range(oldest, head) if not (event := self.ring.held(pos)).notice), None)
+        first = self._oldest_event_locked(oldest, head)
         payload = json.dumps({"last_event_id": last_event_id, "oldest_id": str(first.id) if first else None})
         # The id moves the browser's cursor to just before the replay (an id _replay_start accepts), so a
         # reconnect during the replay does not trigger a second reset and a second full replay.

@@ -19,10 +19,10 @@ everything handed out before the loss, as long as the instances' clocks are roug
 
 The gap rule: each entry also carries `p`, the id of the stream's last entry when it was added (for an empty
 stream, its own id - 1: a stream that starts over after a loss must not make an id clients hold from before, such
-as 0, a valid cursor again). The follower passes it to Bouncer.ingest(), which puts an in-band sseserver.reset before the event when
-`p` is not the last id this instance holds: entries were lost (flushed, trimmed by MAXLEN while this instance
-was cut off, or never replicated) and open streams must be told instead of silently skipping them. Entries
-written by an older version have no `p` and count as contiguous.
+as 0, a valid cursor again). The follower passes it to Bouncer.ingest(), which puts an in-band sseserver.reset
+before the event when `p` is not the last id this instance holds: entries were lost (flushed, trimmed by MAXLEN
+while this instance was cut off, or never replicated) and open streams must be told instead of silently skipping
+them. Entries written by an older version have no `p` and count as contiguous.
 
 The origin rule: each entry also carries `r`, the run_id of the Redis that wrote it ("aof" when that Redis keeps
 an append-only file, whose restarts lose nothing fsynced). When `r` changes between two entries, a Redis without

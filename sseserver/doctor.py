@@ -307,6 +307,7 @@ class Doctor:
             why = "no response head" if head is None else "no stream"
             self.skip(why, Check.COMPRESSION, Check.CACHE_CONTROL, *self.cors_checks(Check.CORS_SUBSCRIBE))
             return False
+        assert head is not None  # judge_stream() found a stream, so it has a head
         self.add(judge_compression(head.get("content-encoding"), ACCEPT_ENCODING))
         self.add(judge_cache_control(head.get("cache-control")))
         if self.options.origin:
@@ -324,26 +325,30 @@ class Doctor:
             stream.read_until(arrived, time.monotonic() + DELIVERY_WAIT)
         event = self.probes.arrival(stream, PROBE)
         ended_idle = None
-        if event is None and stream.ended:
+        if event is None and stream.ended_at is not None:
             ended_idle = stream.ended_at - max([stream.head_at or stream.sent_at, *stream.activity])
+        settings = self.settings
+        assert settings is not None  # run() reads them before any step
         return judge_delivery(since(sent_at, event.at if event else None), after_more_data, 2 * DELIVERY_WAIT,
-                              encoding, ended_idle, self.settings.heartbeat_interval, self.opened_promptly())
+                              encoding, ended_idle, settings.heartbeat_interval, self.opened_promptly())
 
     def opened_promptly(self) -> bool:
         return any(f.check is Check.FIRST_BYTES and f.status is Status.OK for f in self.findings)
 
     def watch_idle(self, stream: Stream) -> None:
         """Step 5: hold the stream idle for --watch seconds from its last data, then judge the heartbeats."""
+        settings, watch = self.settings, self.watch
+        assert settings is not None and watch is not None  # run() sets both before any step
         begin = max([stream.head_at or stream.sent_at, *stream.activity])
         comments_before = len(stream.comments)
         if not self.options.json and sys.stderr.isatty():
-            sys.stderr.write(f"holding an idle stream for {self.watch:g} s (--watch) ...\n")
-        stream.watch(begin + self.watch)
+            sys.stderr.write(f"holding an idle stream for {watch:g} s (--watch) ...\n")
+        stream.watch(begin + watch)
         ended = stream.ended_at
-        self.add(judge_heartbeat(self.settings.heartbeat_interval, self.watch,
+        self.add(judge_heartbeat(settings.heartbeat_interval, watch,
                                  [t - begin for t in stream.activity if t > begin],
                                  len(stream.comments) - comments_before,
-                                 None if ended is None or ended > begin + self.watch else ended - begin))
+                                 None if ended is None or ended > begin + watch else ended - begin))
 
     def check_replay(self, last_id: str) -> None:
         """Step 6: a probe published while no stream is open must be replayed to a reconnect carrying the last
@@ -492,7 +497,7 @@ def since(start: float, moment: float | None) -> float | None:
 
 
 def now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def render_text(report: dict) -> str:
@@ -508,7 +513,7 @@ def render_text(report: dict) -> str:
     width = max(len(check.value) for check in Check)
     for check in report["checks"]:
         lines.append(f"{check['status']:<8} {check['check']:<{width}}  {check['figure']}")
-    fixes = {}
+    fixes: dict[str, tuple[str, str]] = {}
     for check in report["checks"]:
         if check["cause"] and check["status"] in ("problem", "warning"):
             fixes.setdefault(check["cause"], (check["status"], check["fix"]))

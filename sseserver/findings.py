@@ -18,6 +18,7 @@ Deliberate choices, so nobody "fixes" them:
 import dataclasses
 import datetime
 import enum
+from typing import cast
 
 # The promise: headers, first line and a probe event each arrive within this long.
 PROMPT_S = 1.0
@@ -200,7 +201,7 @@ def judge_health(status: int | None, body: object, elapsed: float, redirected_to
     heartbeat, retry = fields.get("heartbeat_interval"), fields.get("retry_ms")
     reported = (isinstance(heartbeat, (int, float)) and not isinstance(heartbeat, bool) and heartbeat > 0
                 and isinstance(retry, int) and not isinstance(retry, bool) and retry >= 0)
-    settings = (Settings(float(heartbeat), retry, True) if reported
+    settings = (Settings(float(cast(float, heartbeat)), cast(int, retry), True) if reported
                 else Settings(DEFAULT_HEARTBEAT_S, DEFAULT_RETRY_MS, False))
     values = {"status": status, "ms": ms(elapsed), "heartbeat_interval": settings.heartbeat_interval,
               "retry_ms": settings.retry_ms, "reported": reported}

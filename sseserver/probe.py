@@ -29,7 +29,7 @@ import ssl
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from urllib.parse import quote, urljoin, urlsplit
 
 MAX_HEAD = 65536
@@ -148,7 +148,7 @@ def certificate_expiry(der: bytes) -> datetime.datetime:
         text = str(1900 + year if year >= 50 else 2000 + year) + text[2:]
     elif tag != 0x18:  # GeneralizedTime: YYYYMMDDHHMMSSZ
         raise ValueError(f"notAfter has tag {tag:#x}, not a time")
-    return datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
+    return datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=datetime.UTC)
 
 
 def _der_header(data: bytes, offset: int) -> tuple[int, int, int]:
@@ -340,6 +340,7 @@ class Client:
         """A TLS handshake offering h2 and http/1.1, as a browser does; the connection is closed at once."""
         sock = self.connect(deadline, alpn=("h2", "http/1.1"))
         try:
+            assert isinstance(sock, ssl.SSLSocket)  # alpn= is only for https://, which connect() wraps in TLS
             der = sock.getpeercert(binary_form=True)
             try:
                 expires = certificate_expiry(der) if der else None
@@ -349,7 +350,7 @@ class Client:
         finally:
             sock.close()
 
-    def _send(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes | None,
+    def _send(self, method: str, target: str, headers: Sequence[tuple[str, str]], body: bytes | None,
               deadline: float) -> socket.socket:
         lines = [f"{method} {target} HTTP/1.1", f"Host: {self.base.authority}",
                  *(f"{name}: {value}" for name, value in headers)]
@@ -365,7 +366,7 @@ class Client:
             raise
         return sock
 
-    def request(self, method: str, path: str, headers: list[tuple[str, str]] = (), body: bytes | None = None,
+    def request(self, method: str, path: str, headers: Sequence[tuple[str, str]] = (), body: bytes | None = None,
                 deadline: float | None = None, timeout: float = 10.0) -> Response:
         """One request on its own connection (`Connection: close`) -> Response. Unreachable when no connection
         could be made; TimeoutError when the answer did not come by the deadline."""

@@ -362,7 +362,7 @@ class ClientTest(unittest.TestCase):
                     expected = datetime.datetime.strptime(end.partition("=")[2], "%b %d %H:%M:%S %Y GMT")
                     with open(cert) as handle:
                         der = ssl.PEM_cert_to_DER_cert(handle.read())
-                    self.assertEqual(certificate_expiry(der), expected.replace(tzinfo=datetime.timezone.utc))
+                    self.assertEqual(certificate_expiry(der), expected.replace(tzinfo=datetime.UTC))
         with self.assertRaises(ValueError):
             certificate_expiry(b"\x30\x03\x02\x01\x00")
 
@@ -391,7 +391,7 @@ class JudgementTest(unittest.TestCase):
         self.assertEqual(f.default_watch(f.Settings(60.0, 3000, True)), f.MAX_WATCH_S)
 
     def test_tls(self):
-        now = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+        now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
         later = now + datetime.timedelta(days=90)
         soon = now + datetime.timedelta(days=3)
         past = now - datetime.timedelta(days=1)

@@ -63,7 +63,7 @@ class Nginx:
                         "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)
         block = readme_nginx_block()
         listen = (f"unix:{self.socket_path}" if listen_socket is None
-                  else "%s:%d" % listen_socket.getsockname()[:2])
+                  else "{}:{}".format(*listen_socket.getsockname()[:2]))
         block = substitute(block, "listen 443 ssl http2;", f"listen {listen} ssl{' http2' if http2 else ''};")
         for old, new in edits:
             block = substitute(block, old, new)
