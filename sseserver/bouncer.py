@@ -33,10 +33,13 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import framing
 from .errors import StoreError
+
+if TYPE_CHECKING:  # only the type: the server hands the store in, and nothing here imports history at run time
+    from .history import HistoryFile
 
 
 RESET_EVENT = "sseserver.reset"
@@ -176,7 +179,8 @@ def lifetime_first_id() -> int:
 
 
 class Bouncer:
-    def __init__(self, history_size: int, queue_size: int, first_id: int | None = None, store=None):
+    def __init__(self, history_size: int, queue_size: int, first_id: int | None = None,
+                 store: "HistoryFile | None" = None):
         """`first_id` None: ids start from the clock (lifetime_first_id); a shared sequence (Redis) passes 1 and
         ingests ids assigned elsewhere."""
         self._lock = threading.Lock()
@@ -204,8 +208,6 @@ class Bouncer:
         self.published = 0  # events published by this process (metrics)
         self.resets = 0  # replays that began with a reset notice (metrics)
         self._store = store  # a history.HistoryFile, or None: history lives in memory only
-        if store is not None:
-            store.on_compact(self.compact_store)
 
     # -- methods for the caller ---------------------------------------------------------------------------
 
@@ -332,12 +334,12 @@ class Bouncer:
             self._last_id = event_id
             self._has_events = True
             self.published += 1
-            if ticket and store.must_sync():
+            if store is not None and ticket and store.must_sync():
                 self._unsynced.append((ticket, event))
             else:
                 self._append_locked(event)
                 count = self._queued_for_locked(name)
-        if ticket and store.must_sync():
+        if store is not None and ticket and store.must_sync():
             try:
                 store.sync(ticket)
                 failure = None
@@ -447,16 +449,19 @@ class Bouncer:
         replay would cross the hole). So everything published since the snapshot is appended, retained or not;
         if a burst pushed some of it out of the ring meanwhile, the new file is started over from what is
         retained now."""
+        store = self._store
+        assert store is not None, "compaction without a history file"
         with self._lock:
             kept = self._retained_events_locked(self._oldest_pos(self.head))
             snapshot_head = self.head
-        with self._store.compaction(kept) as finish:
+        with store.compaction(kept) as compaction:  # the bulk is written and fsynced without the lock
             with self._lock:
                 unsynced = [event for _, event in self._unsynced]
                 if all(self.ring.get(pos) is not None for pos in range(snapshot_head, self.head)):
-                    finish(self._retained_events_locked(snapshot_head) + unsynced)
+                    compaction.finish(self._retained_events_locked(snapshot_head) + unsynced)
                 else:
-                    finish(self._retained_events_locked(self._oldest_pos(self.head)) + unsynced, start_over=True)
+                    compaction.finish(self._retained_events_locked(self._oldest_pos(self.head)) + unsynced,
+                                      start_over=True)
 
     # -- used by the delivery layer (lock-free: it reads a ring reference and immutable events) ---------------
 
@@ -515,6 +520,7 @@ class Bouncer:
         failure the store cuts off every record not known to be on disk, so those events fail too: they leave
         _unsynced without entering the ring, and the sequence goes back to the newest event that did."""
         store = self._store
+        assert store is not None  # only a store's fsync leaves events in _unsynced
         while self._unsynced and self._unsynced[0][0] <= store.synced:
             self._append_locked(self._unsynced.pop(0)[1])
         if not failed:

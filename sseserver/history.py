@@ -44,7 +44,6 @@ instead of interleaving records. A file deleted, replaced or truncated behind th
 copytruncate) is noticed within a second and written anew from the retained events.
 """
 
-import contextlib
 import enum
 import errno
 import fcntl
@@ -54,6 +53,8 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from .config import ConfigError
 
@@ -93,13 +94,22 @@ class StoredEvent:
         self.id, self.prev_id, self.name, self.data = event_id, prev_id, name, data
 
 
+class Record(Protocol):
+    """What a record is written from: a StoredEvent, or the bouncer's ring entry."""
+
+    id: int
+    prev_id: int
+    name: str
+    data: str
+
+
 def encode_record(event_id: int, prev_id: int, name: str, data: str) -> bytes:
     name_bytes = name.encode("utf-8")
     payload = _IDS.pack(event_id, prev_id, len(name_bytes)) + name_bytes + data.encode("utf-8")
     return _HEADER.pack(len(payload), zlib.crc32(_LENGTH.pack(len(payload))), zlib.crc32(payload)) + payload
 
 
-def encode_records(events) -> bytes:
+def encode_records(events: Sequence[Record]) -> bytes:
     return b"".join(encode_record(e.id, e.prev_id, e.name, e.data) for e in events)
 
 
@@ -215,7 +225,6 @@ class HistoryFile:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.compact_requested = threading.Event()
-        self._on_compact = None  # set by the bouncer: it knows which events to keep
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we write to
 
     # -- start ---------------------------------------------------------------------------------------------------
@@ -264,9 +273,11 @@ class HistoryFile:
             log.info("history file %s converted to the current format", self.path)
         return events
 
-    def start(self) -> None:
-        """The background thread: periodic fsync ("interval"), compaction, and noticing a lost file."""
-        self._thread = threading.Thread(target=self._run, name="sseserver-history", daemon=True)
+    def start(self, compact: Callable[[], None]) -> None:
+        """The background thread: periodic fsync ("interval"), compaction, and noticing a lost file. `compact()`
+        runs a compaction (Bouncer.compact_store: the bouncer knows which events are retained); OSError means
+        it failed and is retried with backoff."""
+        self._thread = threading.Thread(target=self._run, args=(compact,), name="sseserver-history", daemon=True)
         self._thread.start()
 
     # -- per publish -----------------------------------------------------------------------------------------
@@ -365,60 +376,10 @@ class HistoryFile:
 
     # -- background --------------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def compaction(self, kept):
-        """Rewrite the file to the newest events: `kept` (taken under the bouncer's lock) is written and fsynced
-        without the lock; the caller then calls finish(newer) under the lock, which appends what was written
-        since, makes it durable and swaps the files; finish(newer, start_over=True) drops `kept` and writes
-        only `newer` (what was written since no longer follows on from `kept`). On any failure the old file
-        stays in force, untouched."""
-        temp = self.path + ".compact"
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        swapped = False
-        size = records = 0  # what the new file holds once the bulk is in
-
-        def finish(newer, start_over: bool = False) -> None:
-            nonlocal swapped, size, records
-            if start_over:
-                os.ftruncate(fd, len(MAGIC))
-                size, records = len(MAGIC), 0
-            rest = encode_records(newer)
-            write_all(fd, rest)
-            os.fsync(fd)
-            with self._sync_lock:  # no fsync of the old file may count for the new one
-                if self._state is FileState.FAILED:
-                    # Publishers whose fsync failed have not been answered yet: `newer` may hold their events,
-                    # which must not be kept. Try again once they are settled.
-                    raise OSError(errno.EAGAIN, "a failed fsync is being settled")
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the new file is ours before it has the name
-                os.rename(temp, self.path)
-                swapped = True
-                old = self._fd
-                self._adopt(fd, size + len(rest), records + len(newer))
-                self._enter(FileState.OK, "")
-            os.close(old)
-            try:
-                _fsync_directory(self.path)
-            except OSError as exc:  # the new file is in force; only its name may not survive a power loss
-                log.error("history file %s: could not fsync its directory after compaction: %s", self.path,
-                          exc.strerror or exc)
-
-        try:
-            bulk = MAGIC + encode_records(kept)
-            write_all(fd, bulk)
-            os.fsync(fd)  # the bulk is durable before the lock is taken
-            size, records = len(bulk), len(kept)
-            yield finish
-            if not swapped:
-                raise OSError(errno.EIO, "compaction was not finished")
-        except BaseException:
-            if not swapped:
-                os.close(fd)
-                try:
-                    os.unlink(temp)
-                except OSError:
-                    pass
-            raise
+    def compaction(self, kept: Sequence[Record]) -> "Compaction":
+        """A rewrite of the file to the newest events, `kept` (taken under the bouncer's lock). Use it as a
+        context manager: see Compaction for the steps, and Bouncer.compact_store() for the caller."""
+        return Compaction(self, kept)
 
     def _adopt(self, fd: int, size: int, records: int) -> None:
         """Make `fd` the file appends go to; everything in it is on disk."""
@@ -430,12 +391,12 @@ class HistoryFile:
         stat = os.fstat(fd)
         self._identity = (stat.st_dev, stat.st_ino)
 
-    def _rewrite(self, events) -> None:
+    def _rewrite(self, events: Sequence[Record]) -> None:
         """Replace the file with exactly `events` (the format conversion at start, nothing else running)."""
-        with self.compaction(events) as finish:
-            finish([])
+        with self.compaction(events) as compaction:
+            compaction.finish([])
 
-    def _run(self) -> None:
+    def _run(self, compact: Callable[[], None]) -> None:
         pending = False  # a compaction is wanted (threshold, a lost file, a broken file)
         retry_at, backoff = 0.0, RETRY_START
         next_sync = next_check = time.monotonic()
@@ -454,9 +415,9 @@ class HistoryFile:
                     pending = True
                 self._recover()
                 pending = pending or self._state is FileState.REWRITE
-            if pending and now >= retry_at and self._on_compact is not None:
+            if pending and now >= retry_at:
                 try:
-                    self._on_compact()
+                    compact()
                     pending, backoff = False, RETRY_START
                 except OSError as exc:
                     log.error("history compaction failed (%s); the old file stays in force; retrying in %gs",
@@ -496,9 +457,6 @@ class HistoryFile:
                 return False
         return (stat.st_dev, stat.st_ino) != self._identity or shorter
 
-    def on_compact(self, callback) -> None:
-        self._on_compact = callback
-
     def close(self) -> None:
         """Stop the thread and fsync what was written (every mode: a clean stop loses nothing)."""
         self._stop.set()
@@ -513,6 +471,77 @@ class HistoryFile:
             finally:
                 os.close(self._fd)
                 self._fd = -1
+
+
+class Compaction:
+    """One rewrite of the history file, in three steps, so that publishers wait only for the last one:
+    1. entering (without the bouncer's lock) writes the bulk, `kept`, into `<file>.compact` and fsyncs it;
+    2. finish(newer), under the bouncer's lock, appends what was written since the bulk was taken, fsyncs, and
+       renames the new file over the old one: no append can fall between the two files;
+    3. leaving the `with` block without finish(), or on any failure before the rename, removes the new file:
+       the old one stays in force, untouched (and the caller gets OSError)."""
+
+    def __init__(self, store: HistoryFile, kept: Sequence[Record]):
+        self._store = store
+        self._kept = kept
+        self._temp = store.path + ".compact"
+        self._fd = -1
+        self._size = self._records = 0  # what the new file holds so far
+        self._swapped = False
+
+    def __enter__(self) -> "Compaction":
+        self._fd = os.open(self._temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            bulk = MAGIC + encode_records(self._kept)
+            write_all(self._fd, bulk)
+            os.fsync(self._fd)  # the bulk is durable before the lock is taken
+        except BaseException:
+            self._discard()
+            raise
+        self._size, self._records = len(bulk), len(self._kept)
+        return self
+
+    def finish(self, newer: Sequence[Record], start_over: bool = False) -> None:
+        """Step 2, under the bouncer's lock. `start_over`: drop the bulk and write only `newer` (what was written
+        since no longer follows on from `kept`)."""
+        store, fd = self._store, self._fd
+        if start_over:
+            os.ftruncate(fd, len(MAGIC))
+            self._size, self._records = len(MAGIC), 0
+        rest = encode_records(newer)
+        write_all(fd, rest)
+        os.fsync(fd)
+        with store._sync_lock:  # no fsync of the old file may count for the new one
+            if store._state is FileState.FAILED:
+                # Publishers whose fsync failed have not been answered yet: `newer` may hold their events,
+                # which must not be kept. Try again once they are settled.
+                raise OSError(errno.EAGAIN, "a failed fsync is being settled")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the new file is ours before it has the name
+            os.rename(self._temp, store.path)
+            self._swapped = True
+            old = store._fd
+            store._adopt(fd, self._size + len(rest), self._records + len(newer))
+            store._enter(FileState.OK, "")
+        os.close(old)
+        try:
+            _fsync_directory(store.path)
+        except OSError as exc:  # the new file is in force; only its name may not survive a power loss
+            log.error("history file %s: could not fsync its directory after compaction: %s", store.path,
+                      exc.strerror or exc)
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if self._swapped:
+            return
+        self._discard()
+        if exc_type is None:
+            raise OSError(errno.EIO, "compaction was not finished")
+
+    def _discard(self) -> None:
+        os.close(self._fd)
+        try:
+            os.unlink(self._temp)
+        except OSError:
+            pass
 
 
 def _read_all(fd: int) -> bytes:

@@ -193,7 +193,7 @@ class SSEServer(ThreadingHTTPServer):
     def start(self) -> None:
         self.delivery.start()
         if self.history is not None:
-            self.history.start()
+            self.history.start(self.bouncer.compact_store)
         if self.cluster is not None:
             self.cluster.start()
 
