@@ -66,8 +66,8 @@ from .resp import Connection, RedisError, RedisUnavailable, parse_url
 
 log = logging.getLogger("sseserver.cluster")
 
-# KEYS[1] the stream; ARGV: maxlen, floor, name, data, chain key. Lua numbers are doubles: exact for integers below 2**53
-# (microseconds until the year 2255), and formatted with %.0f because tostring() would write 1.7e+15.
+# KEYS[1] the stream; ARGV: maxlen, floor, name, data, chain key. Lua numbers are doubles: exact for integers below
+# 2**53 (microseconds until the year 2255), and formatted with %.0f because tostring() would write 1.7e+15.
 PUBLISH_SCRIPT = """
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local prev = nil
