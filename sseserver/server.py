@@ -57,10 +57,11 @@ def connection_limit(configured: int) -> int:
 class SSEServer(ThreadingHTTPServer):
     """The running server: one listening socket, and everything its threads share.
 
-    Methods for the caller (daemon.py, tests):
+    Methods for the caller (daemon.py):
         start()                 start the writers, the history thread and the Redis follower
         serve_forever()         the accept loop (socketserver's), on its own thread
         port, server_address    where it listens
+        policy                  the Policy in force (a reload builds the next one from it)
         apply(policy)           a reload: swap in a new Policy and its Config
         status()                one line for systemd's STATUS=
         subscriber_count()      open streams
