@@ -175,6 +175,7 @@ def authorize_metrics(expected: str, presented: str | None) -> None:
 
 # -- client address -------------------------------------------------------------------------------------------
 
+
 def client_address(peer: str, headers: dict[str, str], trusted: tuple[IPNetwork, ...]) -> str:
     """The address a request counts as. A trusted proxy's X-Forwarded-For is read right to left, skipping
     further trusted proxies; anything else uses the TCP peer, so a client cannot choose its own address."""
@@ -203,6 +204,7 @@ def _is_trusted(address: str, trusted: tuple[IPNetwork, ...]) -> bool:
 
 # -- CORS -----------------------------------------------------------------------------------------------------
 
+
 def cors_headers(origins: tuple[str, ...], credentials: bool, origin: str | None) -> tuple[tuple[str, str], ...]:
     """Headers for a response to a request from `origin`. Nothing for an origin not on the list. With
     credentials the exact origin is echoed, never "*" (browsers refuse "*" with credentials). "*" never goes
@@ -222,12 +224,15 @@ def cors_headers(origins: tuple[str, ...], credentials: bool, origin: str | None
 def preflight_headers(base: tuple[tuple[str, str], ...], methods: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     if not base:
         return ()
-    return base + (("Access-Control-Allow-Methods", ", ".join(methods)),
-                   ("Access-Control-Allow-Headers", ALLOWED_REQUEST_HEADERS),
-                   ("Access-Control-Max-Age", "600"))
+    return base + (
+        ("Access-Control-Allow-Methods", ", ".join(methods)),
+        ("Access-Control-Allow-Headers", ALLOWED_REQUEST_HEADERS),
+        ("Access-Control-Max-Age", "600"),
+    )
 
 
 # -- publish rate limit ---------------------------------------------------------------------------------------
+
 
 class RateLimiter:
     """A token bucket per key (a token's digest prefix, or a client address): `rate` publishes a second with
@@ -288,10 +293,12 @@ class Policy:
 
     def __init__(self, config: Config, previous: "Policy | None" = None):
         self.config = config
-        self.publish_tokens = load_tokens(config.publish_tokens, config.publish_tokens_file,
-                                          "publish_tokens", "publish_tokens_file")
-        self.subscribe_tokens = load_tokens(config.subscribe_tokens, config.subscribe_tokens_file,
-                                            "subscribe_tokens", "subscribe_tokens_file")
+        self.publish_tokens = load_tokens(
+            config.publish_tokens, config.publish_tokens_file, "publish_tokens", "publish_tokens_file"
+        )
+        self.subscribe_tokens = load_tokens(
+            config.subscribe_tokens, config.subscribe_tokens_file, "subscribe_tokens", "subscribe_tokens_file"
+        )
         self.trusted = ip_networks(config.trusted_proxies)  # valid: the config checked them
         limits = (config.publish_rate, config.publish_burst)
         self.limiter: RateLimiter

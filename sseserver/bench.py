@@ -107,6 +107,7 @@ def merge(histograms: Iterable[Histogram]) -> Histogram:
 
 # -- where to connect --------------------------------------------------------------------------------------------------
 
+
 class Target:
     """One server or proxy URL, and the requests the bench sends it, built once."""
 
@@ -119,10 +120,13 @@ class Target:
         self.port = parts.port or 80
         prefix = parts.path.rstrip("/")
         auth = f"Authorization: Bearer {token}\r\n" if token else ""
-        self.subscribe_request = (f"GET {prefix}{subscribe_path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                                  f"Accept: text/event-stream\r\n{auth}\r\n").encode()
-        self._publish_head = (f"POST {prefix}{publish_path} HTTP/1.1\r\nHost: {self.host}\r\n"
-                              f"Content-Type: text/plain\r\n{auth}").encode()
+        self.subscribe_request = (
+            f"GET {prefix}{subscribe_path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Accept: text/event-stream\r\n{auth}\r\n"
+        ).encode()
+        self._publish_head = (
+            f"POST {prefix}{publish_path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: text/plain\r\n{auth}"
+        ).encode()
 
     def publish_request(self, body: bytes) -> bytes:
         return self._publish_head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
@@ -137,8 +141,10 @@ class Target:
 
 # -- what the bench and its workers share ------------------------------------------------------------------------------
 
+
 class Phase(IntEnum):
     """Where the run is, set by the bench in a shared Value and read by every worker."""
+
     CONNECT = 0  # open streams, then warm up: events are counted, but no CPU time is
     MEASURE = 1  # the workers' CPU time counts from here (client_worker_cpu_util_max)
     STOP = 2  # report and exit
@@ -166,6 +172,7 @@ class Progress:
 @dataclass(frozen=True)
 class WorkerPlan:
     """What one worker is asked to do."""
+
     index: int
     streams: int
     targets: list[Target]
@@ -176,6 +183,7 @@ class WorkerPlan:
 @dataclass(frozen=True)
 class WorkerReport:
     """What one worker sends back when told to stop."""
+
     histogram: Histogram
     delivered: int
     duplicates: int
@@ -191,12 +199,22 @@ def split_evenly(total: int, parts: int) -> list[int]:
 
 # -- a subscriber worker (a separate process) --------------------------------------------------------------------------
 
+
 class Tally:
     """One worker's counts. The three the bench waits on are also written to the worker's slots in Progress as
     they change; the rest travel in its WorkerReport at the end."""
 
-    __slots__ = ("_progress", "_worker", "streaming", "warm", "delivered", "duplicates", "reordered", "ended",
-                 "histogram")
+    __slots__ = (
+        "_progress",
+        "_worker",
+        "streaming",
+        "warm",
+        "delivered",
+        "duplicates",
+        "reordered",
+        "ended",
+        "histogram",
+    )
 
     def __init__(self, progress: Progress, worker: int):
         self._progress = progress
@@ -247,12 +265,12 @@ class Stream:
                 return False
             self.streaming = True
             tally.add_streaming()
-            data = data[head_end + 4:]
+            data = data[head_end + 4 :]
         cut = data.rfind(b"\n")
         if cut < 0:
             self.pending = data
             return True
-        self.pending = data[cut + 1:]
+        self.pending = data[cut + 1 :]
         self._count_events(data[:cut].split(b"\n"), now_ns, tally)
         return True
 
@@ -374,6 +392,7 @@ def read_until_stopped(selector: selectors.BaseSelector, phase, tally: Tally, pa
 
 # -- the bench's side of the workers -----------------------------------------------------------------------------------
 
+
 class Workers:
     """The subscriber worker processes, seen from the bench: started at once; their progress; the phase they are
     told; their reports."""
@@ -387,10 +406,18 @@ class Workers:
         self._reports = context.Queue()
         parent_pid = os.getpid()
         self._processes = [
-            context.Process(target=subscriber_worker, daemon=True,
-                            args=(WorkerPlan(index, streams, targets, connect_timeout, parent_pid), self._phase,
-                                  self.progress, self._reports))
-            for index, streams in enumerate(split_evenly(subscribers, count))]
+            context.Process(
+                target=subscriber_worker,
+                daemon=True,
+                args=(
+                    WorkerPlan(index, streams, targets, connect_timeout, parent_pid),
+                    self._phase,
+                    self.progress,
+                    self._reports,
+                ),
+            )
+            for index, streams in enumerate(split_evenly(subscribers, count))
+        ]
         for process in self._processes:
             process.start()
 
@@ -413,6 +440,7 @@ def poll_until(done: Callable[[], bool], deadline: float, interval: float) -> No
 
 
 # -- the publisher (threads in the bench process) ----------------------------------------------------------------------
+
 
 def payload(kind: bytes, seq: int, connection: int, size: int) -> bytes:
     """A bench event's data, stamped with the monotonic clock now, padded to `size` bytes (never cut)."""
@@ -443,7 +471,7 @@ class Connection:
                 length = int(line.split(b":")[1])
         while len(buffer) < head_end + length:
             buffer += self._recv()
-        del buffer[:head_end + length]
+        del buffer[: head_end + length]
         return status
 
     def _recv(self) -> bytes:
@@ -459,6 +487,7 @@ class Connection:
 @dataclass(frozen=True)
 class Schedule:
     """When each measured event is due: seq × interval after the start (interval 0: as fast as possible)."""
+
     messages: int
     start_ns: int
     interval_ns: float
@@ -490,9 +519,12 @@ class Publisher:
         start_ns = time.monotonic_ns()
         self.start_ns = start_ns
         schedule = Schedule(messages, start_ns, 1e9 / rate if rate > 0 else 0, start_ns + int(duration * 1e9))
-        threads = [threading.Thread(target=self._publish, args=(number, schedule), daemon=True,
-                                    name=f"bench-publisher-{number}")
-                   for number in range(self.connections)]
+        threads = [
+            threading.Thread(
+                target=self._publish, args=(number, schedule), daemon=True, name=f"bench-publisher-{number}"
+            )
+            for number in range(self.connections)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -558,9 +590,11 @@ def machine_busy_seconds() -> float | None:
 
 # -- the measurement and its verdict -----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Window:
     """The measured interval, as the bench process saw it (times are time.monotonic() seconds)."""
+
     started: float  # publishing began
     published: float  # every publisher thread had finished
     ended: float  # every expected delivery had arrived, or --drain ran out
@@ -581,8 +615,13 @@ def measure(workers: Workers, publisher: Publisher, ready: int, args) -> Window:
     ended = time.monotonic()
     publisher_cpu = time.process_time() - cpu_before
     busy_after = machine_busy_seconds()
-    return Window(started, published, ended, publisher_cpu,
-                  None if busy_before is None or busy_after is None else busy_after - busy_before)
+    return Window(
+        started,
+        published,
+        ended,
+        publisher_cpu,
+        None if busy_before is None or busy_after is None else busy_after - busy_before,
+    )
 
 
 def behind_schedule(rate: float, msgs: int, duration: float, achieved: float) -> bool:
@@ -594,6 +633,7 @@ def behind_schedule(rate: float, msgs: int, duration: float, achieved: float) ->
 @dataclass(frozen=True)
 class ClientLoad:
     """How hard the client itself worked over the measured window, as fractions."""
+
     worker_util: float  # the busiest worker's CPU time over the window
     publisher_util: float  # the bench process's CPU time over its publishing time
     behind_schedule: bool
@@ -604,17 +644,21 @@ class ClientLoad:
         # The client is the bottleneck when one of its processes ran flat out; when a paced publisher fell behind
         # its schedule while busy; or when the machine had no idle CPU left and the client took a large part of it
         # (then the server, on the same machine, was starved).
-        return (self.worker_util > 0.85 or self.publisher_util > 0.85
-                or (self.behind_schedule and self.publisher_util > 0.6)
-                or (self.machine_util is not None and self.machine_util > 0.9 and self.client_share > 0.3))
+        return (
+            self.worker_util > 0.85
+            or self.publisher_util > 0.85
+            or (self.behind_schedule and self.publisher_util > 0.6)
+            or (self.machine_util is not None and self.machine_util > 0.9 and self.client_share > 0.3)
+        )
 
 
 def milliseconds(microseconds: float | None) -> float | None:
     return None if microseconds is None else round(microseconds / 1000, 3)
 
 
-def summarize(args, urls: list[str], connected: int, ready: int, publisher: Publisher, window: Window,
-              reports: list[WorkerReport]) -> dict:
+def summarize(
+    args, urls: list[str], connected: int, ready: int, publisher: Publisher, window: Window, reports: list[WorkerReport]
+) -> dict:
     """The JSON line: its keys and their meaning are a published interface (README), keep them."""
     histogram = merge(report.histogram for report in reports)
     delivered = sum(report.delivered for report in reports)
@@ -629,19 +673,31 @@ def summarize(args, urls: list[str], connected: int, ready: int, publisher: Publ
         publisher_util=window.publisher_cpu / max(1e-9, window.published - window.started),
         behind_schedule=behind_schedule(args.rate, args.msgs, args.duration, achieved),
         machine_util=None if window.machine_busy is None else window.machine_busy / (measure_wall * cores),
-        client_share=client_cpu / (measure_wall * cores))
+        client_share=client_cpu / (measure_wall * cores),
+    )
     return {
-        "url": urls[0] if len(urls) == 1 else urls, "subs": args.subs, "subs_connected": connected, "subs_ready": ready,
-        "msgs": args.msgs, "rate": args.rate, "pub_conns": args.pub_conns, "size": args.size,
-        "published": publisher.ok, "publish_errors": publisher.errors,
-        "expected": expected, "delivered": delivered, "lost": expected - delivered,
+        "url": urls[0] if len(urls) == 1 else urls,
+        "subs": args.subs,
+        "subs_connected": connected,
+        "subs_ready": ready,
+        "msgs": args.msgs,
+        "rate": args.rate,
+        "pub_conns": args.pub_conns,
+        "size": args.size,
+        "published": publisher.ok,
+        "publish_errors": publisher.errors,
+        "expected": expected,
+        "delivered": delivered,
+        "lost": expected - delivered,
         "duplicates": sum(report.duplicates for report in reports),
         "reordered": sum(report.reordered for report in reports),
         "streams_ended": sum(report.ended for report in reports),
-        "p50_ms": milliseconds(percentile(histogram, 0.50)), "p90_ms": milliseconds(percentile(histogram, 0.90)),
+        "p50_ms": milliseconds(percentile(histogram, 0.50)),
+        "p90_ms": milliseconds(percentile(histogram, 0.90)),
         "p99_ms": milliseconds(percentile(histogram, 0.99)),
         "max_ms": milliseconds(value_of(max(histogram)) if histogram else None),
-        "publishes_per_s": round(achieved, 1), "deliveries_per_s": round(delivered / measure_wall, 1),
+        "publishes_per_s": round(achieved, 1),
+        "deliveries_per_s": round(delivered / measure_wall, 1),
         "publisher_max_lag_ms": round(publisher.max_lag_ns / 1e6, 3),
         "client_worker_cpu_util_max": round(load.worker_util, 3),
         "client_publisher_cpu_util": round(load.publisher_util, 3),
@@ -654,6 +710,7 @@ def summarize(args, urls: list[str], connected: int, ready: int, publisher: Publ
 
 
 # -- the run -----------------------------------------------------------------------------------------------------------
+
 
 def run(args) -> dict:
     urls = args.url or [DEFAULT_URL]
@@ -678,9 +735,12 @@ _MINIMUMS = {"subs": 0, "msgs": 0, "pub_conns": 1, "procs": 1}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python3 -m sseserver.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", action="append",
-                        help=f"base URL of the server or proxy (default {DEFAULT_URL}). Repeat it for a "
-                             "cluster: subscribers are spread over every URL, publishes go to the first")
+    parser.add_argument(
+        "--url",
+        action="append",
+        help=f"base URL of the server or proxy (default {DEFAULT_URL}). Repeat it for a "
+        "cluster: subscribers are spread over every URL, publishes go to the first",
+    )
     parser.add_argument("--subscribe-path", default="/subscribe")
     parser.add_argument("--publish-path", default="/publish")
     parser.add_argument("--token", help="bearer token for publish and subscribe, if the server requires one")

@@ -45,7 +45,6 @@ if TYPE_CHECKING:  # only the type: the server hands the store in, and nothing h
 RESET_EVENT = "sseserver.reset"
 
 
-
 class NameFilter(Protocol):
     """A stream's filter: a frozenset of names, or another hashable object supporting `in` (a token scope's
     patterns, access.EventFilter)."""
@@ -63,8 +62,17 @@ class Event:
 
     __slots__ = ("pos", "id", "prev_id", "name", "data", "wire", "published_ns", "notice")
 
-    def __init__(self, pos: int, event_id: int, prev_id: int, name: str, data: str, wire: bytes, published_ns: int,
-                 notice: bool = False):
+    def __init__(
+        self,
+        pos: int,
+        event_id: int,
+        prev_id: int,
+        name: str,
+        data: str,
+        wire: bytes,
+        published_ns: int,
+        notice: bool = False,
+    ):
         self.pos = pos
         # A notice carries the id of the event before the gap: a stream that has passed it has still seen no
         # later id, and replay from that id starts at the notice (the binary search finds the event first).
@@ -179,8 +187,9 @@ def lifetime_first_id() -> int:
 
 
 class Bouncer:
-    def __init__(self, history_size: int, queue_size: int, first_id: int | None = None,
-                 store: "HistoryFile | None" = None):
+    def __init__(
+        self, history_size: int, queue_size: int, first_id: int | None = None, store: "HistoryFile | None" = None
+    ):
         """`first_id` None: ids start from the clock (lifetime_first_id); a shared sequence (Redis) passes 1 and
         ingests ids assigned elsewhere."""
         self._lock = threading.Lock()
@@ -301,7 +310,7 @@ class Bouncer:
         with self._lock:
             now = time.monotonic_ns()
             previous = None
-            for item in stored[-self._history_size:] if self._history_size else []:
+            for item in stored[-self._history_size :] if self._history_size else []:
                 if previous is not None and item.prev_id != previous.id:
                     self._append_locked(_gap_entry(previous.id, item.id, now))
                 body = framing.encode_event(item.data, None, item.name)
@@ -357,8 +366,14 @@ class Bouncer:
             listener()
         return event, count
 
-    def subscribe(self, names: EventNames, last_event_id: str | None, peer: str = "", limit: int | None = None,
-                  per_peer_limit: int = 0) -> Replay | Refusal:
+    def subscribe(
+        self,
+        names: EventNames,
+        last_event_id: str | None,
+        peer: str = "",
+        limit: int | None = None,
+        per_peer_limit: int = 0,
+    ) -> Replay | Refusal:
         """Register a subscriber, or say why not (FULL, or PEER_FULL when `peer` already has `per_peer_limit`
         streams). With a Last-Event-ID the cursor starts just after that id, so replay and live events come from
         the same ring in one pass; an id we cannot place gets a reset notice and everything retained."""
@@ -460,13 +475,15 @@ class Bouncer:
                 if all(self.ring.get(pos) is not None for pos in range(snapshot_head, self.head)):
                     compaction.finish(self._retained_events_locked(snapshot_head) + unsynced)
                 else:
-                    compaction.finish(self._retained_events_locked(self._oldest_pos(self.head)) + unsynced,
-                                      start_over=True)
+                    compaction.finish(
+                        self._retained_events_locked(self._oldest_pos(self.head)) + unsynced, start_over=True
+                    )
 
     # -- used by the delivery layer (lock-free: it reads a ring reference and immutable events) ---------------
 
-    def collect(self, ring: Ring, cursor: int, head: int, names: EventNames,
-                limit: int = 1 << 20) -> tuple[bytes, int, int, int] | None:
+    def collect(
+        self, ring: Ring, cursor: int, head: int, names: EventNames, limit: int = 1 << 20
+    ) -> tuple[bytes, int, int, int] | None:
         """The wire bytes of entries from `cursor` that `names` accepts (gap notices go to every stream),
         stopping at `head` or once `limit` bytes are gathered (so a long replay of large events never becomes
         one huge buffer). Returns (bytes, how many entries, id of the last one or 0, the pos to continue from),
@@ -534,8 +551,9 @@ class Bouncer:
             self._unsynced.clear()
 
     def _retained_events_locked(self, start: int) -> list[Event]:
-        return [event for pos in range(start, self.head)
-                if (event := self.ring.get(pos)) is not None and not event.notice]
+        return [
+            event for pos in range(start, self.head) if (event := self.ring.get(pos)) is not None and not event.notice
+        ]
 
     def _count_locked(self, subscriber: Subscriber, delta: int) -> None:
         """Add (1) or remove (-1) a subscriber in the counts that queued_for() and the limits read."""
@@ -598,5 +616,6 @@ class Bouncer:
 def _gap_notice(last_id: int, next_id: int) -> bytes:
     """The in-band reset a live stream gets where events are missing: like a replay reset, it names the last id
     before the gap and the oldest one after it."""
-    return framing.encode_event(json.dumps({"last_event_id": str(last_id), "oldest_id": str(next_id)}), None,
-                                RESET_EVENT)
+    return framing.encode_event(
+        json.dumps({"last_event_id": str(last_id), "oldest_id": str(next_id)}), None, RESET_EVENT
+    )

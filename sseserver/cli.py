@@ -44,14 +44,18 @@ def _port(text: str) -> int:
 
 def overrides(args: argparse.Namespace) -> dict:
     """The config keys given on the command line. They win over the file at start and on every reload."""
-    return {name: value for name, value in
-            (("host", args.host), ("port", args.port), ("log_level", args.log_level)) if value is not None}
+    return {
+        name: value
+        for name, value in (("host", args.host), ("port", args.port), ("log_level", args.log_level))
+        if value is not None
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["doctor"]:
         from . import doctor  # a client of a deployment, with its own flags; loaded only when asked for
+
         return doctor.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:

@@ -214,13 +214,15 @@ class RedisBridge:
             # unconfirmed was lost in Redis: it will never come back, so there is nothing to wait for.
             return self._confirmed.wait_for(
                 lambda: not self._unconfirmed or not self.up or self._caught_up_at > self._last_ack,
-                max(0.0, deadline - time.monotonic()))
+                max(0.0, deadline - time.monotonic()),
+            )
 
     def newest_id(self) -> int | None:
         """The id of the stream's newest entry (0 for an empty stream), or None when Redis cannot say."""
         try:
-            newest = self._call(lambda connection: connection.command(
-                "XREVRANGE", self.stream_key, "+", "-", "COUNT", 1))
+            newest = self._call(
+                lambda connection: connection.command("XREVRANGE", self.stream_key, "+", "-", "COUNT", 1)
+            )
             return int(newest[0][0].split(b"-")[0]) if newest else 0
         except (RedisUnavailable, RedisError, ValueError, IndexError, TypeError):
             return None
@@ -238,8 +240,7 @@ class RedisBridge:
         and a restart by the watchdog could not bring Redis back; it would only cut every open stream, which
         resumes by itself once Redis is back. /health reports the link for the load balancer instead."""
         thread = self._thread
-        return (thread is not None and thread.is_alive()
-                and time.monotonic() - self._beat < FOLLOWER_STUCK_AFTER)
+        return thread is not None and thread.is_alive() and time.monotonic() - self._beat < FOLLOWER_STUCK_AFTER
 
     # -- the connection pool -------------------------------------------------------------------------------------
 
@@ -358,8 +359,7 @@ class RedisBridge:
                 # The first read of a session does not block, so /health says "up" as soon as the link works.
                 block = () if since is None else ("BLOCK", BLOCK_MS)
                 sent = time.monotonic()
-                reply = connection.command("XREAD", "COUNT", 1000, *block, "STREAMS", self.stream_key,
-                                           self.last_seen)
+                reply = connection.command("XREAD", "COUNT", 1000, *block, "STREAMS", self.stream_key, self.last_seen)
                 self._beat = time.monotonic()
                 if since is None:
                     since = self._beat
@@ -397,8 +397,10 @@ class RedisBridge:
             if follows is not None and self._chain is not None and follows != self._chain and not gap:
                 # Not the entry this instance read last before it: entries were lost, although the ids may line
                 # up (an id handed out twice after a loss). Be told.
-                log.warning("the stream's chain broke before entry %s (entries lost): streams get a reset",
-                            entry_id.decode("ascii", "replace"))
+                log.warning(
+                    "the stream's chain broke before entry %s (entries lost): streams get a reset",
+                    entry_id.decode("ascii", "replace"),
+                )
                 gap = True
             self._chain = values.get(b"k")
             lost = self._lost_before(event_id)
@@ -417,8 +419,13 @@ class RedisBridge:
 
     def _link_up(self) -> None:
         if self._reported_down:
-            log.info("redis link up (%r); following %s after %s%s", self.address, self.stream_key, self.last_seen,
-                     self._repeats_note())
+            log.info(
+                "redis link up (%r); following %s after %s%s",
+                self.address,
+                self.stream_key,
+                self.last_seen,
+                self._repeats_note(),
+            )
             self._reported_down = False
         self.up = True
         self.last_error = None
@@ -436,8 +443,13 @@ class RedisBridge:
         if self._logged is not None and self._logged[0] == failure and now - self._logged[1] < REPEAT_LOG_INTERVAL:
             self._suppressed += 1
             return
-        log.error("redis link down: %s%s; retrying with backoff, resuming after %s", failure, self._repeats_note(),
-                  self.last_seen, exc_info=exc)
+        log.error(
+            "redis link down: %s%s; retrying with backoff, resuming after %s",
+            failure,
+            self._repeats_note(),
+            self.last_seen,
+            exc_info=exc,
+        )
         self._logged = (failure, now)
         self._reported_down = True
 

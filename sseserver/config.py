@@ -86,95 +86,219 @@ def networks(values: tuple[str, ...]) -> str | None:
 def origins(values) -> str | None:
     for value in values:
         if value != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", value):
-            return f"{value!r} is not an origin like \"https://app.example.com\" (scheme://host[:port]) or \"*\""
+            return f'{value!r} is not an origin like "https://app.example.com" (scheme://host[:port]) or "*"'
     return None
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 KEYS: tuple[Key, ...] = (
-    Key("host", str, "127.0.0.1", "Address to listen on; \"0.0.0.0\" or \"::\" for every interface.", restart=True),
-    Key("port", int, 5000, "TCP port to listen on; 0 picks any free port (the log says which).",
-        between(0, 65535), restart=True),
-    Key("queue_size", int, 16,
+    Key("host", str, "127.0.0.1", 'Address to listen on; "0.0.0.0" or "::" for every interface.', restart=True),
+    Key(
+        "port",
+        int,
+        5000,
+        "TCP port to listen on; 0 picks any free port (the log says which).",
+        between(0, 65535),
+        restart=True,
+    ),
+    Key(
+        "queue_size",
+        int,
+        16,
         "Events a subscriber may have waiting for its socket; one more and it is dropped (it reconnects and "
-        "catches up from history).", between(1, 1_000_000)),
+        "catches up from history).",
+        between(1, 1_000_000),
+    ),
     Key("history_size", int, 1000, "Events kept for Last-Event-ID replay.", between(0, 10_000_000)),
-    Key("heartbeat_interval", float, 15.0,
+    Key(
+        "heartbeat_interval",
+        float,
+        15.0,
         "Seconds of silence before a stream gets a `:` comment; keep it below every proxy's idle timeout.",
-        between(0.05, 3600)),
-    Key("retry_ms", int, 3000, "Reconnect delay sent to clients in the `retry:` line, in milliseconds.",
-        between(0, 86_400_000)),
-    Key("max_message_bytes", int, 65536, "Largest publish body accepted, in bytes; larger gets 413.",
-        between(1, 64 * 1024 * 1024)),
-    Key("max_subscribers", int, 10000, "Open streams allowed at once; more get 503 with Retry-After.",
-        between(1, 10_000_000)),
-    Key("request_timeout", float, 10.0, "Seconds a client has to send a request's headers and body.",
-        between(0.05, 3600)),
-    Key("keepalive_timeout", float, 30.0, "Seconds an idle keep-alive connection may wait for its next request.",
-        between(0.05, 3600)),
-    Key("max_header_bytes", int, 16384,
+        between(0.05, 3600),
+    ),
+    Key(
+        "retry_ms",
+        int,
+        3000,
+        "Reconnect delay sent to clients in the `retry:` line, in milliseconds.",
+        between(0, 86_400_000),
+    ),
+    Key(
+        "max_message_bytes",
+        int,
+        65536,
+        "Largest publish body accepted, in bytes; larger gets 413.",
+        between(1, 64 * 1024 * 1024),
+    ),
+    Key(
+        "max_subscribers",
+        int,
+        10000,
+        "Open streams allowed at once; more get 503 with Retry-After.",
+        between(1, 10_000_000),
+    ),
+    Key(
+        "request_timeout",
+        float,
+        10.0,
+        "Seconds a client has to send a request's headers and body.",
+        between(0.05, 3600),
+    ),
+    Key(
+        "keepalive_timeout",
+        float,
+        30.0,
+        "Seconds an idle keep-alive connection may wait for its next request.",
+        between(0.05, 3600),
+    ),
+    Key(
+        "max_header_bytes",
+        int,
+        16384,
         "Largest request head (request line plus headers) in bytes; a longer request line gets 414, longer "
-        "headers 431.", between(256, 1024 * 1024)),
-    Key("shutdown_timeout", float, 5.0, "Seconds streams and in-flight requests get to finish on SIGTERM.",
-        between(0, 3600)),
-    Key("writer_threads", int, 1,
-        "Threads that write events to subscriber sockets (each multiplexes many sockets).", between(1, 64),
-        restart=True),
+        "headers 431.",
+        between(256, 1024 * 1024),
+    ),
+    Key(
+        "shutdown_timeout",
+        float,
+        5.0,
+        "Seconds streams and in-flight requests get to finish on SIGTERM.",
+        between(0, 3600),
+    ),
+    Key(
+        "writer_threads",
+        int,
+        1,
+        "Threads that write events to subscriber sockets (each multiplexes many sockets).",
+        between(1, 64),
+        restart=True,
+    ),
     Key("log_level", str, "info", "One of debug, info, warning, error.", one_of(*LOG_LEVELS)),
-    Key("access_log", bool, False,
+    Key(
+        "access_log",
+        bool,
+        False,
         "Log one line per request, and one per stream when it ends. Off by default: a proxy in front usually logs "
-        "requests already, and a line per publish costs publish throughput."),
+        "requests already, and a line per publish costs publish throughput.",
+    ),
     Key("demo_page", bool, True, "Serve the live demo page at GET /."),
-    Key("metrics_token", str, "", "Bearer token GET /metrics requires; \"\" = open.", secret=True),
-    Key("history_file", str, "",
-        "File that keeps history across restarts, e.g. \"/var/lib/sseserver/history.log\"; \"\" = memory only.",
-        restart=True),
-    Key("history_fsync", str, "interval",
-        "When history reaches the disk: \"always\" (before each 200; survives power loss), \"interval\" "
+    Key("metrics_token", str, "", 'Bearer token GET /metrics requires; "" = open.', secret=True),
+    Key(
+        "history_file",
+        str,
+        "",
+        'File that keeps history across restarts, e.g. "/var/lib/sseserver/history.log"; "" = memory only.',
+        restart=True,
+    ),
+    Key(
+        "history_fsync",
+        str,
+        "interval",
+        'When history reaches the disk: "always" (before each 200; survives power loss), "interval" '
         "(every history_fsync_interval; survives a process crash, loses at most that much on power loss), "
-        "\"never\" (the kernel decides). \"interval\" is the default because it keeps every acknowledged event "
-        "through kill -9 at no cost per publish.", one_of("always", "interval", "never"), restart=True),
-    Key("history_fsync_interval", float, 1.0, "Seconds between fsyncs with history_fsync = \"interval\".",
-        between(0.01, 3600), restart=True),
-    Key("redis_url", str, "",
+        '"never" (the kernel decides). "interval" is the default because it keeps every acknowledged event '
+        "through kill -9 at no cost per publish.",
+        one_of("always", "interval", "never"),
+        restart=True,
+    ),
+    Key(
+        "history_fsync_interval",
+        float,
+        1.0,
+        'Seconds between fsyncs with history_fsync = "interval".',
+        between(0.01, 3600),
+        restart=True,
+    ),
+    Key(
+        "redis_url",
+        str,
+        "",
         "Share one event stream between instances through Redis: redis://[[user]:password@]host:port/db, "
-        "rediss://... (TLS) or unix:///path/redis.sock; \"\" = a single instance, no Redis.", restart=True,
-        secret=True),
-    Key("redis_key_prefix", str, "sseserver",
+        'rediss://... (TLS) or unix:///path/redis.sock; "" = a single instance, no Redis.',
+        restart=True,
+        secret=True,
+    ),
+    Key(
+        "redis_key_prefix",
+        str,
+        "sseserver",
         "Prefix of the Redis key <prefix>:events (a Redis Stream); instances sharing a stream share it.",
         lambda value: None if value and " " not in value else "must be non-empty and without spaces",
-        restart=True),
-    Key("publish_tokens", tuple, (),
-        "Publish tokens: \"TOKEN\", or \"TOKEN PATTERN ...\" to allow only event names matching the globs "
-        "(e.g. \"k3y-0f-32-chars orders.*\"). Empty (and no file) = anyone may publish.", secret=True),
-    Key("publish_tokens_file", str, "",
-        "A file with one publish token entry per line, as above (for systemd LoadCredential=); \"\" = none."),
-    Key("subscribe_tokens", tuple, (),
-        "Subscribe tokens, same form; sent as `Authorization: Bearer` or `?token=`. Empty = open.", secret=True),
-    Key("subscribe_tokens_file", str, "", "A file with one subscribe token entry per line; \"\" = none."),
-    Key("cors_origins", tuple, (),
-        "Browser origins allowed to call the API cross-origin, e.g. [\"https://app.example.com\"], or [\"*\"] "
+        restart=True,
+    ),
+    Key(
+        "publish_tokens",
+        tuple,
+        (),
+        'Publish tokens: "TOKEN", or "TOKEN PATTERN ..." to allow only event names matching the globs '
+        '(e.g. "k3y-0f-32-chars orders.*"). Empty (and no file) = anyone may publish.',
+        secret=True,
+    ),
+    Key(
+        "publish_tokens_file",
+        str,
+        "",
+        'A file with one publish token entry per line, as above (for systemd LoadCredential=); "" = none.',
+    ),
+    Key(
+        "subscribe_tokens",
+        tuple,
+        (),
+        "Subscribe tokens, same form; sent as `Authorization: Bearer` or `?token=`. Empty = open.",
+        secret=True,
+    ),
+    Key("subscribe_tokens_file", str, "", 'A file with one subscribe token entry per line; "" = none.'),
+    Key(
+        "cors_origins",
+        tuple,
+        (),
+        'Browser origins allowed to call the API cross-origin, e.g. ["https://app.example.com"], or ["*"] '
         "(any origin, never with cors_credentials).",
-        origins),
-    Key("cors_credentials", bool, False,
+        origins,
+    ),
+    Key(
+        "cors_credentials",
+        bool,
+        False,
         "Answer CORS with Access-Control-Allow-Credentials (cookies, EventSource withCredentials); the exact "
-        "origin is echoed, never \"*\". Needs a list of origins: refused with cors_origins = [\"*\"]."),
-    Key("trusted_proxies", tuple, (),
-        "Proxies whose X-Forwarded-For names the client, e.g. [\"127.0.0.1\"] behind a local nginx.", networks),
-    Key("max_subscribers_per_ip", int, 0, "Open streams allowed per client address; 0 = no limit.",
-        between(0, 10_000_000)),
-    Key("publish_rate", float, 0.0,
+        'origin is echoed, never "*". Needs a list of origins: refused with cors_origins = ["*"].',
+    ),
+    Key(
+        "trusted_proxies",
+        tuple,
+        (),
+        'Proxies whose X-Forwarded-For names the client, e.g. ["127.0.0.1"] behind a local nginx.',
+        networks,
+    ),
+    Key(
+        "max_subscribers_per_ip",
+        int,
+        0,
+        "Open streams allowed per client address; 0 = no limit.",
+        between(0, 10_000_000),
+    ),
+    Key(
+        "publish_rate",
+        float,
+        0.0,
         "Publishes per second allowed per token (per client address when publishing is open); 0 = no limit.",
-        between(0, 1_000_000)),
+        between(0, 1_000_000),
+    ),
     Key("publish_burst", int, 20, "Publishes allowed at once before publish_rate applies.", between(1, 1_000_000)),
-    Key("max_connections", int, 0,
+    Key(
+        "max_connections",
+        int,
+        0,
         "Open connections (streams and requests) allowed; more are answered 503 and closed. 0 = the open-file "
-        "limit minus 64.", between(0, 10_000_000)),
+        "limit minus 64.",
+        between(0, 10_000_000),
+    ),
 )
 
 KEYS_BY_NAME = {key.name: key for key in KEYS}
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,13 +395,20 @@ def from_mapping(values: Mapping[str, Any], base: Config | None = None, source: 
 def _check_together(values: dict, source: str | None) -> None:
     """Rules that involve more than one key live here, in one place."""
     if values["history_file"] and values["redis_url"]:
-        raise ConfigError("history_file", "cannot be used with redis_url: with Redis the history lives in the "
-                          "shared stream (make Redis itself durable with appendonly)", source)
+        raise ConfigError(
+            "history_file",
+            "cannot be used with redis_url: with Redis the history lives in the "
+            "shared stream (make Redis itself durable with appendonly)",
+            source,
+        )
     if "*" in values["cors_origins"] and values["cors_credentials"]:
         # Credentials with every origin would let any web page (and a sandboxed "null" origin) read the API as
         # the visitor's browser: list the origins that may send credentials instead.
-        raise ConfigError("cors_credentials", "cannot be true with cors_origins = [\"*\"]: list the origins "
-                          "allowed to send credentials", source)
+        raise ConfigError(
+            "cors_credentials",
+            'cannot be true with cors_origins = ["*"]: list the origins allowed to send credentials',
+            source,
+        )
 
 
 def load(path: str, base: Config | None = None) -> Config:

@@ -28,7 +28,6 @@ from .server import SSEServer
 log = logging.getLogger("sseserver")
 
 
-
 class Command(enum.Enum):
     """What the control loop is asked to do: the items of Daemon.events."""
 
@@ -54,8 +53,13 @@ def raise_open_file_limit() -> tuple[int, int]:
 
 
 class Daemon:
-    def __init__(self, config: Config, config_path: str | None, environ: Mapping[str, str] = os.environ,
-                 overrides: dict | None = None):
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None,
+        environ: Mapping[str, str] = os.environ,
+        overrides: dict | None = None,
+    ):
         self.config = config
         self.config_path = config_path
         self.overrides = dict(overrides or {})  # command-line keys, layered over the file again on each reload
@@ -90,8 +94,9 @@ class Daemon:
         # a SIGTERM must then drain and exit 0, not kill the process with the default action.
         self._install_signal_handlers()
         server.start()
-        self._accept_thread = accept = threading.Thread(target=server.serve_forever, name="sseserver-accept",
-                                                        kwargs={"poll_interval": 0.5}, daemon=True)
+        self._accept_thread = accept = threading.Thread(
+            target=server.serve_forever, name="sseserver-accept", kwargs={"poll_interval": 0.5}, daemon=True
+        )
         accept.start()
         host = server.server_address[0]
         shown = f"[{host!s}]" if ":" in str(host) else str(host)
@@ -161,8 +166,9 @@ class Daemon:
         if self.config_path is None:
             log.warning("reload: no config file was given at start; nothing to reload")
             return
-        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
-                       self.environ)
+        systemd.notify(
+            f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}", self.environ
+        )
         try:
             new = config_module.load_layered(self.config_path, self.overrides)
             ignored = config_module.restart_keys_changed(self.config, new)

@@ -71,8 +71,12 @@ class EndReason(enum.Enum):
         return _END_TEXT[self]
 
 
-_END_TEXT = {EndReason.DISCONNECTED: "client gone", EndReason.SLOW: "dropped as slow",
-             EndReason.SHUTDOWN: "server shutdown", EndReason.FLOODING: "dropped for sending data on its stream"}
+_END_TEXT = {
+    EndReason.DISCONNECTED: "client gone",
+    EndReason.SLOW: "dropped as slow",
+    EndReason.SHUTDOWN: "server shutdown",
+    EndReason.FLOODING: "dropped for sending data on its stream",
+}
 
 
 class State(enum.Enum):
@@ -104,8 +108,22 @@ class Stream:
     Attributes, not properties: the sweep reads them for every stream on every publish."""
 
     __slots__ = (
-        "subscriber", "sock", "names", "cursor", "live_from", "state", "out", "scan", "backlog", "last_write",
-        "last_id_sent", "peer", "started", "events_sent", "received", "reason",
+        "subscriber",
+        "sock",
+        "names",
+        "cursor",
+        "live_from",
+        "state",
+        "out",
+        "scan",
+        "backlog",
+        "last_write",
+        "last_id_sent",
+        "peer",
+        "started",
+        "events_sent",
+        "received",
+        "reason",
     )
 
     def __init__(self, subscriber: Subscriber, sock: socket.socket):
@@ -366,8 +384,9 @@ class Writer(threading.Thread):
             self._drop(stream, EndReason.DISCONNECTED)
             return
         if count:
-            self.first_writes.observe(ring, max(start, stream.live_from), stream.cursor, stream.names,
-                                      time.monotonic_ns())
+            self.first_writes.observe(
+                ring, max(start, stream.live_from), stream.cursor, stream.names, time.monotonic_ns()
+            )
         if stream.cursor < head and stream.state is State.LIVE:
             self._block(stream)
 
@@ -565,8 +584,13 @@ class Writer(threading.Thread):
             pass
         self.bouncer.unsubscribe(stream.subscriber)
         if self.access_log:
-            access_log.info("%s stream end: %d events in %.1fs, %s", stream.peer, stream.events_sent,
-                            time.monotonic() - stream.started, reason.text)
+            access_log.info(
+                "%s stream end: %d events in %.1fs, %s",
+                stream.peer,
+                stream.events_sent,
+                time.monotonic() - stream.started,
+                reason.text,
+            )
 
 
 class Delivery:

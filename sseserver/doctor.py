@@ -39,10 +39,32 @@ from urllib.parse import quote
 from . import __version__
 from . import config as config_module
 from . import framing
-from .findings import (Cause, Check, Finding, ReplayOutcome, Settings, Status, default_watch, exit_code,
-                       judge_cache_control, judge_compression, judge_cors_preflight, judge_cors_subscribe,
-                       judge_delivery, judge_first_bytes, judge_health, judge_heartbeat, judge_http_version,
-                       judge_publish, judge_replay, judge_stream, judge_tls, problem, skipped, MAX_WATCH_S)
+from .findings import (
+    Cause,
+    Check,
+    Finding,
+    ReplayOutcome,
+    Settings,
+    Status,
+    default_watch,
+    exit_code,
+    judge_cache_control,
+    judge_compression,
+    judge_cors_preflight,
+    judge_cors_subscribe,
+    judge_delivery,
+    judge_first_bytes,
+    judge_health,
+    judge_heartbeat,
+    judge_http_version,
+    judge_publish,
+    judge_replay,
+    judge_stream,
+    judge_tls,
+    problem,
+    skipped,
+    MAX_WATCH_S,
+)
 from .probe import BaseURL, Client, Event, Stream, Unreachable, UsageError, base_after_redirect, parse_base_url
 
 # The whole of step 1 (resolve, connect, TLS, /health's answer) must fit in this, so that an unreachable URL is
@@ -78,17 +100,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sseserver doctor", description=(
-        "Check the path between a deployment of sseserver and its browsers: buffering, compression, idle "
-        "timeouts, Last-Event-ID, HTTP/2, CORS, TLS. Publishes only its own probe events."))
+    parser = _Parser(
+        prog="sseserver doctor",
+        description=(
+            "Check the path between a deployment of sseserver and its browsers: buffering, compression, idle "
+            "timeouts, Last-Event-ID, HTTP/2, CORS, TLS. Publishes only its own probe events."
+        ),
+    )
     parser.add_argument("url", metavar="URL", help="the public base URL, e.g. https://events.example.com/")
     parser.add_argument("--token", help="a subscribe token (sent as Authorization: Bearer)")
     parser.add_argument("--publish-token", help="a publish token (default: --token)")
     parser.add_argument("--origin", help="check CORS as a page on this origin would, e.g. https://app.example.com")
     parser.add_argument("--event", default="doctor.probe", help="the probe events' name (default doctor.probe)")
-    parser.add_argument("--watch", type=float, metavar="SECONDS",
-                        help=f"how long to hold an idle stream (default three heartbeat intervals, at most "
-                             f"{MAX_WATCH_S:g})")
+    parser.add_argument(
+        "--watch",
+        type=float,
+        metavar="SECONDS",
+        help=f"how long to hold an idle stream (default three heartbeat intervals, at most {MAX_WATCH_S:g})",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     trust = parser.add_mutually_exclusive_group()
     trust.add_argument("--cacert", metavar="FILE", help="trust this CA (PEM) instead of the system's")
@@ -153,8 +182,15 @@ class Doctor:
     """One run against one base URL (see the module docstring for the order)."""
 
     # What cannot be observed without a stream.
-    after_stream = (Check.FIRST_BYTES, Check.COMPRESSION, Check.CACHE_CONTROL, Check.PUBLISH, Check.DELIVERY,
-                    Check.HEARTBEAT, Check.REPLAY)
+    after_stream = (
+        Check.FIRST_BYTES,
+        Check.COMPRESSION,
+        Check.CACHE_CONTROL,
+        Check.PUBLISH,
+        Check.DELIVERY,
+        Check.HEARTBEAT,
+        Check.REPLAY,
+    )
 
     def __init__(self, options: Options):
         self.options = options
@@ -200,8 +236,7 @@ class Doctor:
         redirected = None
         for _ in range(MAX_REDIRECTS + 1):
             try:
-                response = self.client.request("GET", "/health", self.headers("application/json"),
-                                               deadline=deadline)
+                response = self.client.request("GET", "/health", self.headers("application/json"), deadline=deadline)
             except (OSError, ValueError) as exc:  # TimeoutError included: connected, but no answer in time
                 why = "no answer" if isinstance(exc, TimeoutError) else f"no usable answer ({exc})"
                 raise Unreachable(f"{why} from {self.base.url('/health')} within {REACH_TIMEOUT:g} s") from None
@@ -212,9 +247,11 @@ class Doctor:
                     if moved.host != self.base.host and (self.options.token or self.options.publish_token):
                         # A browser's fetch drops Authorization on a redirect to another origin; so does the
                         # doctor, by not following: the operator names the host that may see the tokens.
-                        raise RedirectedAway(f"{self.base.url('/health')} redirects to another host, {moved.url()}: "
-                                             "run the doctor against that URL (tokens are not sent to a host that "
-                                             "was not named)")
+                        raise RedirectedAway(
+                            f"{self.base.url('/health')} redirects to another host, {moved.url()}: "
+                            "run the doctor against that URL (tokens are not sent to a host that "
+                            "was not named)"
+                        )
                     self.client = Client(moved, self.options.cacert, self.options.insecure)
                     redirected = moved.url()
                     continue
@@ -243,14 +280,21 @@ class Doctor:
     def open_stream(self) -> Stream | None:
         """Step 3's request; the stream is read until its first line, a refusal, or FIRST_BYTES_WAIT."""
         try:
-            stream = self.client.open_stream(self.stream_path(), self.stream_headers(), time.monotonic() + IO_TIMEOUT,
-                                             self.kept_events)
+            stream = self.client.open_stream(
+                self.stream_path(), self.stream_headers(), time.monotonic() + IO_TIMEOUT, self.kept_events
+            )
         except (Unreachable, OSError) as exc:
             self.add(problem(Check.STREAM, f"GET /subscribe failed: {exc}", Cause.UPSTREAM))
             self.skip("no stream", *self.after_stream, *self.cors_checks(Check.CORS_SUBSCRIBE))
             return None
-        stream.read_until(lambda s: s.first_line_at is not None or s.undecodable is not None
-                          or (s.head is not None and s.head.status != 200), stream.sent_at + FIRST_BYTES_WAIT)
+        stream.read_until(
+            lambda s: (
+                s.first_line_at is not None
+                or s.undecodable is not None
+                or (s.head is not None and s.head.status != 200)
+            ),
+            stream.sent_at + FIRST_BYTES_WAIT,
+        )
         return stream
 
     def check_stream(self, stream: Stream) -> str | None:
@@ -268,8 +312,14 @@ class Doctor:
         if stream.undecodable:
             self.add(skipped(Check.FIRST_BYTES, f"Content-Encoding {stream.undecodable} cannot be read"))
         else:
-            self.add(judge_first_bytes(since(stream.sent_at, stream.head_at), since(stream.sent_at,
-                                       stream.first_line_at), FIRST_BYTES_WAIT, encoding))
+            self.add(
+                judge_first_bytes(
+                    since(stream.sent_at, stream.head_at),
+                    since(stream.sent_at, stream.first_line_at),
+                    FIRST_BYTES_WAIT,
+                    encoding,
+                )
+            )
         published = self.publish(PROBE)
         if stream.head is None:  # a buffer holds even the head: judge it once the probe has shaken it loose
             stream.read_until(lambda s: s.head is not None, time.monotonic() + DELIVERY_WAIT)
@@ -293,15 +343,19 @@ class Doctor:
         if delivery.cause in (Cause.READ_TIMEOUT, Cause.HEARTBEAT_LOST, Cause.STREAM_CLOSED):
             self.skip("the stream was cut before the watch (see delivery)", Check.HEARTBEAT)
             return stream.last_id or event_id
-        self.skip("the stream is held on the way, so heartbeats and replay cannot be seen through it (see "
-                  "delivery)", Check.HEARTBEAT, Check.REPLAY)
+        self.skip(
+            "the stream is held on the way, so heartbeats and replay cannot be seen through it (see delivery)",
+            Check.HEARTBEAT,
+            Check.REPLAY,
+        )
         return None
 
     def judge_head(self, stream: Stream) -> bool:
         """The checks on the stream's response head; False when it is no event stream (or did not come)."""
         head = stream.head
-        finding = judge_stream(head.status if head else None, head.get("content-type") if head else None,
-                               FIRST_BYTES_WAIT + DELIVERY_WAIT)
+        finding = judge_stream(
+            head.status if head else None, head.get("content-type") if head else None, FIRST_BYTES_WAIT + DELIVERY_WAIT
+        )
         self.add(finding)
         if finding.status is not Status.OK:
             why = "no response head" if head is None else "no stream"
@@ -329,8 +383,15 @@ class Doctor:
             ended_idle = stream.ended_at - max([stream.head_at or stream.sent_at, *stream.activity])
         settings = self.settings
         assert settings is not None  # run() reads them before any step
-        return judge_delivery(since(sent_at, event.at if event else None), after_more_data, 2 * DELIVERY_WAIT,
-                              encoding, ended_idle, settings.heartbeat_interval, self.opened_promptly())
+        return judge_delivery(
+            since(sent_at, event.at if event else None),
+            after_more_data,
+            2 * DELIVERY_WAIT,
+            encoding,
+            ended_idle,
+            settings.heartbeat_interval,
+            self.opened_promptly(),
+        )
 
     def opened_promptly(self) -> bool:
         return any(f.check is Check.FIRST_BYTES and f.status is Status.OK for f in self.findings)
@@ -345,10 +406,15 @@ class Doctor:
             sys.stderr.write(f"holding an idle stream for {watch:g} s (--watch) ...\n")
         stream.watch(begin + watch)
         ended = stream.ended_at
-        self.add(judge_heartbeat(settings.heartbeat_interval, watch,
-                                 [t - begin for t in stream.activity if t > begin],
-                                 len(stream.comments) - comments_before,
-                                 None if ended is None or ended > begin + watch else ended - begin))
+        self.add(
+            judge_heartbeat(
+                settings.heartbeat_interval,
+                watch,
+                [t - begin for t in stream.activity if t > begin],
+                len(stream.comments) - comments_before,
+                None if ended is None or ended > begin + watch else ended - begin,
+            )
+        )
 
     def check_replay(self, last_id: str) -> None:
         """Step 6: a probe published while no stream is open must be replayed to a reconnect carrying the last
@@ -369,8 +435,9 @@ class Doctor:
         published: the daemon sends replay before live events, so the marker arriving without MISSED before it
         proves that no replay is coming, without guessing at a timeout."""
         try:
-            stream = self.client.open_stream(path, [*self.stream_headers(), *extra], time.monotonic() + IO_TIMEOUT,
-                                             self.kept_events)
+            stream = self.client.open_stream(
+                path, [*self.stream_headers(), *extra], time.monotonic() + IO_TIMEOUT, self.kept_events
+            )
         except (Unreachable, OSError):
             return ReplayOutcome.NOT_REPLAYED, None
         try:
@@ -396,17 +463,28 @@ class Doctor:
         if origin is None:
             self.add(skipped(Check.CORS_PREFLIGHT, "no --origin given"))
             return
-        headers = [("Origin", origin), ("Access-Control-Request-Method", "POST"),
-                   ("Access-Control-Request-Headers", ", ".join(PREFLIGHT_HEADERS)), ("User-Agent", USER_AGENT)]
+        headers = [
+            ("Origin", origin),
+            ("Access-Control-Request-Method", "POST"),
+            ("Access-Control-Request-Headers", ", ".join(PREFLIGHT_HEADERS)),
+            ("User-Agent", USER_AGENT),
+        ]
         try:
             response = self.client.request("OPTIONS", self.publish_path(), headers, timeout=IO_TIMEOUT)
         except (Unreachable, OSError, ValueError) as exc:
             self.add(problem(Check.CORS_PREFLIGHT, f"OPTIONS /publish failed: {exc}", Cause.UPSTREAM))
             return
         head = response.head
-        self.add(judge_cors_preflight(origin, response.status, head.get("access-control-allow-origin"),
-                                      head.get("access-control-allow-methods"),
-                                      head.get("access-control-allow-headers"), PREFLIGHT_HEADERS))
+        self.add(
+            judge_cors_preflight(
+                origin,
+                response.status,
+                head.get("access-control-allow-origin"),
+                head.get("access-control-allow-methods"),
+                head.get("access-control-allow-headers"),
+                PREFLIGHT_HEADERS,
+            )
+        )
 
     # -- requests -------------------------------------------------------------------------------------------
 
@@ -426,8 +504,11 @@ class Doctor:
 
     def stream_headers(self) -> list[tuple[str, str]]:
         """What a browser's EventSource sends, plus the token (the doctor can set headers; a page uses ?token=)."""
-        headers = [*self.headers("text/event-stream"), ("Cache-Control", "no-cache"),
-                   ("Accept-Encoding", ACCEPT_ENCODING)]
+        headers = [
+            *self.headers("text/event-stream"),
+            ("Cache-Control", "no-cache"),
+            ("Accept-Encoding", ACCEPT_ENCODING),
+        ]
         if self.options.token:
             headers.append(("Authorization", f"Bearer {self.options.token}"))
         return headers
@@ -448,8 +529,9 @@ class Doctor:
         sent_at = time.monotonic()
         first = Check.PUBLISH not in self._timing
         try:
-            response = self.client.request("POST", self.publish_path(), headers,
-                                           self.probes.data(number).encode(), timeout=IO_TIMEOUT)
+            response = self.client.request(
+                "POST", self.publish_path(), headers, self.probes.data(number).encode(), timeout=IO_TIMEOUT
+            )
         except (Unreachable, OSError, ValueError) as exc:
             if first:
                 self.add(problem(Check.PUBLISH, f"POST /publish failed: {exc}", Cause.UPSTREAM))
@@ -479,13 +561,26 @@ class Doctor:
             "probe_event": self.probes.name,
             "probe_data": self.probes.template,
             "published": self.probes.published,
-            "settings": None if settings is None else {"heartbeat_interval": settings.heartbeat_interval,
-                                                       "retry_ms": settings.retry_ms,
-                                                       "from_health": settings.reported},
+            "settings": None
+            if settings is None
+            else {
+                "heartbeat_interval": settings.heartbeat_interval,
+                "retry_ms": settings.retry_ms,
+                "from_health": settings.reported,
+            },
             "watch_s": self.watch,
-            "checks": [{"check": f.check.value, "status": f.status.value, "figure": f.figure,
-                        "cause": f.cause.label if f.cause else None, "fix": f.cause.fix if f.cause else None,
-                        "at_s": round(self._timing[f.check], 3), "values": f.values} for f in findings],
+            "checks": [
+                {
+                    "check": f.check.value,
+                    "status": f.status.value,
+                    "figure": f.figure,
+                    "cause": f.cause.label if f.cause else None,
+                    "fix": f.cause.fix if f.cause else None,
+                    "at_s": round(self._timing[f.check], 3),
+                    "values": f.values,
+                }
+                for f in findings
+            ],
             "problems": sum(f.status is Status.PROBLEM for f in findings),
             "warnings": sum(f.status is Status.WARNING for f in findings),
             "exit_code": exit_code(findings),
@@ -503,13 +598,19 @@ def now() -> datetime.datetime:
 def render_text(report: dict) -> str:
     """One line per check, then one fix per cause, then the verdict."""
     settings = report["settings"]
-    lines = [f"sseserver doctor {report['url']}: heartbeat_interval {settings['heartbeat_interval']:g} s, "
-             f"retry_ms {settings['retry_ms']}{'' if settings['from_health'] else ' (assumed)'}, "
-             f"watch {report['watch_s']:g} s",
-             textwrap.fill(f"Publishes only its own probe events: {report['published']} named "
-                           f"\"{report['probe_event']}\" with data {report['probe_data']}; streams that do not "
-                           "filter by name get them too (onmessage ignores named events).", 110,
-                           break_on_hyphens=False), ""]
+    lines = [
+        f"sseserver doctor {report['url']}: heartbeat_interval {settings['heartbeat_interval']:g} s, "
+        f"retry_ms {settings['retry_ms']}{'' if settings['from_health'] else ' (assumed)'}, "
+        f"watch {report['watch_s']:g} s",
+        textwrap.fill(
+            f"Publishes only its own probe events: {report['published']} named "
+            f'"{report["probe_event"]}" with data {report["probe_data"]}; streams that do not '
+            "filter by name get them too (onmessage ignores named events).",
+            110,
+            break_on_hyphens=False,
+        ),
+        "",
+    ]
     width = max(len(check.value) for check in Check)
     for check in report["checks"]:
         lines.append(f"{check['status']:<8} {check['check']:<{width}}  {check['figure']}")
@@ -521,8 +622,16 @@ def render_text(report: dict) -> str:
         lines += ["", "Fixes:"]
         for cause, (status, fix) in fixes.items():
             lines.append(f"- {cause} ({status}):")
-            lines.append(textwrap.fill(fix, 100, initial_indent="    ", subsequent_indent="    ",
-                                       break_on_hyphens=False, break_long_words=False))
+            lines.append(
+                textwrap.fill(
+                    fix,
+                    100,
+                    initial_indent="    ",
+                    subsequent_indent="    ",
+                    break_on_hyphens=False,
+                    break_long_words=False,
+                )
+            )
     lines += ["", f"{report['problems']} problem(s), {report['warnings']} warning(s): exit {report['exit_code']}"]
     return "\n".join(lines) + "\n"
 

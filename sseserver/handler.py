@@ -52,8 +52,9 @@ def status_line(status: int) -> bytes:
 
 
 # The headers of every event-stream response, a real stream or a turn-away.
-STREAM_HEADERS = (b"Content-Type: text/event-stream; charset=utf-8\r\nCache-Control: no-cache\r\n"
-                  b"X-Accel-Buffering: no\r\n")
+STREAM_HEADERS = (
+    b"Content-Type: text/event-stream; charset=utf-8\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n"
+)
 
 
 def header_lines(pairs) -> bytes:
@@ -65,17 +66,24 @@ def common_headers(date: bytes, cors: tuple[tuple[str, str], ...] = ()) -> bytes
     return b"Server: %s\r\nDate: %s\r\n%s" % (SERVER_HEADER.encode(), date, header_lines(cors))
 
 
-def render_response(status: int, headers: bytes, body: bytes, keep_alive: bool = False,
-                    head_only: bool = False) -> bytes:
+def render_response(
+    status: int, headers: bytes, body: bytes, keep_alive: bool = False, head_only: bool = False
+) -> bytes:
     """The one place a whole response is rendered: the status line, `headers` (complete lines), a
     Content-Length computed from `body`, the Connection header, and the body (left out for HEAD, which still
     says the length a GET would get). The only response not built here is a live stream's head, whose body
     ends when the connection closes (see stream_head())."""
     # RFC 9110 8.6: no Content-Length on a 204 (a CORS preflight's answer); it never has a body.
     length = b"" if status == 204 else b"Content-Length: %d\r\n" % len(body)
-    return b"".join((status_line(status), headers, length,
-                     b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n",
-                     b"" if head_only or status == 204 else body))
+    return b"".join(
+        (
+            status_line(status),
+            headers,
+            length,
+            b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n",
+            b"" if head_only or status == 204 else body,
+        )
+    )
 
 
 def stream_head(common: bytes) -> bytes:
@@ -179,8 +187,7 @@ class Handler(BaseHTTPRequestHandler):
             if methods is None or (request.path == "/" and not config.demo_page):
                 raise HTTPError(404, f"no such path: {request.path}")
             if request.method not in methods:
-                raise HTTPError(405, f"{request.method} is not allowed here",
-                                headers=(("Allow", ", ".join(methods)),))
+                raise HTTPError(405, f"{request.method} is not allowed here", headers=(("Allow", ", ".join(methods)),))
             client = access.client_address(self.peer, request.headers, policy.trusted)
             if request.method == "OPTIONS":
                 self._preflight(methods)
@@ -252,12 +259,16 @@ class Handler(BaseHTTPRequestHandler):
             event_id, count = server.publish(data, name)
         except OutcomeUnknown as exc:
             log.error("publish unconfirmed: %s", exc)
-            raise HTTPError(504, "the store did not confirm the event in time; it may have been published",
-                            headers=(("Retry-After", "1"),)) from None
+            raise HTTPError(
+                504,
+                "the store did not confirm the event in time; it may have been published",
+                headers=(("Retry-After", "1"),),
+            ) from None
         except StoreError as exc:
             log.error("publish refused: %s", exc)
-            raise HTTPError(503, "could not store the event; it was not published",
-                            headers=(("Retry-After", "1"),)) from None
+            raise HTTPError(
+                503, "could not store the event; it was not published", headers=(("Retry-After", "1"),)
+            ) from None
         reply = b'{"id": "%d", "subscribers": %d}' % (event_id, count)
         self._respond(200, reply, JSON)
 
@@ -285,12 +296,15 @@ class Handler(BaseHTTPRequestHandler):
         limit = _query_number(request, "limit", int, HISTORY_LIMIT, 1, HISTORY_MAX_LIMIT)
         wait = _query_number(request, "wait", float, 0.0, 0.0, HISTORY_MAX_WAIT)
         page = self.server.history_page(wanted, request.query_value("after"), limit, wait)
-        body = json.dumps({
-            "events": [{"id": str(event.id), "event": event.name, "data": event.data} for event in page.events],
-            "oldest_id": None if page.oldest_id is None else str(page.oldest_id),
-            "last_id": str(page.last_id),
-            "reset": page.reset,
-        }, ensure_ascii=False).encode("utf-8")
+        body = json.dumps(
+            {
+                "events": [{"id": str(event.id), "event": event.name, "data": event.data} for event in page.events],
+                "oldest_id": None if page.oldest_id is None else str(page.oldest_id),
+                "last_id": str(page.last_id),
+                "reset": page.reset,
+            },
+            ensure_ascii=False,
+        ).encode("utf-8")
         self._respond(200, body, JSON, (("Cache-Control", "no-store"),))
 
     def _subscribe(self, request: Request, policy: Policy, client: str) -> None:
@@ -344,18 +358,30 @@ class Handler(BaseHTTPRequestHandler):
     def _common_headers(self) -> bytes:
         return common_headers(self.server.http_date(), self.cors)
 
-    def _respond(self, status: int, body: bytes, content_type: str | None,
-                 extra: tuple[tuple[str, str], ...] = (), close: bool = False) -> None:
+    def _respond(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str | None,
+        extra: tuple[tuple[str, str], ...] = (),
+        close: bool = False,
+    ) -> None:
         """Send a whole response to the current request. Whether the connection stays open is decided here,
         once, and both the Connection header and the connection loop follow it: not when the client or the
         error asks to close, not while stopping, and not when a body was left unread (it would be taken for
         the next request)."""
         request = self.current_request
-        keep_alive = self.keep_open = (not close and request is not None and request.keep_alive
-                                       and not self.body_pending and not self.server.stopping)
+        keep_alive = self.keep_open = (
+            not close
+            and request is not None
+            and request.keep_alive
+            and not self.body_pending
+            and not self.server.stopping
+        )
         head_only = request is not None and request.method == "HEAD"
-        headers = self._common_headers() + header_lines(((("Content-Type", content_type),) if content_type else ())
-                                                        + extra)
+        headers = self._common_headers() + header_lines(
+            ((("Content-Type", content_type),) if content_type else ()) + extra
+        )
         self._account(self.current_request, status, 0 if head_only else len(body))
         # The reader keeps a timeout on the socket (at most keepalive_timeout); sendall() reuses it.
         self.connection.sendall(render_response(status, headers, body, keep_alive, head_only))
@@ -369,8 +395,9 @@ class Handler(BaseHTTPRequestHandler):
                 what = f"{request.method} {_without_token(request)}"
             else:
                 what = "-"  # the request could not be parsed
-            access_log.info("%s \"%s\" %d %dB %.1fms", self.peer, what, status, size,
-                            (time.monotonic() - self.started) * 1000)
+            access_log.info(
+                '%s "%s" %d %dB %.1fms', self.peer, what, status, size, (time.monotonic() - self.started) * 1000
+            )
 
     def _send_error(self, error: HTTPError, request: Request | None) -> None:
         self.current_request = request

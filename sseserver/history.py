@@ -133,7 +133,7 @@ def decode_records(blob: bytes, path: str) -> tuple[list[StoredEvent], int, str 
             if torn or not blob[offset:].strip(b"\0"):
                 return events, offset, f"{problem} at the end (offset {offset}), left by a crash"
             raise CorruptHistory(path, f"{problem} at offset {offset} of {len(blob)}")
-        payload = blob[offset + header.size:end]
+        payload = blob[offset + header.size : end]
         if ids is _IDS:
             event_id, prev_id, name_length = ids.unpack_from(payload)
         else:
@@ -141,8 +141,8 @@ def decode_records(blob: bytes, path: str) -> tuple[list[StoredEvent], int, str 
         if prev_id is None:  # the first format: ids were contiguous within a file
             prev_id = events[-1].id if events else event_id - 1
         try:
-            name = payload[ids.size:ids.size + name_length].decode("utf-8")
-            data = payload[ids.size + name_length:].decode("utf-8")
+            name = payload[ids.size : ids.size + name_length].decode("utf-8")
+            data = payload[ids.size + name_length :].decode("utf-8")
         except UnicodeDecodeError:
             raise CorruptHistory(path, f"bad UTF-8 in the record at offset {offset}") from None
         if events and event_id <= events[-1].id:
@@ -161,7 +161,7 @@ def _damage(blob: bytes, offset: int, header: struct.Struct, ids_size: int) -> t
         return "a partial record header", True, len(blob)
     if header is _HEADER:
         length, length_crc, crc = header.unpack_from(blob, offset)
-        if zlib.crc32(blob[offset:offset + _LENGTH.size]) != length_crc:
+        if zlib.crc32(blob[offset : offset + _LENGTH.size]) != length_crc:
             return "a damaged record length", False, len(blob)
     else:
         length, crc = header.unpack_from(blob, offset)
@@ -170,7 +170,7 @@ def _damage(blob: bytes, offset: int, header: struct.Struct, ids_size: int) -> t
         return "an impossible record length", False, end
     if end > len(blob):
         return "a partial record", True, end
-    if zlib.crc32(blob[offset + header.size:end]) != crc:
+    if zlib.crc32(blob[offset + header.size : end]) != crc:
         return "a record whose checksum does not match", end == len(blob), end
     return None, False, end
 
@@ -180,7 +180,7 @@ def write_all(fd: int, data: bytes) -> None:
     cap of one write on Linux). Raises OSError when the kernel refuses the rest."""
     view = memoryview(data)
     while view:
-        written = os.write(fd, view[:1 << 30])
+        written = os.write(fd, view[: 1 << 30])
         if written <= 0:
             raise OSError(errno.ENOSPC, "no space left for the history file")
         view = view[written:]
@@ -234,8 +234,7 @@ class HistoryFile:
         HistoryFileError naming the file for anything but a torn last record, which is cut off with a warning."""
         leftover = self.path + ".compact"
         if os.path.exists(leftover):
-            log.warning("removing %s, left by a compaction that did not finish (the history file is intact)",
-                        leftover)
+            log.warning("removing %s, left by a compaction that did not finish (the history file is intact)", leftover)
             os.unlink(leftover)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -268,8 +267,9 @@ class HistoryFile:
             try:
                 self._rewrite(events)
             except OSError as exc:
-                raise HistoryFileError(f"cannot convert {self.path} to the current format: "
-                                       f"{exc.strerror or exc}") from None
+                raise HistoryFileError(
+                    f"cannot convert {self.path} to the current format: {exc.strerror or exc}"
+                ) from None
             log.info("history file %s converted to the current format", self.path)
         return events
 
@@ -340,8 +340,12 @@ class HistoryFile:
             try:
                 os.ftruncate(self._fd, self._synced_size)
             except OSError as exc:
-                log.error("history file %s: could not cut off records after a failed fsync (%s); publishing is "
-                          "refused until the file is rewritten", self.path, exc.strerror or exc)
+                log.error(
+                    "history file %s: could not cut off records after a failed fsync (%s); publishing is "
+                    "refused until the file is rewritten",
+                    self.path,
+                    exc.strerror or exc,
+                )
                 self._enter(FileState.REWRITE, self._why)
                 return
             dropped = self._appended - self.synced
@@ -352,8 +356,12 @@ class HistoryFile:
             self.synced = self._appended
             self._tail = (self._appended, self._size)
             self._enter(FileState.CUT, self._why)
-            log.error("history file %s: %s; %d unacknowledged record(s) removed, publishing refused until an fsync "
-                      "succeeds", self.path, self._why, dropped)
+            log.error(
+                "history file %s: %s; %d unacknowledged record(s) removed, publishing refused until an fsync succeeds",
+                self.path,
+                self._why,
+                dropped,
+            )
 
     def _recover(self) -> None:
         """Background: a file cut back after a failed fsync is whole again once an fsync of it succeeds."""
@@ -410,8 +418,9 @@ class HistoryFile:
             if now >= next_check:
                 next_check = now + CHECK_INTERVAL
                 if self._file_lost():
-                    log.error("history file %s was deleted, replaced or truncated while running; writing it anew",
-                              self.path)
+                    log.error(
+                        "history file %s was deleted, replaced or truncated while running; writing it anew", self.path
+                    )
                     pending = True
                 self._recover()
                 pending = pending or self._state is FileState.REWRITE
@@ -420,8 +429,11 @@ class HistoryFile:
                     compact()
                     pending, backoff = False, RETRY_START
                 except OSError as exc:
-                    log.error("history compaction failed (%s); the old file stays in force; retrying in %gs",
-                              exc.strerror or exc, backoff)
+                    log.error(
+                        "history compaction failed (%s); the old file stays in force; retrying in %gs",
+                        exc.strerror or exc,
+                        backoff,
+                    )
                     retry_at, backoff = now + backoff, min(backoff * 2, RETRY_MAX)
             if self.fsync == "interval" and now >= next_sync:
                 next_sync = now + self.interval
@@ -526,8 +538,9 @@ class Compaction:
         try:
             _fsync_directory(store.path)
         except OSError as exc:  # the new file is in force; only its name may not survive a power loss
-            log.error("history file %s: could not fsync its directory after compaction: %s", store.path,
-                      exc.strerror or exc)
+            log.error(
+                "history file %s: could not fsync its directory after compaction: %s", store.path, exc.strerror or exc
+            )
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         if self._swapped:

@@ -49,6 +49,7 @@ class Unreachable(Exception):
 
 # -- the base URL ---------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class BaseURL:
     """http(s)://host[:port][/prefix]: where the daemon's routes live, behind whatever proxy."""
@@ -96,14 +97,14 @@ def parse_base_url(text: str) -> BaseURL:
     path = parts.path.rstrip("/")
     for endpoint in _ENDPOINTS:
         if path.endswith(endpoint):
-            raise UsageError(f"give the base URL, without {endpoint}: "
-                             f"{scheme}://{parts.netloc}{path[:-len(endpoint)]}/")
+            raise UsageError(
+                f"give the base URL, without {endpoint}: {scheme}://{parts.netloc}{path[: -len(endpoint)]}/"
+            )
     try:
         host = parts.hostname.encode("idna").decode("ascii") if not parts.hostname.isascii() else parts.hostname
     except UnicodeError:
         raise UsageError(f"not a valid host name: {parts.hostname!r}") from None
-    return BaseURL(scheme, host, port or (443 if scheme == "https" else 80),
-                   quote(path, safe="/%:@!$&'()*+,;=-._~"))
+    return BaseURL(scheme, host, port or (443 if scheme == "https" else 80), quote(path, safe="/%:@!$&'()*+,;=-._~"))
 
 
 def base_after_redirect(base: BaseURL, location: str, route: str) -> BaseURL | None:
@@ -114,12 +115,13 @@ def base_after_redirect(base: BaseURL, location: str, route: str) -> BaseURL | N
     if parts.query or not parts.path.rstrip("/").endswith(route):
         return None
     try:
-        return parse_base_url(absolute[:absolute.rindex(route)] + "/")
+        return parse_base_url(absolute[: absolute.rindex(route)] + "/")
     except UsageError:
         return None
 
 
 # -- what a TLS handshake showed ------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class TLSInfo:
@@ -162,14 +164,14 @@ def _der_header(data: bytes, offset: int) -> tuple[int, int, int]:
     count = first & 0x7F
     if not 1 <= count <= 4 or offset + count > len(data):
         raise ValueError("bad DER length")
-    return tag, int.from_bytes(data[offset:offset + count], "big"), offset + count
+    return tag, int.from_bytes(data[offset : offset + count], "big"), offset + count
 
 
 def _der_element(data: bytes, offset: int, tag: int) -> tuple[bytes, int]:
     found, length, start = _der_header(data, offset)
     if found != tag or start + length > len(data):
         raise ValueError(f"expected DER tag {tag:#x} at {offset}, found {found:#x}")
-    return data[start:start + length], start + length
+    return data[start : start + length], start + length
 
 
 def _der_skip(data: bytes, offset: int) -> int:
@@ -178,6 +180,7 @@ def _der_skip(data: bytes, offset: int) -> int:
 
 
 # -- responses ------------------------------------------------------------------------------------------------
+
 
 class Head:
     """A response's status line and headers (names lower-cased, in order, repeats kept)."""
@@ -225,6 +228,7 @@ def remaining(deadline: float) -> float:
 
 
 # -- connections ----------------------------------------------------------------------------------------------
+
 
 class Client:
     """Connections to one base URL. Remembers whether the certificate verified (see the module docstring).
@@ -319,8 +323,7 @@ class Client:
             return sock
         verifying = self.verifying
         try:
-            tls = self._context(alpn).wrap_socket(sock, server_hostname=self.base.host,
-                                                   do_handshake_on_connect=False)
+            tls = self._context(alpn).wrap_socket(sock, server_hostname=self.base.host, do_handshake_on_connect=False)
             tls.settimeout(max(0.001, deadline - time.monotonic()))
             tls.do_handshake()
             return tls
@@ -350,10 +353,14 @@ class Client:
         finally:
             sock.close()
 
-    def _send(self, method: str, target: str, headers: Sequence[tuple[str, str]], body: bytes | None,
-              deadline: float) -> socket.socket:
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.base.authority}",
-                 *(f"{name}: {value}" for name, value in headers)]
+    def _send(
+        self, method: str, target: str, headers: Sequence[tuple[str, str]], body: bytes | None, deadline: float
+    ) -> socket.socket:
+        lines = [
+            f"{method} {target} HTTP/1.1",
+            f"Host: {self.base.authority}",
+            *(f"{name}: {value}" for name, value in headers),
+        ]
         if body is not None:
             lines.append(f"Content-Length: {len(body)}")
         raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
@@ -366,8 +373,15 @@ class Client:
             raise
         return sock
 
-    def request(self, method: str, path: str, headers: Sequence[tuple[str, str]] = (), body: bytes | None = None,
-                deadline: float | None = None, timeout: float = 10.0) -> Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[str, str]] = (),
+        body: bytes | None = None,
+        deadline: float | None = None,
+        timeout: float = 10.0,
+    ) -> Response:
         """One request on its own connection (`Connection: close`) -> Response. Unreachable when no connection
         could be made; TimeoutError when the answer did not come by the deadline."""
         deadline = deadline if deadline is not None else time.monotonic() + timeout
@@ -384,8 +398,9 @@ class Client:
         finally:
             sock.close()
 
-    def open_stream(self, path: str, headers: list[tuple[str, str]], deadline: float,
-                    keep: frozenset[str] | None = None) -> "Stream":
+    def open_stream(
+        self, path: str, headers: list[tuple[str, str]], deadline: float, keep: frozenset[str] | None = None
+    ) -> "Stream":
         """Send a stream's GET and return at once: the Stream's reads wait for its head and body."""
         sock = self._send("GET", self.base.target(path), list(headers), None, deadline)
         return Stream(sock, keep)
@@ -430,6 +445,7 @@ def _read_body(sock: socket.socket, head: Head, buffer: bytearray, deadline: flo
 
 # -- decoding a stream ----------------------------------------------------------------------------------------
 
+
 class ChunkedDecoder:
     """HTTP/1.1 chunked transfer coding, fed as bytes arrive; `done` after the last chunk. ValueError for a
     malformed size line."""
@@ -461,7 +477,7 @@ class ChunkedDecoder:
             if end < 0:
                 break
             size_text = bytes(self._buffer[:end]).split(b";")[0].strip()
-            del self._buffer[:end + 2]
+            del self._buffer[: end + 2]
             try:
                 size = int(size_text, 16)
             except ValueError:
@@ -615,9 +631,9 @@ class Stream:
             end = min(ends)
             if end == cr and end + 1 == len(self._text):
                 return  # a CR at the end may be the first half of a CRLF
-            skip = 2 if end == cr and self._text[end + 1:end + 2] == b"\n" else 1
+            skip = 2 if end == cr and self._text[end + 1 : end + 2] == b"\n" else 1
             line = bytes(self._text[:end]).decode("utf-8", "replace")
-            del self._text[:end + skip]
+            del self._text[: end + skip]
             if self.first_line_at is None:
                 self.first_line_at = now
             self._interpret(line, now)

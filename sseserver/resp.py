@@ -148,7 +148,7 @@ class Connection:
             end = self._buffer.find(b"\r\n")
             if end >= 0:
                 line = bytes(self._buffer[:end])
-                del self._buffer[:end + 2]
+                del self._buffer[: end + 2]
                 return line
             chunk = self.sock.recv(65536)
             if not chunk:
@@ -162,7 +162,7 @@ class Connection:
                 raise ConnectionError("redis closed the connection")
             self._buffer += chunk
         data = bytes(self._buffer[:size])
-        del self._buffer[:size + 2]
+        del self._buffer[: size + 2]
         return data
 
     def _reply(self):

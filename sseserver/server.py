@@ -98,21 +98,27 @@ class SSEServer(ThreadingHTTPServer):
         self.history: HistoryFile | None = None
         stored: list = []
         if config.history_file:  # read before binding, so a bad file never holds the port (HistoryFileError)
-            self.history = HistoryFile(config.history_file, config.history_fsync, config.history_fsync_interval,
-                                       config.history_size)
+            self.history = HistoryFile(
+                config.history_file, config.history_fsync, config.history_fsync_interval, config.history_size
+            )
             stored = self.history.load()
         self.statuses = StatusCounter()
         # A single instance takes its ids from its own sequence, which starts from the clock (unique across
         # restarts); with Redis the shared stream assigns every id and the bouncer only ingests them.
-        self.bouncer = Bouncer(config.history_size, config.queue_size, first_id=1 if config.redis_url else None,
-                               store=self.history)
+        self.bouncer = Bouncer(
+            config.history_size, config.queue_size, first_id=1 if config.redis_url else None, store=self.history
+        )
         self.bouncer.restore(stored)
         self.cluster: RedisBridge | None = None
         if config.redis_url:  # a bad URL is a ConfigError before anything is bound
             self.cluster = RedisBridge(config.redis_url, config.redis_key_prefix, config.history_size, self.bouncer)
         if stored:
-            log.info("history: %d events read from %s; ids continue after %d", len(stored), config.history_file,
-                     stored[-1].id)
+            log.info(
+                "history: %d events read from %s; ids continue after %d",
+                len(stored),
+                config.history_file,
+                stored[-1].id,
+            )
         self.delivery = Delivery(self.bouncer, config.writer_threads, config.heartbeat_interval)
         self.delivery.set_access_log(config.access_log)
         self.stopping = False
@@ -145,8 +151,9 @@ class SSEServer(ThreadingHTTPServer):
             # At the limit: answer at once from the accept thread, without a thread or a read, and close.
             self._refuse(request, "too many open connections", 5)
             return
-        thread = threading.Thread(target=self._process_request_thread, args=(request, client_address),
-                                  name="sseserver-request", daemon=True)
+        thread = threading.Thread(
+            target=self._process_request_thread, args=(request, client_address), name="sseserver-request", daemon=True
+        )
         with self._lock:
             self._request_threads.add(thread)
         try:
@@ -233,8 +240,7 @@ class SSEServer(ThreadingHTTPServer):
         """For the systemd watchdog: not stopping, and the threads this server runs are alive (the writers, and
         the Redis follower coming round its loop; see RedisBridge.healthy() for why a Redis outage does not
         count)."""
-        return (not self.stopping and self.delivery.alive()
-                and (self.cluster is None or self.cluster.healthy()))
+        return not self.stopping and self.delivery.alive() and (self.cluster is None or self.cluster.healthy())
 
     def stop_accepting(self) -> None:
         """Mark the server stopping: /health says 503, publishes and new streams are turned away."""
@@ -306,14 +312,14 @@ class SSEServer(ThreadingHTTPServer):
             return event.id, count
         return self.cluster.publish(data, name), self.bouncer.queued_for(name)
 
-    def subscribe(self, wanted: EventNames, last_event_id: str | None, client: str,
-                  config: Config) -> Replay | Refusal:
+    def subscribe(self, wanted: EventNames, last_event_id: str | None, client: str, config: Config) -> Replay | Refusal:
         """Register a stream for the events `wanted` accepts, starting after `last_event_id`, within `config`'s
         limits (the request's own config: a reload mid-request must not mix two). Its head is not sent yet: follow
         with start_stream(), or abandon_stream() if the head cannot be sent."""
         self._prepare_replay(last_event_id)
-        return self.bouncer.subscribe(self._intern_filter(wanted), last_event_id, client, config.max_subscribers,
-                                      config.max_subscribers_per_ip)
+        return self.bouncer.subscribe(
+            self._intern_filter(wanted), last_event_id, client, config.max_subscribers, config.max_subscribers_per_ip
+        )
 
     def start_stream(self, replay: Replay, sock: socket.socket) -> None:
         """The stream's head is out and `sock` is its connection, detached from the request: the writers own it
@@ -381,37 +387,86 @@ class SSEServer(ThreadingHTTPServer):
         dropped = delivery.dropped()
         return [
             Family("sseserver_subscribers", "gauge", "Open event streams.", [({}, bouncer.subscriber_count)]),
-            Family("sseserver_connections", "gauge", "Open connections still reading a request.",
-                   [({}, len(self._connections))]),
-            Family("sseserver_history_waiting", "gauge", "GET /history long polls waiting for an event.",
-                   [({}, bouncer.history_waiting)]),
-            Family("sseserver_events_published_total", "counter", "Events published since the process started.",
-                   [({}, bouncer.published)]),
-            Family("sseserver_events_delivered_total", "counter",
-                   "Event deliveries handed to subscriber sockets (one per event per subscriber).",
-                   [({}, delivery.delivered())]),
-            Family("sseserver_subscribers_dropped_total", "counter", "Streams ended by the server, by reason.",
-                   [({"reason": reason.value}, dropped.get(reason, 0))
-                    for reason in sorted(set(dropped) | ALWAYS_SHOWN_REASONS, key=lambda reason: reason.value)]),
-            Family("sseserver_replay_resets_total", "counter",
-                   "Streams that began with sseserver.reset because their Last-Event-ID could not be honoured.",
-                   [({}, bouncer.resets)]),
-            Family("sseserver_http_requests_total", "counter", "HTTP responses, by status code.",
-                   [({"code": str(code)}, count) for code, count in sorted(self.statuses.snapshot().items())]),
-            Family("sseserver_publish_to_write_seconds", "histogram",
-                   "Time from a publish to the first write of the event to a subscriber socket.",
-                   histogram=delivery.latency()),
+            Family(
+                "sseserver_connections",
+                "gauge",
+                "Open connections still reading a request.",
+                [({}, len(self._connections))],
+            ),
+            Family(
+                "sseserver_history_waiting",
+                "gauge",
+                "GET /history long polls waiting for an event.",
+                [({}, bouncer.history_waiting)],
+            ),
+            Family(
+                "sseserver_events_published_total",
+                "counter",
+                "Events published since the process started.",
+                [({}, bouncer.published)],
+            ),
+            Family(
+                "sseserver_events_delivered_total",
+                "counter",
+                "Event deliveries handed to subscriber sockets (one per event per subscriber).",
+                [({}, delivery.delivered())],
+            ),
+            Family(
+                "sseserver_subscribers_dropped_total",
+                "counter",
+                "Streams ended by the server, by reason.",
+                [
+                    ({"reason": reason.value}, dropped.get(reason, 0))
+                    for reason in sorted(set(dropped) | ALWAYS_SHOWN_REASONS, key=lambda reason: reason.value)
+                ],
+            ),
+            Family(
+                "sseserver_replay_resets_total",
+                "counter",
+                "Streams that began with sseserver.reset because their Last-Event-ID could not be honoured.",
+                [({}, bouncer.resets)],
+            ),
+            Family(
+                "sseserver_http_requests_total",
+                "counter",
+                "HTTP responses, by status code.",
+                [({"code": str(code)}, count) for code, count in sorted(self.statuses.snapshot().items())],
+            ),
+            Family(
+                "sseserver_publish_to_write_seconds",
+                "histogram",
+                "Time from a publish to the first write of the event to a subscriber socket.",
+                histogram=delivery.latency(),
+            ),
             Family("sseserver_history_events", "gauge", "Events retained for replay.", [({}, bouncer.retained())]),
             Family("sseserver_last_event_id", "gauge", "The id of the newest event.", [({}, bouncer.last_id)]),
-            *([Family("sseserver_redis_up", "gauge", "1 while the Redis link is up.",
-                      [({}, int(self.cluster.up))]),
-               Family("sseserver_redis_reconnects_total", "counter",
-                      "Times the Redis follower's link failed or could not be made (it retries with backoff).",
-                      [({}, self.cluster.reconnects)])] if self.cluster is not None else []),
-            Family("process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch.",
-                   [({}, self.started_wall)]),
-            Family("sseserver_build_info", "gauge", "Version information; the value is always 1.",
-                   [({"version": __version__, "python": platform.python_version()}, 1)]),
+            *(
+                [
+                    Family(
+                        "sseserver_redis_up", "gauge", "1 while the Redis link is up.", [({}, int(self.cluster.up))]
+                    ),
+                    Family(
+                        "sseserver_redis_reconnects_total",
+                        "counter",
+                        "Times the Redis follower's link failed or could not be made (it retries with backoff).",
+                        [({}, self.cluster.reconnects)],
+                    ),
+                ]
+                if self.cluster is not None
+                else []
+            ),
+            Family(
+                "process_start_time_seconds",
+                "gauge",
+                "Start time of the process since the Unix epoch.",
+                [({}, self.started_wall)],
+            ),
+            Family(
+                "sseserver_build_info",
+                "gauge",
+                "Version information; the value is always 1.",
+                [({"version": __version__, "python": platform.python_version()}, 1)],
+            ),
         ]
 
     def http_date(self) -> bytes:

@@ -17,8 +17,10 @@ def main() -> int:
         suite = unittest.TestSuite(test for test in _flatten(suite) if any(p in test.id() for p in patterns))
     result = unittest.TextTestRunner(verbosity=2, buffer=False).run(suite)
     # A test with failing subtests is reported once per subtest: count each test once.
-    failed = len({getattr(test, "test_case", test).id() for test, _ in result.failures + result.errors}
-                 | {test.id() for test in result.unexpectedSuccesses})
+    failed = len(
+        {getattr(test, "test_case", test).id() for test, _ in result.failures + result.errors}
+        | {test.id() for test in result.unexpectedSuccesses}
+    )
     skipped = len(result.skipped)
     passed = result.testsRun - failed - skipped
     print(f"tests: {passed} passed, {failed} failed, {skipped} skipped")

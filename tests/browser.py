@@ -16,9 +16,20 @@ import time
 from tests.support import IO_TIMEOUT, require_binary
 
 # Flags for a closed network and a root user (see the machine notes): no sandbox, no background fetches.
-FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio", "--remote-debugging-pipe"]
+FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--mute-audio",
+    "--remote-debugging-pipe",
+]
 
 
 class Browser:
@@ -31,7 +42,10 @@ class Browser:
         script = f'exec 3<&{to_browser_r} 4>&{from_browser_w}; exec "$@"'
         self.process = subprocess.Popen(
             ["sh", "-c", script, "sh", self.binary, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
-            pass_fds=(to_browser_r, from_browser_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            pass_fds=(to_browser_r, from_browser_w),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(to_browser_r)
         os.close(from_browser_w)
         self._buffer = b""
@@ -68,11 +82,14 @@ class Browser:
 
     def open(self, url: str, width: int = 1100, height: int = 800) -> None:
         target = self.command("Target.createTarget", {"url": "about:blank"}, session=False, timeout=60)
-        attached = self.command("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True},
-                                session=False)
+        attached = self.command(
+            "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}, session=False
+        )
         self.session = attached["sessionId"]
-        self.command("Emulation.setDeviceMetricsOverride",
-                     {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600})
+        self.command(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600},
+        )
         self.command("Page.enable")
         self.command("Page.navigate", {"url": url})
 

@@ -55,10 +55,41 @@ import threading
 import time
 from urllib.parse import urlencode
 
-from tests.chaosenv import (IO_TIMEOUT, POLL, REDIS_TIMEOUT, DaemonProcess, KeepAlive, NoAnswer, RedisReplyError,
-                            RedisServer, Response, StartFailed, TmpfsHolder, http, render_config)
-from tests.chaosmodel import (ABSENT, ACKED, FUTURE_MARGIN, LIMIT, MAYBE, MODES, NAMES, REFUSED, TAG, Domain, Index,
-                              Model, Op, Publish, Start, Status, make_payload, make_plan)
+from tests.chaosenv import (
+    IO_TIMEOUT,
+    POLL,
+    REDIS_TIMEOUT,
+    DaemonProcess,
+    KeepAlive,
+    NoAnswer,
+    RedisReplyError,
+    RedisServer,
+    Response,
+    StartFailed,
+    TmpfsHolder,
+    http,
+    render_config,
+)
+from tests.chaosmodel import (
+    ABSENT,
+    ACKED,
+    FUTURE_MARGIN,
+    LIMIT,
+    MAYBE,
+    MODES,
+    NAMES,
+    REFUSED,
+    TAG,
+    Domain,
+    Index,
+    Model,
+    Op,
+    Publish,
+    Start,
+    Status,
+    make_payload,
+    make_plan,
+)
 from tests.ssereader import Event, IdOnly, Retry, StreamReader, open_stream
 from tests.tcpproxy import TcpProxy
 
@@ -84,13 +115,26 @@ SCOPED_TOKEN, SCOPE = "chaos-scoped-token-1", "a.*"
 # which a Redis-mode 503 could also have been stored.
 MAYBE_STORED_STATUS = 504
 REDIS_503_MAY_BE_STORED = False
-GARBAGE_IDS = ("abc", "-1", "1e5", "0x10", "12345678901234567890123", "18446744073709551616", "\u0663\u0664",
-               "7;8", "9.5", "+3", "null", "undefined")
+GARBAGE_IDS = (
+    "abc",
+    "-1",
+    "1e5",
+    "0x10",
+    "12345678901234567890123",
+    "18446744073709551616",
+    "\u0663\u0664",
+    "7;8",
+    "9.5",
+    "+3",
+    "null",
+    "undefined",
+)
 
 
 # =================================================================================================================
 # Instances and streams as the runner sees them.
 # =================================================================================================================
+
 
 class Instance:
     """A daemon slot (0, and 1 for the second Redis instance) and its current lifetime."""
@@ -115,8 +159,19 @@ class Instance:
 class Watch:
     """The model's view of one stream: what it asked for, where it must start, and how far it has been checked."""
 
-    def __init__(self, number: int, instance: Instance, stream, names: frozenset, last_id: str | None,
-                 start: str, domain: Domain, gap_space: Index, sent_seq: int, why: str):
+    def __init__(
+        self,
+        number: int,
+        instance: Instance,
+        stream,
+        names: frozenset,
+        last_id: str | None,
+        start: str,
+        domain: Domain,
+        gap_space: Index,
+        sent_seq: int,
+        why: str,
+    ):
         self.number = number
         self.instance = instance
         self.daemon = instance.daemon
@@ -154,8 +209,10 @@ class Watch:
 
     def describe(self) -> str:
         names = "all" if len(self.names) == len(NAMES) else ",".join(sorted(self.names))
-        return (f"stream #{self.number} on {self.where} [{self.why}; names={names}; "
-                f"Last-Event-ID={self.last_id!r} -> {self.start.value}]")
+        return (
+            f"stream #{self.number} on {self.where} [{self.why}; names={names}; "
+            f"Last-Event-ID={self.last_id!r} -> {self.start.value}]"
+        )
 
     def open(self) -> bool:
         return not self.stream.ended and self.closed_by is None and self.end_expected is None
@@ -164,6 +221,7 @@ class Watch:
 # =================================================================================================================
 # The runner.
 # =================================================================================================================
+
 
 class Faults:
     """Every fault a run can inject, what is active right now, and how often each kind was injected.
@@ -230,9 +288,22 @@ class Faults:
         if kind in ("fsync", "write"):
             path = self.history_path()
             error = "EIO" if kind == "fsync" else "ENOSPC"
-            argv += [shutil.which("strace") or "strace", "-f", "--seccomp-bpf", "-qq", "-o", "/dev/null",
-                     "-e", f"trace={kind}", "-P", path, "-P", path + ".compact",
-                     "-e", f"inject={kind}:error={error}:when={when}"]
+            argv += [
+                shutil.which("strace") or "strace",
+                "-f",
+                "--seccomp-bpf",
+                "-qq",
+                "-o",
+                "/dev/null",
+                "-e",
+                f"trace={kind}",
+                "-P",
+                path,
+                "-P",
+                path + ".compact",
+                "-e",
+                f"inject={kind}:error={error}:when={when}",
+            ]
             self.injected(f"{kind} errors (strace inject when={when})")
         return argv
 
@@ -290,8 +361,18 @@ class Violation:
 
 
 class Chaos:
-    def __init__(self, mode: str, seed: int, steps: int, verbose: bool = False, keep_going: bool = False,
-                 only: set[int] | None = None, out=sys.stdout, workdir: str | None = None, keep: bool = False):
+    def __init__(
+        self,
+        mode: str,
+        seed: int,
+        steps: int,
+        verbose: bool = False,
+        keep_going: bool = False,
+        only: set[int] | None = None,
+        out=sys.stdout,
+        workdir: str | None = None,
+        keep: bool = False,
+    ):
         assert mode in MODES, mode
         self.mode, self.seed, self.steps = mode, seed, steps
         self.verbose, self.keep_going, self.only, self.out = verbose, keep_going, only, out
@@ -344,8 +425,11 @@ class Chaos:
     # -- the run -------------------------------------------------------------------------------------------------
 
     def run(self) -> bool:
-        print(f"chaos: mode={self.mode} seed={self.seed} steps={self.steps} workdir={self.workdir}", file=self.out,
-              flush=True)
+        print(
+            f"chaos: mode={self.mode} seed={self.seed} steps={self.steps} workdir={self.workdir}",
+            file=self.out,
+            flush=True,
+        )
         try:
             self.setup()
             for index, op in enumerate(self.plan):
@@ -355,8 +439,12 @@ class Chaos:
                 self.executed.append((index, op))
                 self.log(f"step {index}: {op}")
                 if not self.verbose and index and index % PROGRESS_EVERY == 0:
-                    print(f"  ... step {index}, {time.monotonic() - self.started:.0f}s, "
-                          f"{len(self.violations)} violations", file=self.out, flush=True)
+                    print(
+                        f"  ... step {index}, {time.monotonic() - self.started:.0f}s, "
+                        f"{len(self.violations)} violations",
+                        file=self.out,
+                        flush=True,
+                    )
                 self.apply(op)
                 self.check()
                 if self.violations and not self.keep_going:
@@ -379,10 +467,15 @@ class Chaos:
 
     def write_config(self) -> None:
         values = {
-            "host": "127.0.0.1", "port": 0, "log_level": "info",
-            "history_size": self.config["history_size"], "queue_size": self.config["queue_size"],
-            "heartbeat_interval": self.config["heartbeat_interval"], "retry_ms": RETRY_MS,
-            "max_message_bytes": LIMIT, "shutdown_timeout": SHUTDOWN_TIMEOUT,
+            "host": "127.0.0.1",
+            "port": 0,
+            "log_level": "info",
+            "history_size": self.config["history_size"],
+            "queue_size": self.config["queue_size"],
+            "heartbeat_interval": self.config["heartbeat_interval"],
+            "retry_ms": RETRY_MS,
+            "max_message_bytes": LIMIT,
+            "shutdown_timeout": SHUTDOWN_TIMEOUT,
             # Far beyond any step's waits, so the daemon never closes an idle keep-alive publisher just as it
             # sends (a race every HTTP client has, and not the one under test).
             "keepalive_timeout": 300.0,
@@ -391,8 +484,11 @@ class Chaos:
             "access_log": True,
         }
         if self.file_mode:
-            values.update(history_file=self.faults.history_path(), history_fsync=self.mode.split("-")[1],
-                          history_fsync_interval=FSYNC_INTERVAL)
+            values.update(
+                history_file=self.faults.history_path(),
+                history_fsync=self.mode.split("-")[1],
+                history_fsync_interval=FSYNC_INTERVAL,
+            )
         if self.redis_mode:
             values["redis_url"] = self.faults.redis_url()
         if self.config["tokens"]:
@@ -409,8 +505,13 @@ class Chaos:
         inst.stopping = False
         inst.keepalive = None
         label = f"instance {inst.slot} lifetime {inst.lifetime}"
-        inst.daemon = DaemonProcess(label, self.config_path, self.log_path, self.faults.wrapper(wrapper, when),
-                                    self.faults.proxy.port if self.faults.proxy else None)
+        inst.daemon = DaemonProcess(
+            label,
+            self.config_path,
+            self.log_path,
+            self.faults.wrapper(wrapper, when),
+            self.faults.proxy.port if self.faults.proxy else None,
+        )
         inst.history_sizes = {self.config["history_size"]}
         inst.start_history_size = self.config["history_size"]
         if self.mode == "memory":
@@ -431,8 +532,16 @@ class Chaos:
         if self.redis_mode:
             self.resolve_from_redis()  # in-flight publishes of a crash: stored or not, before judging the replay
         # Replay right after a start: a reset and everything retained must come back (the must-set check).
-        probe = self.subscribe(inst, None, "garbage-after-start", GARBAGE_IDS[inst.lifetime % len(GARBAGE_IDS)],
-                               foreign=False, query=False, scoped=False, stalled=False)
+        probe = self.subscribe(
+            inst,
+            None,
+            "garbage-after-start",
+            GARBAGE_IDS[inst.lifetime % len(GARBAGE_IDS)],
+            foreign=False,
+            query=False,
+            scoped=False,
+            stalled=False,
+        )
         if self.file_mode and probe is not None:
             self.resolve_from_replay(inst, probe)
 
@@ -440,8 +549,7 @@ class Chaos:
         """After a crash with publishes in flight (no answer: maybe stored), the full replay of the new lifetime
         shows which of them reached the history file. Those it shows become ordinary events; those it does not,
         although they would be retained, were not stored. Either way they stop weakening the retention check."""
-        maybes = [p for p in list(self.model.publishes.values())
-                  if p.status == MAYBE and p.domain is self.model.domain]
+        maybes = [p for p in list(self.model.publishes.values()) if p.status == MAYBE and p.domain is self.model.domain]
         if not maybes:
             return
         health = self.health(inst) or {}
@@ -556,15 +664,20 @@ class Chaos:
         if status in (503, MAYBE_STORED_STATUS) and (stopping or inst.stopping or self.store_fault(inst)):
             self.count(f"publish {status} under a fault")
             return
-        self.violate("unexpected publish status", f"{inst.name}: {status} for a {len(body)}-byte publish of "
-                     f"{name!r} ({spec[2]}; expected {413 if oversize else 200}): {response.body[:200]!r}")
+        self.violate(
+            "unexpected publish status",
+            f"{inst.name}: {status} for a {len(body)}-byte publish of "
+            f"{name!r} ({spec[2]}; expected {413 if oversize else 200}): {response.body[:200]!r}",
+        )
 
     def check_response(self, response: Response, what: str, allowed: tuple = (503,)) -> None:
         if response.status >= 500 and response.status not in allowed:
             self.violate("5xx", f"{what} answered {response.status}: {response.body[:300]!r}")
         if not getattr(response, "length_ok", True):
-            self.violate("content-length", f"{what}: Content-Length {response.headers.get('content-length')} "
-                         f"but {len(response.body)} body bytes")
+            self.violate(
+                "content-length",
+                f"{what}: Content-Length {response.headers.get('content-length')} but {len(response.body)} body bytes",
+            )
 
     def do_publish(self, instance: float, payload: tuple, keepalive: bool) -> None:
         inst = self.pick_instance(instance)
@@ -594,8 +707,9 @@ class Chaos:
             # Let a few publishes through first, so the fault lands in the middle of the burst.
             wanted = acknowledged_before + min(3, sum(len(p) for p in payloads))
             deadline = time.monotonic() + BURST_TIMEOUT
-            while (self.model.acknowledged < wanted and time.monotonic() < deadline
-                   and any(t.is_alive() for t in threads)):
+            while (
+                self.model.acknowledged < wanted and time.monotonic() < deadline and any(t.is_alive() for t in threads)
+            ):
                 time.sleep(POLL)
             during()
         # With the Redis link black-holed every publish waits out the daemon's Redis command timeout (then 504),
@@ -629,8 +743,9 @@ class Chaos:
         if kind == "stale" and ids:
             return str(ids[int(pick * len(ids)) % len(ids)]), False
         if kind == "previous" and self.previous_ids:
-            return str(self.previous_ids[int(pick * len(self.previous_ids)) % len(self.previous_ids)]), \
-                self.mode == "memory"
+            return str(
+                self.previous_ids[int(pick * len(self.previous_ids)) % len(self.previous_ids)]
+            ), self.mode == "memory"
         if kind == "future":
             return str(max(self.model.everything.ids[-1:] or [0]) + FUTURE_MARGIN), False
         if kind == "garbage":
@@ -641,16 +756,27 @@ class Chaos:
             return str(ids[-1]), False
         return None, False
 
-    def do_subscribe(self, instance: float, names, last: str, pick: float, query: bool, scoped: bool,
-                     stalled: bool) -> None:
+    def do_subscribe(
+        self, instance: float, names, last: str, pick: float, query: bool, scoped: bool, stalled: bool
+    ) -> None:
         inst = self.pick_instance(instance)
         if inst is None:
             return
         last_id, foreign = self.resolve_last_id(last, pick, inst)
         self.subscribe(inst, names, last, last_id, foreign, query, scoped, stalled, from_stream=last == "current")
 
-    def subscribe(self, inst: Instance, names, why: str, last_id: str | None, foreign: bool, query: bool,
-                  scoped: bool, stalled: bool, from_stream: bool = False) -> Watch | None:
+    def subscribe(
+        self,
+        inst: Instance,
+        names,
+        why: str,
+        last_id: str | None,
+        foreign: bool,
+        query: bool,
+        scoped: bool,
+        stalled: bool,
+        from_stream: bool = False,
+    ) -> Watch | None:
         model = self.model
         tokens = self.config["tokens"]
         accepted = frozenset(names) if names else frozenset(NAMES)
@@ -675,8 +801,18 @@ class Chaos:
         start = model.classify(last_id, domain, foreign, from_stream)
         self.watch_numbers += 1
         gap_space = domain if self.mode == "memory" else model.everything
-        watch = Watch(self.watch_numbers, inst, None, accepted, last_id, start, domain, gap_space, model.tick(),
-                      f"{why}{' stalled' if stalled else ''}")
+        watch = Watch(
+            self.watch_numbers,
+            inst,
+            None,
+            accepted,
+            last_id,
+            start,
+            domain,
+            gap_space,
+            model.tick(),
+            f"{why}{' stalled' if stalled else ''}",
+        )
         watch.from_stream = from_stream
         must = domain.must()
         if not inst.caught_up:
@@ -693,8 +829,9 @@ class Chaos:
             if start is Start.RESET or target_id > int(last_id):
                 watch.replay_target = target_id
         try:
-            status, response_headers, stream = open_stream(inst.daemon.port, target, headers, IO_TIMEOUT,
-                                                           rcvbuf=4096 if stalled else None)
+            status, response_headers, stream = open_stream(
+                inst.daemon.port, target, headers, IO_TIMEOUT, rcvbuf=4096 if stalled else None
+            )
         except OSError as exc:
             if inst.daemon.alive() and not inst.stopping:
                 self.violate("subscribe failed", f"{inst.name} {target}: {exc}")
@@ -707,16 +844,20 @@ class Chaos:
             if status >= 500 and status != 503:
                 self.violate("5xx", f"GET {target} answered {status}: {body[:200]!r}")
             else:
-                self.violate("unexpected subscribe status", f"GET {target} with {headers}: {status} (expected "
-                             f"{expected}): {body[:200]!r}")
+                self.violate(
+                    "unexpected subscribe status",
+                    f"GET {target} with {headers}: {status} (expected {expected}): {body[:200]!r}",
+                )
             if hasattr(stream, "sock"):
                 stream.sock.close()
             return None
         if status != 200:
             return None
         if "content-length" in response_headers:
-            self.violate("stream turned away", f"GET {target}: a 200 with Content-Length (a turn-away) although "
-                         f"max_subscribers is far away")
+            self.violate(
+                "stream turned away",
+                f"GET {target}: a 200 with Content-Length (a turn-away) although max_subscribers is far away",
+            )
         watch.stream = stream
         watch.stalled = watch.was_stalled = stalled
         self.watches.append(watch)
@@ -756,8 +897,9 @@ class Chaos:
         self.reader.resume(watch.stream)
 
     def do_reload(self, history_size: int, queue_size: int, heartbeat_interval: float, tokens: bool) -> None:
-        self.config.update(history_size=history_size, queue_size=queue_size, heartbeat_interval=heartbeat_interval,
-                           tokens=tokens)
+        self.config.update(
+            history_size=history_size, queue_size=queue_size, heartbeat_interval=heartbeat_interval, tokens=tokens
+        )
         self.write_config()
         for inst in self.running():
             daemon = inst.daemon
@@ -810,8 +952,11 @@ class Chaos:
             stop()
         code = daemon.wait(SHUTDOWN_TIMEOUT + IO_TIMEOUT)
         if code is None:
-            self.violate("stop hung", f"{inst.name} still running {SHUTDOWN_TIMEOUT + IO_TIMEOUT}s after "
-                         f"{'SIGTERM' if how == 'term' else 'SIGKILL'}")
+            self.violate(
+                "stop hung",
+                f"{inst.name} still running {SHUTDOWN_TIMEOUT + IO_TIMEOUT}s after "
+                f"{'SIGTERM' if how == 'term' else 'SIGKILL'}",
+            )
             daemon.kill()
         elif how == "term" and code != 0:
             kind = "exit code under a store fault" if self.store_fault(inst) else "exit code"
@@ -830,8 +975,9 @@ class Chaos:
     def check_graceful_ends(self, inst: Instance, daemon: DaemonProcess) -> None:
         """After SIGTERM: each stream that was being read has every acknowledged matching event (in Redis mode:
         those this instance acknowledged itself), then `retry: N` with N jittered, then the end."""
-        watches = [w for w in self.watches
-                   if w.daemon is daemon and not w.stalled and w.closed_by is None and not w.end_noted]
+        watches = [
+            w for w in self.watches if w.daemon is daemon and not w.stalled and w.closed_by is None and not w.end_noted
+        ]
         self.reader.wait(lambda: all(w.stream.ended for w in watches), IO_TIMEOUT)
         self.validate_all()
         for watch in watches:
@@ -847,15 +993,21 @@ class Chaos:
                 watch.end_noted = True
                 continue
             if stream.end_error or not match:
-                self.violate("stop without retry", f"{watch.describe()} ended without `retry:` and a blank line "
-                             f"({stream.end_error or 'closed'}); tail {stream.tail[-80:]!r}")
+                self.violate(
+                    "stop without retry",
+                    f"{watch.describe()} ended without `retry:` and a blank line "
+                    f"({stream.end_error or 'closed'}); tail {stream.tail[-80:]!r}",
+                )
             elif not RETRY_MS <= int(match.group(1)) <= RETRY_MS + 2 * max(RETRY_MS, 1000):
                 self.violate("stop retry", f"{watch.describe()}: retry {match.group(1)} outside the jitter range")
             required = self.required_newest(watch, own_only=self.redis_mode)
             if required is not None and (watch.last_event or 0) < required:
-                self.violate("stop lost events", f"{watch.describe()} ended at SIGTERM with event "
-                             f"{watch.last_event}, without acknowledged event {required} (every event already "
-                             f"accepted must be delivered before `retry:`)")
+                self.violate(
+                    "stop lost events",
+                    f"{watch.describe()} ended at SIGTERM with event "
+                    f"{watch.last_event}, without acknowledged event {required} (every event already "
+                    f"accepted must be delivered before `retry:`)",
+                )
             watch.end_noted = True
 
     def do_quiesce(self) -> None:
@@ -878,14 +1030,20 @@ class Chaos:
                 if now_fds <= fds and now_threads <= threads:
                     break
                 if time.monotonic() > deadline:
-                    self.violate("leak", f"{inst.name}: {now_fds} fds (baseline {fds}) and {now_threads} threads "
-                                 f"(baseline {threads}) {QUIESCE_TIMEOUT}s after every client left; fds: "
-                                 f"{sorted(targets)}")
+                    self.violate(
+                        "leak",
+                        f"{inst.name}: {now_fds} fds (baseline {fds}) and {now_threads} threads "
+                        f"(baseline {threads}) {QUIESCE_TIMEOUT}s after every client left; fds: "
+                        f"{sorted(targets)}",
+                    )
                     break
                 time.sleep(POLL * 5)
             if self.redis_mode and daemon.redis_connections() > 12:
-                self.violate("redis connections", f"{inst.name}: {daemon.redis_connections()} connections to Redis "
-                             f"with no client (the pool is bounded)")
+                self.violate(
+                    "redis connections",
+                    f"{inst.name}: {daemon.redis_connections()} connections to Redis "
+                    f"with no client (the pool is bounded)",
+                )
         self.count("quiesce checks")
 
     def do_bad_requests(self, instance: float, which: tuple) -> None:
@@ -941,8 +1099,9 @@ class Chaos:
             self.model.fail(publish, maybe=False)
             self.check_response(response, f"{kind} publish")
             if response.status != expected:
-                self.violate("unexpected status", f"{kind}: {response.status}, expected {expected}: "
-                             f"{response.body[:200]!r}")
+                self.violate(
+                    "unexpected status", f"{kind}: {response.status}, expected {expected}: {response.body[:200]!r}"
+                )
             self.count("bad requests")
 
     def do_disk_full(self, free: int) -> None:
@@ -982,8 +1141,7 @@ class Chaos:
         """Publishes answered 503 (or not at all) in Redis mode may have been stored. Read the stream: a tag that
         is there has its id; one that is not, while the stream still reaches back past the moment it was sent,
         was not stored. Either way it stops weakening what the model can require."""
-        maybes = [p for p in list(self.model.publishes.values())
-                  if p.status == MAYBE and p.domain is self.model.domain]
+        maybes = [p for p in list(self.model.publishes.values()) if p.status == MAYBE and p.domain is self.model.domain]
         if not maybes:
             return
         entries = self.faults.redis_stream()
@@ -1061,8 +1219,11 @@ class Chaos:
                 inst.caught_up = True
                 return
             time.sleep(POLL * 5)
-        self.violate("redis follower", f"{inst.name} not caught up with the stream (newest acknowledged {newest}) "
-                     f"within {REDIS_TIMEOUT}s: {health}")
+        self.violate(
+            "redis follower",
+            f"{inst.name} not caught up with the stream (newest acknowledged {newest}) "
+            f"within {REDIS_TIMEOUT}s: {health}",
+        )
 
     def health(self, inst: Instance) -> dict | None:
         try:
@@ -1120,7 +1281,7 @@ class Chaos:
         now on they are events like any other. A refused publish that shows up is a violation."""
         promoted = 0
         with self.reader.lock:
-            snapshot = [(watch, watch.stream.items[watch.checked:]) for watch in self.watches]
+            snapshot = [(watch, watch.stream.items[watch.checked :]) for watch in self.watches]
         for watch, items in snapshot:
             for item in items:
                 if not isinstance(item, Event) or item.name == "sseserver.reset":
@@ -1134,14 +1295,20 @@ class Chaos:
                 if publish is None:
                     continue
                 if publish.status in (MAYBE, ABSENT):
-                    self.count("maybe-stored publishes seen in a stream" if publish.status == MAYBE
-                               else "publishes stored after Redis showed them absent (a held command)")
+                    self.count(
+                        "maybe-stored publishes seen in a stream"
+                        if publish.status == MAYBE
+                        else "publishes stored after Redis showed them absent (a held command)"
+                    )
                     self.model.promote(publish, event_id)
                     promoted += 1
                 elif publish.status == REFUSED:
                     publish.status = Status.DELIVERED_ANYWAY
-                    self.violate("refused publish delivered", f"{watch.describe()} received {item!r}, whose publish "
-                                 f"was answered with an error (a non-200 must mean 'not published')")
+                    self.violate(
+                        "refused publish delivered",
+                        f"{watch.describe()} received {item!r}, whose publish "
+                        f"was answered with an error (a non-200 must mean 'not published')",
+                    )
         if promoted:
             self.raise_floors()  # a promoted event counts toward history_size like any other
         return promoted
@@ -1172,7 +1339,7 @@ class Chaos:
                 late = []
                 for watch, required in targets.items():
                     items = watch.stream.items
-                    for item in items[watch.scanned:]:
+                    for item in items[watch.scanned :]:
                         if isinstance(item, Event) and item.id.isdigit() and item.name != "sseserver.reset":
                             watch.newest_seen = max(watch.newest_seen, int(item.id))
                     watch.scanned = len(items)
@@ -1191,15 +1358,18 @@ class Chaos:
             for watch in late:
                 required = targets[watch]
                 watch.reported_missing = required
-                self.violate("missing events", f"{watch.describe()} has not received acknowledged event {required} "
-                             f"({self.model.by_id[required].tag}) within {SETTLE_TIMEOUT}s; newest received "
-                             f"{watch.newest_seen or None}")
+                self.violate(
+                    "missing events",
+                    f"{watch.describe()} has not received acknowledged event {required} "
+                    f"({self.model.by_id[required].tag}) within {SETTLE_TIMEOUT}s; newest received "
+                    f"{watch.newest_seen or None}",
+                )
             return
 
     def validate_all(self) -> None:
         self.promote_maybes()
         with self.reader.lock:
-            snapshot = [(watch, watch.stream.items[watch.checked:]) for watch in self.watches]
+            snapshot = [(watch, watch.stream.items[watch.checked :]) for watch in self.watches]
         for watch, items in snapshot:
             for item in items:
                 self.validate(watch, item)
@@ -1207,8 +1377,11 @@ class Chaos:
             self.check_reset_in_preamble(watch)
             parser = watch.stream.parser
             if parser.bom or parser.decode_errors or parser.unknown_fields:
-                self.violate("framing", f"{watch.describe()}: BOM {parser.bom}, {parser.decode_errors} lines not "
-                             f"UTF-8, unknown fields {parser.unknown_fields[:5]}")
+                self.violate(
+                    "framing",
+                    f"{watch.describe()}: BOM {parser.bom}, {parser.decode_errors} lines not "
+                    f"UTF-8, unknown fields {parser.unknown_fields[:5]}",
+                )
                 parser.bom, parser.decode_errors, parser.unknown_fields = False, 0, []
         # Retire streams that are over and fully checked, so long runs do not slow down.
         keep = []
@@ -1232,8 +1405,11 @@ class Chaos:
             return
         watch.reset_checks += 1
         if watch.reset_checks == 2:
-            self.violate("missing reset", f"{watch.describe()}: the stream began without the sseserver.reset that "
-                         f"a Last-Event-ID the daemon cannot honour requires")
+            self.violate(
+                "missing reset",
+                f"{watch.describe()}: the stream began without the sseserver.reset that "
+                f"a Last-Event-ID the daemon cannot honour requires",
+            )
 
     def validate(self, watch: Watch, item) -> None:
         model = self.model
@@ -1256,9 +1432,12 @@ class Chaos:
             return
         if publish.name != item.name or publish.wire != item.data:
             found = self.find_publish(item)
-            self.violate("wrong event", f"{where} received id {event_id} as {item!r}, but that id belongs to "
-                         f"{publish.tag} {publish.name!r} {publish.wire[:40]!r}"
-                         + (f"; the data is {found.tag}'s ({found.status.value}, id {found.id})" if found else ""))
+            self.violate(
+                "wrong event",
+                f"{where} received id {event_id} as {item!r}, but that id belongs to "
+                f"{publish.tag} {publish.name!r} {publish.wire[:40]!r}"
+                + (f"; the data is {found.tag}'s ({found.status.value}, id {found.id})" if found else ""),
+            )
             return
         if item.name not in watch.names:
             self.violate("filter", f"{where} received {item!r}, which its filter excludes")
@@ -1282,8 +1461,11 @@ class Chaos:
         """The first event of a stream: where the replay (or the live part) must begin."""
         where = watch.describe()
         if watch.start is Start.RESET and not watch.leading_reset:
-            self.violate("missing reset", f"{where}: first event {event_id} without the sseserver.reset that a "
-                         f"Last-Event-ID the daemon cannot honour requires")
+            self.violate(
+                "missing reset",
+                f"{where}: first event {event_id} without the sseserver.reset that a "
+                f"Last-Event-ID the daemon cannot honour requires",
+            )
             return
         if watch.leading_reset or watch.resets:
             if not watch.gap_ok:
@@ -1291,21 +1473,30 @@ class Chaos:
             return
         if watch.start in (Start.EXACT, Start.EITHER):
             self.count("exact replays checked")
-            self.check_gap(watch, int(watch.last_id), event_id, "replay after Last-Event-ID",
-                           space=self.replay_space(watch))
+            self.check_gap(
+                watch, int(watch.last_id), event_id, "replay after Last-Event-ID", space=self.replay_space(watch)
+            )
             return
         # A stream without Last-Event-ID starts with live events.
         if not self.redis_mode and publish.ack_seq is not None and publish.ack_seq < watch.sent_seq:
-            self.violate("replay without Last-Event-ID", f"{where}: first event {event_id} was acknowledged before "
-                         f"the stream was requested")
+            self.violate(
+                "replay without Last-Event-ID",
+                f"{where}: first event {event_id} was acknowledged before the stream was requested",
+            )
         self.check_live_start(watch, event_id)
 
     def check_live_start(self, watch: Watch, before: int) -> None:
-        missed = [i for i in watch.gap_space.between(watch.sure_max_id, before, watch.names)
-                  if self.model.by_id[i].sent_seq > watch.sure_seq]
+        missed = [
+            i
+            for i in watch.gap_space.between(watch.sure_max_id, before, watch.names)
+            if self.model.by_id[i].sent_seq > watch.sure_seq
+        ]
         if missed:
-            self.violate("gap", f"{watch.describe()}: live events {self.describe_ids(missed)} published after the "
-                         f"stream was open never arrived (the stream went on at {before})")
+            self.violate(
+                "gap",
+                f"{watch.describe()}: live events {self.describe_ids(missed)} published after the "
+                f"stream was open never arrived (the stream went on at {before})",
+            )
 
     def replay_space(self, watch: Watch) -> Index:
         """Where a replay from the Last-Event-ID must be gap-free. A `0` the daemon itself handed out in Redis mode
@@ -1321,16 +1512,22 @@ class Chaos:
             return
         missing = (space or watch.gap_space).between(low, high, watch.names)
         if missing:
-            self.violate("gap", f"{watch.describe()}: {where}, {high} came after {low} but acknowledged matching "
-                         f"events {self.describe_ids(missing)} never did, and no sseserver.reset said so")
+            self.violate(
+                "gap",
+                f"{watch.describe()}: {where}, {high} came after {low} but acknowledged matching "
+                f"events {self.describe_ids(missing)} never did, and no sseserver.reset said so",
+            )
 
     def describe_ids(self, ids: list[int]) -> str:
         """Ids with the publish behind each (tag, how it was answered, the step that published it)."""
         shown = []
         for event_id in ids[:5]:
             publish = self.model.by_id.get(event_id)
-            shown.append(f"{event_id} ({publish.tag} {publish.name}, {publish.status.value} at step {publish.step})"
-                         if publish else str(event_id))
+            shown.append(
+                f"{event_id} ({publish.tag} {publish.name}, {publish.status.value} at step {publish.step})"
+                if publish
+                else str(event_id)
+            )
         return "[" + ", ".join(shown) + (f", ... {len(ids)} in all" if len(ids) > 5 else "") + "]"
 
     def validate_cursor(self, watch: Watch, item: IdOnly) -> None:
@@ -1344,16 +1541,25 @@ class Chaos:
         if cursor not in self.model.by_id and not (self.redis_mode and self.model.unresolved()):
             self.violate("heartbeat id", f"{where}: heartbeat moved the cursor to {cursor}, which is no event's id")
         if watch.last_event is not None and cursor < watch.last_event:
-            self.violate("heartbeat id", f"{where}: heartbeat moved the cursor back to {cursor} after event "
-                         f"{watch.last_event}")
+            self.violate(
+                "heartbeat id", f"{where}: heartbeat moved the cursor back to {cursor} after event {watch.last_event}"
+            )
             return
         fresh = not watch.seen_any and not watch.leading_reset and not watch.resets
         if not watch.seen_any and watch.start is Start.RESET and not watch.leading_reset:
-            self.violate("missing reset", f"{where}: a heartbeat id came before the sseserver.reset that a "
-                         f"Last-Event-ID the daemon cannot honour requires")
+            self.violate(
+                "missing reset",
+                f"{where}: a heartbeat id came before the sseserver.reset that a "
+                f"Last-Event-ID the daemon cannot honour requires",
+            )
         elif fresh and watch.start in (Start.EXACT, Start.EITHER):
-            self.check_gap(watch, int(watch.last_id), cursor + 1, "heartbeat cursor after Last-Event-ID",
-                           space=self.replay_space(watch))
+            self.check_gap(
+                watch,
+                int(watch.last_id),
+                cursor + 1,
+                "heartbeat cursor after Last-Event-ID",
+                space=self.replay_space(watch),
+            )
         elif fresh:
             self.check_live_start(watch, cursor + 1)
         elif not watch.gap_ok:
@@ -1374,8 +1580,13 @@ class Chaos:
         watch.gap_ok = True
         self.count("resets")
         # The replay's reset carries an `id:` (where a reconnect resumes); a gap notice does not.
-        leading = (not watch.seen_any and not watch.leading_reset and not watch.resets
-                   and watch.start in (Start.RESET, Start.EITHER) and item.own_id)
+        leading = (
+            not watch.seen_any
+            and not watch.leading_reset
+            and not watch.resets
+            and watch.start in (Start.RESET, Start.EITHER)
+            and item.own_id
+        )
         if leading:
             watch.leading_reset = True
         else:
@@ -1388,11 +1599,15 @@ class Chaos:
             if watch.seen_any:
                 self.violate("reset mid-stream", f"{where}: sseserver.reset after events: {item!r}")
             elif watch.start is Start.EXACT:
-                self.violate("needless reset", f"{where}: sseserver.reset although the daemon must still hold "
-                             f"Last-Event-ID {watch.last_id} (replay must be exact): {item.data}")
+                self.violate(
+                    "needless reset",
+                    f"{where}: sseserver.reset although the daemon must still hold "
+                    f"Last-Event-ID {watch.last_id} (replay must be exact): {item.data}",
+                )
             else:
-                self.violate("needless reset", f"{where}: sseserver.reset on a stream opened without "
-                             f"Last-Event-ID: {item.data}")
+                self.violate(
+                    "needless reset", f"{where}: sseserver.reset on a stream opened without Last-Event-ID: {item.data}"
+                )
             return
         self.count("reset replays checked")
         if echoed != watch.last_id:
@@ -1400,12 +1615,14 @@ class Chaos:
                 # HTTP header bytes read as latin-1: a browser sends Last-Event-ID in UTF-8. Cosmetic; counted.
                 self.count("non-ASCII Last-Event-ID echoed as latin-1")
             else:
-                self.violate("reset format", f"{where}: reset echoes last_event_id {echoed!r}, sent "
-                             f"{watch.last_id!r}")
+                self.violate("reset format", f"{where}: reset echoes last_event_id {echoed!r}, sent {watch.last_id!r}")
         if oldest is None:
             if watch.must_count:
-                self.violate("retained too few", f"{where}: reset says nothing is retained, but "
-                             f"{watch.must_count} events (from id {watch.must_floor}) must be")
+                self.violate(
+                    "retained too few",
+                    f"{where}: reset says nothing is retained, but "
+                    f"{watch.must_count} events (from id {watch.must_floor}) must be",
+                )
             watch.prev = None  # nothing to replay: from here on it is a live stream (check_live_start)
             watch.gap_ok = False
             return
@@ -1420,8 +1637,11 @@ class Chaos:
         elif publish is not None and self.mode == "memory" and publish.domain is not watch.domain:
             self.violate("reset oldest", f"{where}: oldest_id {oldest_id} is from {publish.domain.key}")
         if watch.must_floor is not None and oldest_id > watch.must_floor:
-            self.violate("retained too few", f"{where}: replay starts at {oldest_id}, but every event from "
-                         f"{watch.must_floor} on ({watch.must_count} events) must still be retained")
+            self.violate(
+                "retained too few",
+                f"{where}: replay starts at {oldest_id}, but every event from "
+                f"{watch.must_floor} on ({watch.must_count} events) must still be retained",
+            )
         # Everything from oldest_id on that matches must now follow, without a gap.
         watch.prev = oldest_id - 1
         watch.gap_ok = False
@@ -1432,8 +1652,9 @@ class Chaos:
         lifetime's first event it is an origin the model cannot see, so only "below oldest_id" is checked."""
         where = watch.describe()
         if not (item.id.isascii() and item.id.isdigit()) or int(item.id) >= oldest_id:
-            self.violate("reset format", f"{where}: reset carries id {item.id!r}, not the id before oldest_id "
-                         f"{oldest_id}")
+            self.violate(
+                "reset format", f"{where}: reset carries id {item.id!r}, not the id before oldest_id {oldest_id}"
+            )
             return
         if self.redis_mode or watch.domain.unresolved:
             return
@@ -1441,8 +1662,10 @@ class Chaos:
         # The oldest may be a lifetime's first event with nothing stored before it (history_size 0 emptied the
         # file): its predecessor is that lifetime's origin, `first id - 1`, and a reconnect from it is exact too.
         if before and int(item.id) not in (before[-1], oldest_id - 1) and int(item.id) not in self.model.by_id:
-            self.violate("reset format", f"{where}: reset carries id {item.id}, but the event before oldest_id "
-                         f"{oldest_id} is {before[-1]}")
+            self.violate(
+                "reset format",
+                f"{where}: reset carries id {item.id}, but the event before oldest_id {oldest_id} is {before[-1]}",
+            )
 
     def check_ends(self) -> None:
         """A stream may end because its daemon stopped, it was slow, or the client left: nothing else."""
@@ -1461,9 +1684,12 @@ class Chaos:
         for watch in unexplained:
             if self.explained_as_slow(watch):
                 continue
-            self.violate("stream ended", f"{watch.describe()} ended ({watch.stream.end_error or 'EOF'}) although "
-                         f"its daemon runs, it was not slow ({watch.daemon.slow_drops()} slow drops logged) and "
-                         f"the client stayed; tail {watch.stream.tail[-80:]!r}")
+            self.violate(
+                "stream ended",
+                f"{watch.describe()} ended ({watch.stream.end_error or 'EOF'}) although "
+                f"its daemon runs, it was not slow ({watch.daemon.slow_drops()} slow drops logged) and "
+                f"the client stayed; tail {watch.stream.tail[-80:]!r}",
+            )
 
     def explained_as_slow(self, watch: Watch) -> bool:
         """A stream the test reads can still be dropped as slow (queue_size 1 and a burst of large events outrun
@@ -1502,15 +1728,19 @@ class Chaos:
             stalled = sum(1 for w in mine if w.stalled)
         subscribers = health.get("subscribers")
         if not isinstance(subscribers, int) or not active <= subscribers <= active + stalled:
-            return (f"subscribers {subscribers!r}, but the test holds {active} streams open"
-                    + (f" and {stalled} stalled ones" if stalled else ""))
+            return f"subscribers {subscribers!r}, but the test holds {active} streams open" + (
+                f" and {stalled} stalled ones" if stalled else ""
+            )
         domain = inst.domain if self.mode == "memory" else self.model.domain
         newest = domain.ids[-1] if domain.ids else None
         last = health.get("last_event_id")
         last_value = int(last) if isinstance(last, str) and last.isdigit() else None
         nothing_retained = not domain.must()  # e.g. history_size 0 across a restart: the daemon cannot know
-        if newest is not None and not (self.redis_mode and self.faults.redis_unreachable) and not (
-                nothing_retained and last_value is None):
+        if (
+            newest is not None
+            and not (self.redis_mode and self.faults.redis_unreachable)
+            and not (nothing_retained and last_value is None)
+        ):
             if last_value is None or last_value < newest:
                 return f"last_event_id {last!r}, but {newest} was acknowledged"
             if last_value != newest and not self.redis_mode and not domain.refused:
@@ -1532,12 +1762,13 @@ class Chaos:
             daemon = inst.daemon
             if daemon is None:
                 continue
-            lines = daemon.lines[daemon.checked_lines:]
+            lines = daemon.lines[daemon.checked_lines :]
             daemon.checked_lines += len(lines)
             for index, line in enumerate(lines):
                 if "Traceback" in line:
-                    self.violate("traceback", f"{daemon.label} logged a traceback: "
-                                 + " | ".join(lines[index:index + 12]))
+                    self.violate(
+                        "traceback", f"{daemon.label} logged a traceback: " + " | ".join(lines[index : index + 12])
+                    )
                     break
 
     # -- the end -------------------------------------------------------------------------------------------------
@@ -1560,10 +1791,15 @@ class Chaos:
         out = self.out
         elapsed = time.monotonic() - self.started
         published = sum(1 for p in self.model.publishes.values() if p.status == ACKED)
-        print(f"chaos summary: mode={self.mode} seed={self.seed}: {len(self.executed)} steps in {elapsed:.1f}s, "
-              f"{published} events acknowledged, {self.stats.get('streams opened', 0)} streams", file=out)
-        print("  faults injected: " + (", ".join(f"{k} x{v}" for k, v in sorted(self.faults.counts.items())) or "none"),
-              file=out)
+        print(
+            f"chaos summary: mode={self.mode} seed={self.seed}: {len(self.executed)} steps in {elapsed:.1f}s, "
+            f"{published} events acknowledged, {self.stats.get('streams opened', 0)} streams",
+            file=out,
+        )
+        print(
+            "  faults injected: " + (", ".join(f"{k} x{v}" for k, v in sorted(self.faults.counts.items())) or "none"),
+            file=out,
+        )
         print("  observed: " + (", ".join(f"{k} x{v}" for k, v in sorted(self.stats.items())) or "nothing"), file=out)
         if not self.violations:
             print("  violations: none", file=out)
@@ -1575,22 +1811,29 @@ class Chaos:
         kinds: dict[str, int] = {}
         for violation in self.violations:
             kinds[violation.kind] = kinds.get(violation.kind, 0) + 1
-        print(f"  violations: {len(self.violations)} (" + ", ".join(f"{k} x{v}" for k, v in kinds.items()) + ")",
-              file=out)
+        print(
+            f"  violations: {len(self.violations)} (" + ", ".join(f"{k} x{v}" for k, v in kinds.items()) + ")", file=out
+        )
         first = self.violations[0].step
         steps = [f"    step {index}: {op}" for index, op in self.executed if index <= first]
         with open(os.path.join(self.workdir, "steps.txt"), "w") as handle:
             handle.write("\n".join(f"step {index}: {op}" for index, op in self.executed) + "\n")
-        print(f"  first violation at step {first}; steps up to it"
-              + (f" (last 40 of {len(steps)}; all in {self.workdir}/steps.txt)" if len(steps) > 40 else "") + ":",
-              file=out)
+        print(
+            f"  first violation at step {first}; steps up to it"
+            + (f" (last 40 of {len(steps)}; all in {self.workdir}/steps.txt)" if len(steps) > 40 else "")
+            + ":",
+            file=out,
+        )
         print("\n".join(steps[-40:]), file=out)
         for violation in self.violations[:20]:
             print(f"  {violation}", file=out)
         print(f"  daemon logs: {self.log_path}", file=out)
         only = f" --only {','.join(str(i) for i in sorted(self.only))}" if self.only is not None else ""
-        print(f"  replay: python3 -m tests.chaos --mode {self.mode} --seed {self.seed} --steps {first + 1}{only}",
-              file=out, flush=True)
+        print(
+            f"  replay: python3 -m tests.chaos --mode {self.mode} --seed {self.seed} --steps {first + 1}{only}",
+            file=out,
+            flush=True,
+        )
 
 
 def minimize(mode: str, seed: int, steps: int, kind: str, out=sys.stdout) -> list[int] | None:
@@ -1616,7 +1859,7 @@ def minimize(mode: str, seed: int, steps: int, kind: str, out=sys.stdout) -> lis
     while True:
         index, changed = 0, False
         while index < len(current):
-            candidate = current[:index] + current[index + chunk:]
+            candidate = current[:index] + current[index + chunk :]
             if candidate and reproduces(candidate):
                 current, changed = candidate, True
                 print(f"minimize: {len(current)} steps left", file=out, flush=True)
@@ -1626,8 +1869,11 @@ def minimize(mode: str, seed: int, steps: int, kind: str, out=sys.stdout) -> lis
             break
         chunk = max(1, chunk // 2) if not changed else chunk
     only = ",".join(str(i) for i in current)
-    print(f"minimal reproduction ({len(current)} steps): python3 -m tests.chaos --mode {mode} --seed {seed} "
-          f"--steps {steps} --only {only}", file=out)
+    print(
+        f"minimal reproduction ({len(current)} steps): python3 -m tests.chaos --mode {mode} --seed {seed} "
+        f"--steps {steps} --only {only}",
+        file=out,
+    )
     _, plan = make_plan(mode, seed, steps)
     for index in current:
         print(f"    step {index}: {plan[index]}", file=out)
@@ -1655,8 +1901,11 @@ def main(argv=None) -> int:
     parser.add_argument("--only", type=parse_only, help="run only these steps of the plan, e.g. 0-5,9")
     parser.add_argument("--print-plan", action="store_true", help="print the plan and exit")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) after a clean run")
-    parser.add_argument("--minimize", metavar="KIND",
-                        help="find a small subset of the first --steps steps that still shows a violation of KIND")
+    parser.add_argument(
+        "--minimize",
+        metavar="KIND",
+        help="find a small subset of the first --steps steps that still shows a violation of KIND",
+    )
     args = parser.parse_args(argv)
     # A timeout's SIGTERM must still run the cleanup (daemons, redis-server, the namespace holder).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -1668,8 +1917,15 @@ def main(argv=None) -> int:
         for index, op in enumerate(plan):
             print(f"step {index}: {op}")
         return 0
-    chaos = Chaos(args.mode, args.seed, args.steps, verbose=args.verbose, keep_going=args.keep_going, only=args.only,
-                  keep=args.keep)
+    chaos = Chaos(
+        args.mode,
+        args.seed,
+        args.steps,
+        verbose=args.verbose,
+        keep_going=args.keep_going,
+        only=args.only,
+        keep=args.keep,
+    )
     return 0 if chaos.run() else 1
 
 

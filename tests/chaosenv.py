@@ -30,6 +30,7 @@ POLL = 0.02  # the sleep inside every polling loop that has a deadline
 # Processes: the daemon, redis-server, the namespace that holds the small disk.
 # =================================================================================================================
 
+
 def render_config(values: dict) -> str:
     """TOML: JSON literals are valid TOML for strings, numbers, booleans and lists of strings."""
     return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
@@ -65,16 +66,18 @@ class DaemonProcess:
 
     def start(self) -> None:
         argv = self.wrapper + [sys.executable, "-m", "sseserver", "-c", self.config_path]
-        self.process = subprocess.Popen(argv, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            argv, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         self._pump = threading.Thread(target=self._read_log, name="chaos-log", daemon=True)
         self._pump.start()
         deadline = time.monotonic() + START_TIMEOUT
         while not self._listening.wait(POLL):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.process.poll()
-                raise StartFailed(f"{self.label} did not start (exit {self.process.returncode}): "
-                                  + " | ".join(self.lines[-8:]))
+                raise StartFailed(
+                    f"{self.label} did not start (exit {self.process.returncode}): " + " | ".join(self.lines[-8:])
+                )
         self.pid = self._find_pid(deadline)
         self.baseline = (self.fd_count()[0], self.thread_count())
 
@@ -219,10 +222,15 @@ class TmpfsHolder:
     def start(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
         user = [] if os.geteuid() == 0 else ["-r"]
-        script = (f"mount -t tmpfs -o size={self.size},mode=0700 chaos-disk '{self.directory}' && echo ready "
-                  "&& exec sleep 1000000")
-        self.process = subprocess.Popen(["unshare", *user, "-m", "--propagation", "private", "sh", "-c", script],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        script = (
+            f"mount -t tmpfs -o size={self.size},mode=0700 chaos-disk '{self.directory}' && echo ready "
+            "&& exec sleep 1000000"
+        )
+        self.process = subprocess.Popen(
+            ["unshare", *user, "-m", "--propagation", "private", "sh", "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         ready, _, _ = select.select([self.process.stdout], [], [], START_TIMEOUT)
         line = self.process.stdout.readline() if ready else b""
         if line.strip() != b"ready":
@@ -280,9 +288,25 @@ class RedisServer:
         os.makedirs(directory, exist_ok=True)
 
     def start(self) -> None:
-        argv = [shutil.which("redis-server"), "--port", "0", "--unixsocket", self.socket, "--unixsocketperm", "700",
-                "--dir", self.directory, "--save", "", "--logfile", os.path.join(self.directory, "redis.log"),
-                "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always"]
+        argv = [
+            shutil.which("redis-server"),
+            "--port",
+            "0",
+            "--unixsocket",
+            self.socket,
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            self.directory,
+            "--save",
+            "",
+            "--logfile",
+            os.path.join(self.directory, "redis.log"),
+            "--appendonly",
+            "yes" if self.persistent else "no",
+            "--appendfsync",
+            "always",
+        ]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + REDIS_TIMEOUT
         while True:
@@ -335,6 +359,7 @@ class RedisReplyError(Exception):
 # keep-alive publishers (a connection is one request thread in the daemon: strace counts its calls per thread).
 # =================================================================================================================
 
+
 class Response:
     def __init__(self, status: int, headers: dict, body: bytes):
         self.status, self.headers, self.body = status, headers, body
@@ -386,8 +411,14 @@ def _head_and_body(sock: socket.socket, buffer: bytearray, deadline: float, unti
     return response
 
 
-def http(port: int, method: str, target: str, body: bytes | None = None, headers: dict | None = None,
-         timeout: float = IO_TIMEOUT) -> Response:
+def http(
+    port: int,
+    method: str,
+    target: str,
+    body: bytes | None = None,
+    headers: dict | None = None,
+    timeout: float = IO_TIMEOUT,
+) -> Response:
     """One request with Connection: close; the body is read to the end, so a wrong Content-Length shows."""
     lines = [f"{method} {target} HTTP/1.1", "Host: chaos", "Connection: close"]
     lines += [f"{name}: {value}" for name, value in (headers or {}).items()]

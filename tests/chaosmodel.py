@@ -18,7 +18,7 @@ import threading
 MODES = ("memory", "file-always", "file-interval", "file-never", "redis", "redis-aof")
 LIMIT = 16384  # max_message_bytes of the daemons under test
 NAMES = ("message", "a.one", "a.two", "b", "c:x-y")  # every event name the plan uses
-FUTURE_MARGIN = 10 ** 12  # a "future" Last-Event-ID is this far beyond every id handed out
+FUTURE_MARGIN = 10**12  # a "future" Last-Event-ID is this far beyond every id handed out
 HISTORY_SIZES = (0, 1, 3, 10, 50, 200, 1000)
 QUEUE_SIZES = (1, 2, 4, 16, 256)
 HEARTBEATS = (0.2, 0.5, 1.0, 5.0)
@@ -27,6 +27,7 @@ HEARTBEATS = (0.2, 0.5, 1.0, 5.0)
 # =================================================================================================================
 # The plan: a seeded list of operations that never depends on what the daemon does.
 # =================================================================================================================
+
 
 @dataclasses.dataclass
 class Op:
@@ -79,8 +80,9 @@ class Planner:
     def payload(self, rng=None) -> tuple:
         rng = rng or self.rng
         self.serial += 1
-        kind = rng.choices(("plain", "lines", "sse", "unicode", "record", "empty", "max", "over"),
-                           (30, 20, 10, 15, 8, 4, 4, 4))[0]
+        kind = rng.choices(
+            ("plain", "lines", "sse", "unicode", "record", "empty", "max", "over"), (30, 20, 10, 15, 8, 4, 4, 4)
+        )[0]
         size = rng.choice((rng.randint(0, 80), rng.randint(0, 80), rng.randint(80, 2000), rng.randint(2000, LIMIT)))
         name = rng.choice(NAMES)
         return (self.serial, name, kind, size, rng.randrange(1 << 30))
@@ -113,8 +115,16 @@ class Planner:
             self.link = 2
             return Op("publish", {"instance": round(rng.random(), 4), "payload": self.payload(), "keepalive": False})
         choices = {
-            "publish": 30, "burst": 5, "subscribe": 16, "disconnect": 8, "stall": 2, "resume": 3, "reload": 4,
-            "restart": 4, "quiesce": 2, "bad_requests": 3,
+            "publish": 30,
+            "burst": 5,
+            "subscribe": 16,
+            "disconnect": 8,
+            "stall": 2,
+            "resume": 3,
+            "reload": 4,
+            "restart": 4,
+            "quiesce": 2,
+            "bad_requests": 3,
         }
         if self.file:
             choices["disk_full"] = 0 if self.disk_full else 2.5
@@ -132,8 +142,10 @@ class Planner:
     # -- one method per operation kind: the arguments are all drawn here ---------------------------------------
 
     def op_publish(self) -> Op:
-        return Op("publish", {"instance": round(self.rng.random(), 4), "payload": self.payload(),
-                              "keepalive": self.rng.random() < 0.4})
+        return Op(
+            "publish",
+            {"instance": round(self.rng.random(), 4), "payload": self.payload(), "keepalive": self.rng.random() < 0.4},
+        )
 
     def op_burst(self) -> Op:
         return Op("burst", {"instance": round(self.rng.random(), 4), "payloads": self.burst()})
@@ -141,12 +153,22 @@ class Planner:
     def op_subscribe(self) -> Op:
         rng = self.rng
         names = None if rng.random() < 0.5 else tuple(sorted(rng.sample(NAMES, rng.randint(1, 3))))
-        last = rng.choices(("none", "current", "stale", "previous", "future", "garbage", "zero", "newest"),
-                           (30, 22, 10, 6, 5, 10, 4, 13))[0]
-        return Op("subscribe", {
-            "instance": round(rng.random(), 4), "names": names, "last": last, "pick": round(rng.random(), 4),
-            "query": rng.random() < 0.15, "scoped": rng.random() < 0.15, "stalled": rng.random() < 0.12,
-        })
+        last = rng.choices(
+            ("none", "current", "stale", "previous", "future", "garbage", "zero", "newest"),
+            (30, 22, 10, 6, 5, 10, 4, 13),
+        )[0]
+        return Op(
+            "subscribe",
+            {
+                "instance": round(rng.random(), 4),
+                "names": names,
+                "last": last,
+                "pick": round(rng.random(), 4),
+                "query": rng.random() < 0.15,
+                "scoped": rng.random() < 0.15,
+                "stalled": rng.random() < 0.12,
+            },
+        )
 
     def op_disconnect(self) -> Op:
         return Op("disconnect", {"pick": round(self.rng.random(), 4), "how": self.rng.choice(("fin", "rst"))})
@@ -166,8 +188,12 @@ class Planner:
 
     def restart(self, plain: bool) -> Op:
         rng = self.rng
-        args = {"instance": round(rng.random(), 4), "how": rng.choice(("term", "kill")), "burst": None,
-                "wrapper": "plain"}
+        args = {
+            "instance": round(rng.random(), 4),
+            "how": rng.choice(("term", "kill")),
+            "burst": None,
+            "wrapper": "plain",
+        }
         if rng.random() < 0.25:
             args["burst"] = self.burst()
         if self.file and not plain and rng.random() < 0.4:
@@ -180,10 +206,20 @@ class Planner:
         return Op("quiesce", {})
 
     def op_bad_requests(self) -> Op:
-        kinds = ("reserved_name", "bad_name", "too_big", "not_utf8", "wrong_token", "no_token", "bad_filter",
-                 "scope_outside")
-        return Op("bad_requests", {"instance": round(self.rng.random(), 4),
-                                   "which": tuple(self.rng.sample(kinds, self.rng.randint(1, 3)))})
+        kinds = (
+            "reserved_name",
+            "bad_name",
+            "too_big",
+            "not_utf8",
+            "wrong_token",
+            "no_token",
+            "bad_filter",
+            "scope_outside",
+        )
+        return Op(
+            "bad_requests",
+            {"instance": round(self.rng.random(), 4), "which": tuple(self.rng.sample(kinds, self.rng.randint(1, 3)))},
+        )
 
     def op_disk_full(self) -> Op:
         self.disk_full = self.rng.randint(2, 8)
@@ -227,12 +263,52 @@ def make_plan(mode: str, seed: int, steps: int) -> tuple[dict, list[Op]]:
 # =================================================================================================================
 
 TAG = re.compile(r"^<(\d+)>")
-_UNICODE = ("\u00e9", "\u00df", "\u4e2d", "\u6587", "\U0001f642", "\U0001f680", "\u2028", "\u2029", "\u0085",
-            "\ufeff", "\ufffd", "\x00", "\x1b", "\x7f", "\t", "\v", "\f", "\x1c", "\x1d", "\x1e", "\u200b",
-            "\U0010ffff", "a", "z", " ", ":", "\u00a0")
-_SSE_LIKE = ("id: 1", "id: 999999999999999", "id:", "event: sseserver.reset", "event: message",
-             "data: {\"last_event_id\": \"1\", \"oldest_id\": null}", "data:", "retry: 1", ": comment", ":",
-             "", "HTTP/1.1 200 OK", "Content-Length: 0", "\x00", "id: 5\x00")
+_UNICODE = (
+    "\u00e9",
+    "\u00df",
+    "\u4e2d",
+    "\u6587",
+    "\U0001f642",
+    "\U0001f680",
+    "\u2028",
+    "\u2029",
+    "\u0085",
+    "\ufeff",
+    "\ufffd",
+    "\x00",
+    "\x1b",
+    "\x7f",
+    "\t",
+    "\v",
+    "\f",
+    "\x1c",
+    "\x1d",
+    "\x1e",
+    "\u200b",
+    "\U0010ffff",
+    "a",
+    "z",
+    " ",
+    ":",
+    "\u00a0",
+)
+_SSE_LIKE = (
+    "id: 1",
+    "id: 999999999999999",
+    "id:",
+    "event: sseserver.reset",
+    "event: message",
+    'data: {"last_event_id": "1", "oldest_id": null}',
+    "data:",
+    "retry: 1",
+    ": comment",
+    ":",
+    "",
+    "HTTP/1.1 200 OK",
+    "Content-Length: 0",
+    "\x00",
+    "id: 5\x00",
+)
 _BREAKS = ("\n", "\r", "\r\n")
 
 
@@ -247,6 +323,7 @@ def _record_like(rng: random.Random, id_hint: int) -> str:
     try:
         from sseserver import history
         import inspect
+
         encode = history.encode_record
         arity = len(inspect.signature(encode).parameters)
         magic = getattr(history, "MAGIC", b"")
@@ -259,7 +336,7 @@ def _record_like(rng: random.Random, id_hint: int) -> str:
         try:
             args = (event_id, event_id - 1, "message", data) if arity == 4 else (event_id, "message", data)
             blob = magic + encode(*args)
-            return blob.decode("utf-8") + blob.decode("utf-8")[len(magic):]
+            return blob.decode("utf-8") + blob.decode("utf-8")[len(magic) :]
         except (UnicodeDecodeError, TypeError, ValueError, OverflowError):
             continue
     return "SSEHIST2\n\x00\x00\x00\x20fake-record"
@@ -285,8 +362,9 @@ def make_payload(spec: tuple, id_hint: int) -> tuple[str, str, bytes]:
         if rng.random() < 0.5:
             text = text.rstrip("\r\n")
     elif kind == "sse":
-        text = rng.choice(_BREAKS) + "".join(rng.choice(_SSE_LIKE) + rng.choice(_BREAKS)
-                                             for _ in range(max(1, size // 12)))
+        text = rng.choice(_BREAKS) + "".join(
+            rng.choice(_SSE_LIKE) + rng.choice(_BREAKS) for _ in range(max(1, size // 12))
+        )
     elif kind == "unicode":
         text = "".join(rng.choice(_UNICODE) for _ in range(max(1, size // 2)))
     else:  # record
@@ -300,6 +378,7 @@ def make_payload(spec: tuple, id_hint: int) -> tuple[str, str, bytes]:
 # =================================================================================================================
 # The model: every publish, what the daemon answered, and which events each daemon must still hold.
 # =================================================================================================================
+
 
 class Status(enum.Enum):
     """What became of a publish, as far as the test can tell."""
@@ -389,7 +468,7 @@ class Domain(Index):
             self.floor_id = max(self.floor_id, self.ids[-keep])
 
     def must(self) -> list[int]:
-        return self.ids[bisect.bisect_left(self.ids, self.floor_id):]
+        return self.ids[bisect.bisect_left(self.ids, self.floor_id) :]
 
     def floor_index(self) -> int:
         return bisect.bisect_left(self.ids, self.floor_id)
@@ -427,8 +506,9 @@ class Model:
     def begin(self, tag: str, name: str, body: bytes, instance: str) -> Publish:
         with self.lock:
             self.seq += 1
-            publish = Publish(tag, name, wire_form(body.decode("utf-8", "replace")), self.seq, self.max_acked,
-                              self.domain, instance)
+            publish = Publish(
+                tag, name, wire_form(body.decode("utf-8", "replace")), self.seq, self.max_acked, self.domain, instance
+            )
             publish.step = self.step
             self.publishes[tag] = publish
             return publish
@@ -444,12 +524,21 @@ class Model:
 
     def _assign(self, publish: Publish, event_id: int) -> None:
         if event_id <= publish.id_floor:
-            self.problems.append(("ids go backwards", f"publish {publish.tag} got id {event_id}, but id "
-                                  f"{publish.id_floor} had already been acknowledged before it was sent"))
+            self.problems.append(
+                (
+                    "ids go backwards",
+                    f"publish {publish.tag} got id {event_id}, but id "
+                    f"{publish.id_floor} had already been acknowledged before it was sent",
+                )
+            )
         other = self.by_id.get(event_id)
         if other is not None and other is not publish:
-            self.problems.append(("id reused", f"id {event_id} was given to {other.tag} ({other.status.value}) and "
-                                  f"again to {publish.tag}"))
+            self.problems.append(
+                (
+                    "id reused",
+                    f"id {event_id} was given to {other.tag} ({other.status.value}) and again to {publish.tag}",
+                )
+            )
         publish.id = event_id
         self.by_id[event_id] = publish
         publish.domain.add(event_id, publish.name)

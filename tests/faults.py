@@ -25,10 +25,19 @@ class PrivateTmpfs:
 
     def __enter__(self) -> "PrivateTmpfs":
         self.holder = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c",
-             f"mount -t tmpfs -o size={self.size},mode=0700 tmpfs {self.mountpoint}"
-             " && echo mounted && exec sleep 3600"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            [
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f"mount -t tmpfs -o size={self.size},mode=0700 tmpfs {self.mountpoint}"
+                " && echo mounted && exec sleep 3600",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         line = self.holder.stdout.readline()  # blocks until mounted or the holder died
         if line.strip() != b"mounted":
             self.holder.kill()
@@ -59,5 +68,14 @@ def strace_prefix(syscall: str, errno_name: str, from_call: int, trace: str | No
     """Make `syscall` fail with `errno_name` from its `from_call`-th call on, in every thread. strace counts
     calls per thread (per tracee), not per process: the first fsync of each new thread is call 1."""
     require_binary("strace")
-    return ["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={trace or syscall}",
-            "-e", f"inject={syscall}:error={errno_name}:when={from_call}+"]
+    return [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        f"trace={trace or syscall}",
+        "-e",
+        f"inject={syscall}:error={errno_name}:when={from_call}+",
+    ]

@@ -244,7 +244,7 @@ class StreamReader:
         self._command("resume", stream)
 
     def close(self, stream: Stream, how: str) -> None:
-        """"fin": shut our side down and read on until the server closes (a polite client); "rst": close at once
+        """ "fin": shut our side down and read on until the server closes (a polite client); "rst": close at once
         with SO_LINGER 0, so the kernel sends a reset (a crashed client or a killed tab)."""
         self._command(how, stream)
 

@@ -168,8 +168,9 @@ def read_response(sock: socket.socket, buffer: bytearray | None = None, head_req
             after += _read_to_end(sock)
             assert not after, f"{len(after)} bytes after a body of Content-Length {length}: {bytes(body)!r}"
         else:
-            assert after == b"HTTP/1."[:len(after)] or after.startswith(b"HTTP/1."), (
-                f"bytes after a body of Content-Length {length} are not a next response: {bytes(body)!r}")
+            assert after == b"HTTP/1."[: len(after)] or after.startswith(b"HTTP/1."), (
+                f"bytes after a body of Content-Length {length} are not a next response: {bytes(body)!r}"
+            )
         data[:] = after
         return status, headers, bytes(body[:length])
     body = bytearray(rest)
@@ -179,8 +180,14 @@ def read_response(sock: socket.socket, buffer: bytearray | None = None, head_req
     return status, headers, bytes(body)
 
 
-def request(port, method: str, path: str, body: str | bytes | None = None,
-            headers: dict | None = None, version: str = "HTTP/1.1"):
+def request(
+    port,
+    method: str,
+    path: str,
+    body: str | bytes | None = None,
+    headers: dict | None = None,
+    version: str = "HTTP/1.1",
+):
     """One request on a fresh connection -> (status, headers, body). `port` is a port on 127.0.0.1, or a
     callable returning a connected socket (e.g. TLS to nginx)."""
     if isinstance(body, str):
@@ -191,7 +198,7 @@ def request(port, method: str, path: str, body: str | bytes | None = None,
     if body is not None and not any(k.lower() in ("content-length", "transfer-encoding") for k in headers or {}):
         lines.append(f"Content-Length: {len(body)}")
     raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
-    with (port() if callable(port) else connect(port)) as sock:
+    with port() if callable(port) else connect(port) as sock:
         sock.sendall(raw)
         return read_response(sock, head_request=method == "HEAD")
 
@@ -239,8 +246,9 @@ def split_responses(data: bytes, head_request: bool = False) -> list[tuple[int, 
         head, blank, rest = data.partition(b"\r\n\r\n")
         assert data.startswith(b"HTTP/1.") and blank, f"not an HTTP response: {data[:200]!r}"
         status, headers = parse_head(head)
-        answers_head = (head_request and not any(s >= 200 for s, _, _ in found)
-                        and (not rest or rest.startswith(b"HTTP/1.")))
+        answers_head = (
+            head_request and not any(s >= 200 for s, _, _ in found) and (not rest or rest.startswith(b"HTTP/1."))
+        )
         if status < 200 or status == 204 or answers_head:
             body, data = b"", rest  # interim (100 Continue) or the answer to HEAD: no body
         elif "content-length" not in headers:
@@ -311,8 +319,8 @@ class SSEClient:
                 return
             if len(self._wire) < line_end + 2 + size + 2:
                 return
-            data = bytes(self._wire[line_end + 2:line_end + 2 + size])
-            del self._wire[:line_end + 2 + size + 2]
+            data = bytes(self._wire[line_end + 2 : line_end + 2 + size])
+            del self._wire[: line_end + 2 + size + 2]
             self.raw += data
             self.buffer += data
 
@@ -423,8 +431,14 @@ def run_cli(*args, env: dict | None = None, timeout: float = 60, input_bytes: by
     """`python3 -m sseserver ARGS` to completion -> CompletedProcess."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "sseserver", *args], cwd=ROOT, env=full_env,
-                          capture_output=True, timeout=timeout, input=input_bytes)
+    return subprocess.run(
+        [sys.executable, "-m", "sseserver", *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        timeout=timeout,
+        input=input_bytes,
+    )
 
 
 def write_config(directory: str, name: str = "sseserver.toml", **values) -> str:
@@ -469,8 +483,9 @@ def listening_socket() -> socket.socket:
 
 
 @contextlib.contextmanager
-def daemon_process(*args, env: dict | None = None, listen_socket: socket.socket | None = None,
-                   prefix: list[str] | tuple = ()):
+def daemon_process(
+    *args, env: dict | None = None, listen_socket: socket.socket | None = None, prefix: list[str] | tuple = ()
+):
     """The daemon as a real subprocess; yields (process, port) once it logs its `listening on` line. With
     `listen_socket` it inherits that socket as fd 3 through LISTEN_FDS, as under systemd socket activation.
     `prefix` runs it under another command (strace, nsenter: see tests/faults.py)."""
@@ -486,8 +501,15 @@ def daemon_process(*args, env: dict | None = None, listen_socket: socket.socket 
         command = ["bash", "-c", f'exec 3<&{fd}; LISTEN_FDS=1 LISTEN_PID=$$ exec "$@"', "bash", *command]
     # Under a prefix the daemon is the wrapper's child (strace) or the wrapper itself (nsenter execs): give it a
     # process group of its own, so that cleanup kills the daemon too and never leaves it running unparented.
-    process = subprocess.Popen(command, cwd=ROOT, env=full_env, start_new_session=bool(prefix),
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=pass_fds)
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=full_env,
+        start_new_session=bool(prefix),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        pass_fds=pass_fds,
+    )
     log_lines: list[str] = []
     port_box: list[int] = []
     listening = threading.Event()

@@ -143,8 +143,9 @@ class TcpProxy:
             with self._lock:
                 self._pairs.append(pair)
             for source, sink in ((client, upstream), (upstream, client)):
-                thread = threading.Thread(target=self._relay, args=(pair, source, sink), name="chaos-proxy-relay",
-                                          daemon=True)
+                thread = threading.Thread(
+                    target=self._relay, args=(pair, source, sink), name="chaos-proxy-relay", daemon=True
+                )
                 self._threads.append(thread)
                 thread.start()
             self._threads = [t for t in self._threads if t.is_alive()]

@@ -11,9 +11,21 @@ import unittest
 from sseserver import access
 from sseserver.config import ConfigError, ip_networks
 from sseserver.errors import HTTPError
-from tests.support import (IO_TIMEOUT, RunningServer, SSEClient, connect, daemon_process, raw_exchange,
-                           read_response, request, run_cli, stop_daemon, wait_for_subscribers, wait_until,
-                           write_config)
+from tests.support import (
+    IO_TIMEOUT,
+    RunningServer,
+    SSEClient,
+    connect,
+    daemon_process,
+    raw_exchange,
+    read_response,
+    request,
+    run_cli,
+    stop_daemon,
+    wait_for_subscribers,
+    wait_until,
+    write_config,
+)
 
 PUB = "publisher-token-0001"
 ORDERS = "orders-only-token-02"
@@ -38,8 +50,11 @@ class Clock:
 class TokenTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.server = RunningServer(publish_tokens=[PUB, f"{ORDERS} orders.*"],
-                                   subscribe_tokens=[SUB, f"{SUB_ORDERS} orders.*"], history_size=100)
+        cls.server = RunningServer(
+            publish_tokens=[PUB, f"{ORDERS} orders.*"],
+            subscribe_tokens=[SUB, f"{SUB_ORDERS} orders.*"],
+            history_size=100,
+        )
         cls.server.__enter__()
 
     @classmethod
@@ -77,15 +92,18 @@ class TokenTest(unittest.TestCase):
         status, headers, _ = request(self.server.port, "GET", "/subscribe")
         self.assertEqual((status, headers["www-authenticate"]), (401, "Bearer"))
         self.assertEqual(request(self.server.port, "GET", "/subscribe?token=nope-nope-nope")[0], 403)
-        with self.server.subscribe(f"/subscribe?token={SUB}") as by_query, \
-                self.server.subscribe(headers=bearer(SUB)) as by_header:
+        with (
+            self.server.subscribe(f"/subscribe?token={SUB}") as by_query,
+            self.server.subscribe(headers=bearer(SUB)) as by_header,
+        ):
             self.assertEqual((by_query.status, by_header.status), (200, 200))
 
     def test_subscribe_scope_applies_live_and_on_replay(self):
         first = json.loads(self.publish("before-order", "orders.created")[2])["id"]
         self.publish("before-invoice", "invoices.paid")
-        with self.server.subscribe(f"/subscribe?token={SUB_ORDERS}",
-                                   headers={"Last-Event-ID": str(int(first) - 1)}) as scoped:
+        with self.server.subscribe(
+            f"/subscribe?token={SUB_ORDERS}", headers={"Last-Event-ID": str(int(first) - 1)}
+        ) as scoped:
             self.assertEqual([e.data for e in scoped.read_events(1)], ["before-order"])
             self.publish("live-invoice", "invoices.paid")
             self.publish("live-order", "orders.shipped")
@@ -254,9 +272,16 @@ class CorsTest(unittest.TestCase):
             self.assertNotIn("access-control-allow-origin", headers)
             with server.subscribe(headers={"Origin": app}) as client:
                 self.assertEqual(client.headers["access-control-allow-origin"], app)
-            status, headers, _ = request(server.port, "OPTIONS", "/publish", headers={
-                "Origin": app, "Access-Control-Request-Method": "POST",
-                "Access-Control-Request-Headers": "authorization, content-type"})
+            status, headers, _ = request(
+                server.port,
+                "OPTIONS",
+                "/publish",
+                headers={
+                    "Origin": app,
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization, content-type",
+                },
+            )
             self.assertEqual(status, 204)
             self.assertEqual(headers["access-control-allow-methods"], "POST, PUT, OPTIONS")
             self.assertIn("Authorization", headers["access-control-allow-headers"])
@@ -269,8 +294,9 @@ class CorsTest(unittest.TestCase):
             self.assertNotIn("access-control-allow-credentials", headers)
         with RunningServer(cors_origins=[app], cors_credentials=True) as server:
             _, headers, _ = request(server.port, "GET", "/health", headers={"Origin": app})
-            self.assertEqual((headers["access-control-allow-origin"], headers["access-control-allow-credentials"]),
-                             (app, "true"))
+            self.assertEqual(
+                (headers["access-control-allow-origin"], headers["access-control-allow-credentials"]), (app, "true")
+            )
 
     def test_any_origin_with_credentials_is_refused_at_start_and_on_reload(self):
         """["*"] with credentials would hand every page on the web (and the sandboxed "null" origin) the
@@ -288,8 +314,10 @@ class CorsTest(unittest.TestCase):
             with daemon_process("--port", "0", "-c", path) as (process, port):
                 write_config(tmp, cors_origins=["*"], cors_credentials=True)
                 process.send_signal(signal.SIGHUP)
-                failed = wait_until(lambda: [line for line in process.log_lines if "reload failed" in line],
-                                    what="the reload to be refused")
+                failed = wait_until(
+                    lambda: [line for line in process.log_lines if "reload failed" in line],
+                    what="the reload to be refused",
+                )
                 self.assertIn("cors_credentials", failed[0])
                 self.assertIn("cors_origins", failed[0])
                 for origin in ("null", "https://evil.example"):  # the old config is kept
@@ -304,8 +332,9 @@ class LimitTest(unittest.TestCase):
     def test_max_subscribers_per_ip_honours_trusted_proxies(self):
         with RunningServer(max_subscribers_per_ip=1, trusted_proxies=["127.0.0.1"]) as server:
             with server.subscribe(headers={"X-Forwarded-For": "203.0.113.1"}):
-                status, headers, body = request(server.port, "GET", "/subscribe",
-                                                headers={"X-Forwarded-For": "203.0.113.1"})
+                status, headers, body = request(
+                    server.port, "GET", "/subscribe", headers={"X-Forwarded-For": "203.0.113.1"}
+                )
                 self.assertEqual((status, json.loads(body)["error"]), (503, "too many streams from this address"))
                 self.assertIn("retry-after", headers)
                 with server.subscribe(headers={"X-Forwarded-For": "203.0.113.2"}) as other:
@@ -387,8 +416,9 @@ class InjectionTest(unittest.TestCase):
             wait_for_subscribers(server.port, 1)
             for name in ("a%0Adata:%20x", "a%0D%0Aevent:%20b", "a%00"):
                 self.assertEqual(request(server.port, "POST", f"/publish?event={name}", "x")[0], 400)
-            out = raw_exchange(server.port, b"POST /publish HTTP/1.1\r\nX: a\r\n\r\nInjected: 1\r\n"
-                                            b"Content-Length: 1\r\n\r\nx")
+            out = raw_exchange(
+                server.port, b"POST /publish HTTP/1.1\r\nX: a\r\n\r\nInjected: 1\r\nContent-Length: 1\r\n\r\nx"
+            )
             self.assertTrue(out.startswith(b"HTTP/1.1 411 "))
             self.assertEqual(server.publish("data: fake\n\nid: 999\nevent: evil")[0], 200)
             (event,) = client.read_events(1)

@@ -37,10 +37,31 @@ class BenchTest(unittest.TestCase):
     def test_counts_every_delivery_and_reports_one_json_line(self):
         with RunningServer(queue_size=1024) as server:
             result = subprocess.run(
-                [sys.executable, "-m", "sseserver.bench", "--url", f"http://127.0.0.1:{server.port}",
-                 "--subs", "20", "--msgs", "50", "--rate", "0", "--procs", "2", "--pub-conns", "2",
-                 "--drain", "30", "--connect-timeout", "30"],
-                cwd=ROOT, capture_output=True, timeout=120)
+                [
+                    sys.executable,
+                    "-m",
+                    "sseserver.bench",
+                    "--url",
+                    f"http://127.0.0.1:{server.port}",
+                    "--subs",
+                    "20",
+                    "--msgs",
+                    "50",
+                    "--rate",
+                    "0",
+                    "--procs",
+                    "2",
+                    "--pub-conns",
+                    "2",
+                    "--drain",
+                    "30",
+                    "--connect-timeout",
+                    "30",
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                timeout=120,
+            )
             self.assertEqual(result.returncode, 0, result.stderr)
             lines = result.stdout.decode().strip().splitlines()
             self.assertEqual(len(lines), 1)
@@ -48,14 +69,22 @@ class BenchTest(unittest.TestCase):
             self.assertEqual((report["subs_ready"], report["published"]), (20, 50))
             self.assertEqual((report["expected"], report["delivered"], report["lost"]), (1000, 1000, 0))
             self.assertEqual((report["duplicates"], report["reordered"]), (0, 0))
-            for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "deliveries_per_s", "publishes_per_s",
-                        "client_bottleneck"):
+            for key in (
+                "p50_ms",
+                "p90_ms",
+                "p99_ms",
+                "max_ms",
+                "deliveries_per_s",
+                "publishes_per_s",
+                "client_bottleneck",
+            ):
                 self.assertIn(key, report)
             self.assertLessEqual(report["p50_ms"], report["p99_ms"])
 
     def test_bad_url_is_exit_2(self):
-        result = subprocess.run([sys.executable, "-m", "sseserver.bench", "--url", "ftp://x"], cwd=ROOT,
-                                capture_output=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "sseserver.bench", "--url", "ftp://x"], cwd=ROOT, capture_output=True, timeout=60
+        )
         self.assertEqual(result.returncode, 2)
         self.assertIn("--url", result.stderr.decode())
 
@@ -64,8 +93,12 @@ class BenchTest(unittest.TestCase):
             bound.bind(("127.0.0.1", 0))
             url = f"http://127.0.0.1:{bound.getsockname()[1]}"
             started = time.monotonic()
-            result = subprocess.run([sys.executable, "-m", "sseserver.bench", "--url", url, "--subs", "10"],
-                                    cwd=ROOT, capture_output=True, timeout=60)
+            result = subprocess.run(
+                [sys.executable, "-m", "sseserver.bench", "--url", url, "--subs", "10"],
+                cwd=ROOT,
+                capture_output=True,
+                timeout=60,
+            )
             elapsed = time.monotonic() - started
         self.assertNotEqual(result.returncode, 0)
         self.assertLess(elapsed, 5.0)
@@ -79,9 +112,27 @@ class BenchTest(unittest.TestCase):
         for how in (signal.SIGTERM, signal.SIGKILL):
             with self.subTest(signal=how.name), RunningServer(heartbeat_interval=60) as server:
                 bench = subprocess.Popen(
-                    [sys.executable, "-m", "sseserver.bench", "--url", f"http://127.0.0.1:{server.port}",
-                     "--subs", "6", "--procs", "2", "--msgs", "1000000", "--rate", "2", "--duration", "600"],
-                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    [
+                        sys.executable,
+                        "-m",
+                        "sseserver.bench",
+                        "--url",
+                        f"http://127.0.0.1:{server.port}",
+                        "--subs",
+                        "6",
+                        "--procs",
+                        "2",
+                        "--msgs",
+                        "1000000",
+                        "--rate",
+                        "2",
+                        "--duration",
+                        "600",
+                    ],
+                    cwd=ROOT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 workers = []
                 try:
                     wait_for_subscribers(server.port, 6)  # the workers' streams
@@ -121,9 +172,17 @@ def event(kind: bytes, seq: int, connection: int) -> bytes:
 # A stream's bytes after its response head: a warm-up event, five measured events from two publisher connections
 # (seq 2 arrives after seq 3 from the same connection: reordered; seq 3 twice: a duplicate), and the lines that
 # carry nothing to count.
-STREAM_BODY = (b"retry: 1000\n\n" + event(b"w", 0, 0) + event(b"b", 0, 0) + event(b"b", 3, 0) + b":\n\n"
-               + event(b"b", 1, 1) + event(b"b", 2, 0) + event(b"b", 3, 0)
-               + b"event: sseserver.reset\ndata: {\"reason\": 1}\n\n")
+STREAM_BODY = (
+    b"retry: 1000\n\n"
+    + event(b"w", 0, 0)
+    + event(b"b", 0, 0)
+    + event(b"b", 3, 0)
+    + b":\n\n"
+    + event(b"b", 1, 1)
+    + event(b"b", 2, 0)
+    + event(b"b", 3, 0)
+    + b'event: sseserver.reset\ndata: {"reason": 1}\n\n'
+)
 
 
 class BenchAccountingTest(unittest.TestCase):
@@ -167,16 +226,21 @@ class BenchAccountingTest(unittest.TestCase):
         self.assertTrue(short.startswith(b"b:7:") and short.endswith(b":03:"), short)
 
     def test_a_stream_counts_deliveries_duplicates_and_reordering_per_publisher_connection(self):
-        for how, chunks in (("whole", [RESPONSE_HEAD + STREAM_BODY]),
-                            ("byte by byte", [bytes([b]) for b in RESPONSE_HEAD + STREAM_BODY])):
+        for how, chunks in (
+            ("whole", [RESPONSE_HEAD + STREAM_BODY]),
+            ("byte by byte", [bytes([b]) for b in RESPONSE_HEAD + STREAM_BODY]),
+        ):
             with self.subTest(how):
                 self.progress = bench.Progress(multiprocessing.get_context("fork"), 1)
                 tally, kept = self.feed(chunks)
                 self.assertTrue(all(kept))
-                self.assertEqual((tally.streaming, tally.warm, tally.delivered, tally.duplicates, tally.reordered),
-                                 (1, 1, 4, 1, 1))
-                self.assertEqual((self.progress.total_streaming(), self.progress.total_warm(),
-                                  self.progress.total_delivered()), (1, 1, 4))
+                self.assertEqual(
+                    (tally.streaming, tally.warm, tally.delivered, tally.duplicates, tally.reordered), (1, 1, 4, 1, 1)
+                )
+                self.assertEqual(
+                    (self.progress.total_streaming(), self.progress.total_warm(), self.progress.total_delivered()),
+                    (1, 1, 4),
+                )
                 self.assertEqual(tally.histogram, {bench.bucket_of(LATENCY_NS / 1000): 4})
 
     def test_a_payload_from_the_publisher_is_counted_by_a_stream(self):
@@ -190,25 +254,36 @@ class BenchAccountingTest(unittest.TestCase):
         self.assertEqual((tally.streaming, tally.delivered, self.progress.total_streaming()), (0, 0, 0))
 
     def test_a_paced_run_is_behind_schedule_below_95_percent_of_the_pace_asked_for(self):
-        cases = ((0, 1000, 60, 1.0, False),  # unpaced: never behind
-                 (100, 1000, 10, 96.0, False), (100, 1000, 10, 94.0, True),
-                 # 1000 events in 60 s ask for only 16.7/s
-                 (100, 1000, 60, 16.0, False), (100, 1000, 60, 15.0, True))
+        cases = (
+            (0, 1000, 60, 1.0, False),  # unpaced: never behind
+            (100, 1000, 10, 96.0, False),
+            (100, 1000, 10, 94.0, True),
+            # 1000 events in 60 s ask for only 16.7/s
+            (100, 1000, 60, 16.0, False),
+            (100, 1000, 60, 15.0, True),
+        )
         for rate, msgs, duration, achieved, behind in cases:
             with self.subTest(rate=rate, msgs=msgs, duration=duration, achieved=achieved):
                 self.assertIs(bench.behind_schedule(rate, msgs, duration, achieved), behind)
 
     def test_the_client_is_the_bottleneck_when_it_ran_flat_out_or_starved_the_machine(self):
-        calm = {"worker_util": 0.3, "publisher_util": 0.2, "behind_schedule": False, "machine_util": 0.5,
-                "client_share": 0.2}
-        cases = (({}, False),
-                 ({"worker_util": 0.9}, True),
-                 ({"publisher_util": 0.9}, True),
-                 ({"behind_schedule": True}, False),
-                 ({"behind_schedule": True, "publisher_util": 0.7}, True),
-                 ({"machine_util": 0.95}, False),  # the server used the machine, not the client
-                 ({"machine_util": 0.95, "client_share": 0.4}, True),
-                 ({"machine_util": None, "client_share": 0.9}, False))  # unknown machine load: no verdict from it
+        calm = {
+            "worker_util": 0.3,
+            "publisher_util": 0.2,
+            "behind_schedule": False,
+            "machine_util": 0.5,
+            "client_share": 0.2,
+        }
+        cases = (
+            ({}, False),
+            ({"worker_util": 0.9}, True),
+            ({"publisher_util": 0.9}, True),
+            ({"behind_schedule": True}, False),
+            ({"behind_schedule": True, "publisher_util": 0.7}, True),
+            ({"machine_util": 0.95}, False),  # the server used the machine, not the client
+            ({"machine_util": 0.95, "client_share": 0.4}, True),
+            ({"machine_util": None, "client_share": 0.9}, False),
+        )  # unknown machine load: no verdict from it
         for change, bottleneck in cases:
             with self.subTest(**change):
                 self.assertIs(bench.ClientLoad(**{**calm, **change}).is_bottleneck(), bottleneck)

@@ -163,8 +163,9 @@ class BouncerTest(unittest.TestCase):
         self.assertFalse(bouncer.ingest(10, "message", "c", prev_id=7))  # a repeat
         data, _, _, _ = bouncer.collect(bouncer.ring, filtered.cursor, bouncer.head, filtered.names)
         (notice,) = FeedReader().feed(data)
-        self.assertEqual((notice.type, json.loads(notice.data)), ("sseserver.reset",
-                                                                   {"last_event_id": "2", "oldest_id": "10"}))
+        self.assertEqual(
+            (notice.type, json.loads(notice.data)), ("sseserver.reset", {"last_event_id": "2", "oldest_id": "10"})
+        )
         replay = bouncer.subscribe(None, "2")
         self.assertIsNone(replay.reset)
         events = FeedReader().feed(bouncer.collect(bouncer.ring, replay.subscriber.cursor, bouncer.head, None)[0])
@@ -190,7 +191,8 @@ class BouncerTest(unittest.TestCase):
                 for cursor in ("101", "0", "100"):  # before the loss; "0" would have been honoured
                     replay = bouncer.subscribe(None, cursor)
                     feed = FeedReader().feed(
-                        bouncer.collect(bouncer.ring, replay.subscriber.cursor, bouncer.head, None)[0])
+                        bouncer.collect(bouncer.ring, replay.subscriber.cursor, bouncer.head, None)[0]
+                    )
                     self.assertTrue(replay.reset is not None or feed[0].type == "sseserver.reset", cursor)
                 bouncer.ingest(501, "message", "d", prev_id=500)
                 bouncer.ingest(502, "message", "e", prev_id=501)  # 101, the notice and 500 leave the history
@@ -212,21 +214,34 @@ class BouncerTest(unittest.TestCase):
         stream = bouncer.subscribe(None, None).subscriber
         bouncer.ingest(101, "message", "b", prev_id=100, gap=True)
         events = FeedReader().feed(bouncer.collect(bouncer.ring, stream.cursor, bouncer.head, None)[0])
-        self.assertEqual([(e.type, e.data) for e in events],
-                         [("sseserver.reset", '{"last_event_id": "100", "oldest_id": "101"}'), ("message", "b")])
+        self.assertEqual(
+            [(e.type, e.data) for e in events],
+            [("sseserver.reset", '{"last_event_id": "100", "oldest_id": "101"}'), ("message", "b")],
+        )
 
     def test_a_hole_in_restored_history_is_replayed_with_a_reset(self):
         """A file whose predecessor chain is broken (written by an earlier version's compaction under a burst):
         replay across the hole tells the client instead of skipping it in silence."""
-        stored = [StoredEvent(10, 9, "message", "a"), StoredEvent(11, 10, "message", "b"),
-                  StoredEvent(20, 19, "message", "c"), StoredEvent(21, 20, "message", "d")]
+        stored = [
+            StoredEvent(10, 9, "message", "a"),
+            StoredEvent(11, 10, "message", "b"),
+            StoredEvent(20, 19, "message", "c"),
+            StoredEvent(21, 20, "message", "d"),
+        ]
         bouncer = Bouncer(history_size=10, queue_size=4)
         bouncer.restore(stored)
-        events = FeedReader().feed(bouncer.collect(bouncer.ring, bouncer.subscribe(None, "10").subscriber.cursor,
-                                                   bouncer.head, None)[0])
-        self.assertEqual([(e.type, e.data) for e in events],
-                         [("message", "b"), ("sseserver.reset", '{"last_event_id": "11", "oldest_id": "20"}'),
-                          ("message", "c"), ("message", "d")])
+        events = FeedReader().feed(
+            bouncer.collect(bouncer.ring, bouncer.subscribe(None, "10").subscriber.cursor, bouncer.head, None)[0]
+        )
+        self.assertEqual(
+            [(e.type, e.data) for e in events],
+            [
+                ("message", "b"),
+                ("sseserver.reset", '{"last_event_id": "11", "oldest_id": "20"}'),
+                ("message", "c"),
+                ("message", "d"),
+            ],
+        )
         self.assertEqual(ids_of(bouncer, bouncer.subscribe(None, "20").subscriber), [21])
         self.assertEqual([e.id for e in bouncer.history()], [10, 11, 20, 21])
 
@@ -256,14 +271,18 @@ class BouncerTest(unittest.TestCase):
                 context = f"seed {seed}, steps {steps}"
                 replay = bouncer.subscribe(names, after) if after is not None else None
                 if replay is not None:
-                    feed = FeedReader().feed(bouncer.collect(bouncer.ring, replay.subscriber.cursor, bouncer.head,
-                                                             names)[0])
+                    feed = FeedReader().feed(
+                        bouncer.collect(bouncer.ring, replay.subscriber.cursor, bouncer.head, names)[0]
+                    )
                     expected = [int(e.id) for e in feed if e.type == "message" or e.type in ("a", "b")]
                     told = replay.reset is not None or any(e.type == "sseserver.reset" for e in feed)
                 else:
                     expected = [e.id for e in bouncer.history() if names is None or e.name in names]
-                    told = any(event.notice for pos in range(bouncer.head - bouncer.retained(), bouncer.head)
-                               if (event := bouncer.ring.get(pos)) is not None)
+                    told = any(
+                        event.notice
+                        for pos in range(bouncer.head - bouncer.retained(), bouncer.head)
+                        if (event := bouncer.ring.get(pos)) is not None
+                    )
                 got, reset, cursor = [], False, after
                 for _ in range(100):
                     page = bouncer.page(names, cursor, limit)
@@ -318,7 +337,8 @@ class BouncerTest(unittest.TestCase):
                     steps.append(f"subscribe {wanted}")
                     replay = bouncer.subscribe(None, str(wanted))
                     feed = FeedReader().feed(
-                        bouncer.collect(bouncer.ring, replay.subscriber.cursor, bouncer.head, None)[0])
+                        bouncer.collect(bouncer.ring, replay.subscriber.cursor, bouncer.head, None)[0]
+                    )
                     got = [int(e.id) for e in feed if e.type == "message"]
                     told = replay.reset is not None or any(e.type == "sseserver.reset" for e in feed)
                     retained = [e.id for e in bouncer.history()]
@@ -326,12 +346,14 @@ class BouncerTest(unittest.TestCase):
                     prev_of = dict(model)
                     context = f"seed {seed}, steps {steps}"
                     # What is sent: everything held after the client's id, or all of it after a reset.
-                    self.assertEqual(got, held if replay.reset is not None else [e for e in held if e > wanted],
-                                     context)
+                    self.assertEqual(
+                        got, held if replay.reset is not None else [e for e in held if e > wanted], context
+                    )
                     # Never a silent loss: unless the client is told, what it gets follows its id without a gap.
                     chain = [wanted] + got
                     contiguous = all(prev_of.get(b) == a for a, b in zip(chain, chain[1:])) and (
-                        got or wanted == (model[-1][0] if model else 0))
+                        got or wanted == (model[-1][0] if model else 0)
+                    )
                     if not contiguous:
                         self.assertTrue(told, context)
                     # Never a needless reset: an id we hold, followed by no gap, replays in silence.

@@ -10,8 +10,15 @@ import threading
 import unittest
 
 from tests.browser import Browser
-from tests.support import (IO_TIMEOUT, daemon_process, listening_socket, request, stop_daemon,
-                           wait_for_subscribers, write_config)
+from tests.support import (
+    IO_TIMEOUT,
+    daemon_process,
+    listening_socket,
+    request,
+    stop_daemon,
+    wait_for_subscribers,
+    write_config,
+)
 
 ITEM_IDS = "Array.from(document.querySelectorAll('#events li')).map(li => li.dataset.id).reverse()"
 
@@ -55,8 +62,11 @@ class BrowserTest(unittest.TestCase):
         late.start()
         with self.daemon() as (second, _):
             late.join(IO_TIMEOUT)
-            browser.wait_for("document.getElementById('state').textContent === 'connected'", timeout=30,
-                             what="EventSource to reconnect by itself")
+            browser.wait_for(
+                "document.getElementById('state').textContent === 'connected'",
+                timeout=30,
+                what="EventSource to reconnect by itself",
+            )
             wait_for_subscribers(self.port, 1)
             publish("after the restart")
             publish("second after")
@@ -64,8 +74,9 @@ class BrowserTest(unittest.TestCase):
             ids = browser.evaluate(ITEM_IDS)
             self.assertEqual(ids, published)  # every event exactly once, in order, with its original id
             self.assertEqual([int(i) for i in ids], sorted({int(i) for i in ids}))  # strictly increasing
-            texts = browser.evaluate("Array.from(document.querySelectorAll('#events .data'))"
-                                     ".map(e => e.textContent).reverse()")
+            texts = browser.evaluate(
+                "Array.from(document.querySelectorAll('#events .data')).map(e => e.textContent).reverse()"
+            )
             self.assertEqual(texts[:3], ["first message", "line one\nline two", "<b>not html</b>"])
             self.assertEqual(browser.evaluate("document.querySelectorAll('#events b').length"), 0)
             shot = os.path.join(self.tmp, "page.png")
@@ -81,21 +92,29 @@ class BrowserTest(unittest.TestCase):
             browser = self.browser
             browser.open(f"http://127.0.0.1:{self.port}/", width=390, height=844)  # a phone
             browser.wait_for("document.getElementById('state').textContent === 'connected'", what="connected")
-            browser.evaluate("document.getElementById('name').value = 'greeting';"
-                             "document.getElementById('data').value = 'hello from the form';"
-                             "document.getElementById('publish').requestSubmit()")
-            browser.wait_for("document.getElementById('result').textContent.startsWith('published #1')",
-                             what="the form's publish")
-            browser.wait_for("document.querySelector('#events li .data')?.textContent === 'hello from the form'",
-                             what="the form's event on the page")
-            browser.evaluate("document.getElementById('filter').value = 'only.this';"
-                             "document.getElementById('filterform').requestSubmit()")
+            browser.evaluate(
+                "document.getElementById('name').value = 'greeting';"
+                "document.getElementById('data').value = 'hello from the form';"
+                "document.getElementById('publish').requestSubmit()"
+            )
+            browser.wait_for(
+                "document.getElementById('result').textContent.startsWith('published #1')", what="the form's publish"
+            )
+            browser.wait_for(
+                "document.querySelector('#events li .data')?.textContent === 'hello from the form'",
+                what="the form's event on the page",
+            )
+            browser.evaluate(
+                "document.getElementById('filter').value = 'only.this';"
+                "document.getElementById('filterform').requestSubmit()"
+            )
             wait_for_subscribers(self.port, 1)
             browser.wait_for("document.getElementById('state').textContent === 'connected'")
             request(self.port, "POST", "/publish?event=other", "not shown")
             request(self.port, "POST", "/publish?event=only.this", "shown")
-            browser.wait_for("document.querySelector('#events li .data').textContent === 'shown'",
-                             what="the filtered event")
+            browser.wait_for(
+                "document.querySelector('#events li .data').textContent === 'shown'", what="the filtered event"
+            )
             self.assertNotIn("not shown", browser.evaluate("document.getElementById('events').textContent"))
             overflow = browser.evaluate("document.documentElement.scrollWidth > window.innerWidth")
             self.assertFalse(overflow, "the page scrolls sideways on a phone")

@@ -82,8 +82,9 @@ class PlanTest(unittest.TestCase):
             self.assertNotEqual(first, [str(op) for op in chaos.make_plan(mode, 12, 300)[1]])
 
     def test_payloads_are_reproducible_and_within_the_limit_unless_meant_to_be_over(self):
-        for spec in (s for op in chaos.make_plan("memory", 3, 400)[1] if op.kind == "publish"
-                     for s in [op.args["payload"]]):
+        for spec in (
+            s for op in chaos.make_plan("memory", 3, 400)[1] if op.kind == "publish" for s in [op.args["payload"]]
+        ):
             tag, name, body = chaos.make_payload(spec, 1795000000000000)
             self.assertEqual((tag, name, body), chaos.make_payload(spec, 1795000000000000))
             self.assertEqual(len(body) > chaos.LIMIT, spec[2] == "over", spec)

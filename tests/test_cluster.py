@@ -21,9 +21,22 @@ from sseserver.cluster import RedisBridge
 from sseserver.config import ConfigError
 from tests.tcpproxy import TcpProxy
 from tests.test_framing import FeedReader
-from tests.support import (IO_TIMEOUT, STOP_TIMEOUT, RunningServer, SSEClient, assert_exit, daemon_process, health,
-                           request, require_binary, run_cli, stop_daemon, wait_for_subscribers, wait_until,
-                           write_config)
+from tests.support import (
+    IO_TIMEOUT,
+    STOP_TIMEOUT,
+    RunningServer,
+    SSEClient,
+    assert_exit,
+    daemon_process,
+    health,
+    request,
+    require_binary,
+    run_cli,
+    stop_daemon,
+    wait_for_subscribers,
+    wait_until,
+    write_config,
+)
 
 # The follower's backoff doubles from 0.1 s to 5 s: after a fault is mended it is back within this.
 RECOVERY_TIMEOUT = 20.0
@@ -54,9 +67,25 @@ class RedisServer:
         durability = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         auth = ["--requirepass", self.password] if self.password else []
         self.process = subprocess.Popen(
-            [self.binary, "--port", "0", "--unixsocket", self.socket, "--unixsocketperm", "700", "--dir", self.dir,
-             "--save", "", *durability, *auth, *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                self.binary,
+                "--port",
+                "0",
+                "--unixsocket",
+                self.socket,
+                "--unixsocketperm",
+                "700",
+                "--dir",
+                self.dir,
+                "--save",
+                "",
+                *durability,
+                *auth,
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_until(self._pings, what="redis-server to answer")
         return self
 
@@ -168,8 +197,7 @@ class ClusterTest(unittest.TestCase):
                 self.assertEqual(ids, sorted(set(ids)))  # one strictly increasing sequence across instances
                 for client in (on_a, on_b):
                     events = client.read_events(20)
-                    self.assertEqual([(e.id, e.data) for e in events],
-                                     [(str(ids[i]), f"event {i}") for i in range(20)])
+                    self.assertEqual([(e.id, e.data) for e in events], [(str(ids[i]), f"event {i}") for i in range(20)])
             self.assertEqual(health(port_a)["redis"], "up")
             for process in (a, b):
                 stop_daemon(process)
@@ -264,36 +292,63 @@ class ClusterTest(unittest.TestCase):
 
     def test_two_instances_behind_an_nginx_upstream(self):
         from tests.test_nginx import Nginx
+
         first, second = self.two_daemons()
         with first as (_, port_a), second as (__, port_b), Nginx([port_a, port_b]) as nginx:
             clients = [SSEClient(nginx.connect) for _ in range(4)]  # round robin: two on each instance
             try:
                 wait_for_subscribers(port_a, 2)
                 wait_for_subscribers(port_b, 2)
-                ids = [json.loads(request(nginx.connect, "POST", "/publish", f"via nginx {i}")[2])["id"]
-                       for i in range(6)]
+                ids = [
+                    json.loads(request(nginx.connect, "POST", "/publish", f"via nginx {i}")[2])["id"] for i in range(6)
+                ]
                 for client in clients:
                     self.assertEqual([e.id for e in client.read_events(6)], ids)
             finally:
                 for client in clients:
                     client.close()
 
-
     def test_bench_cluster_mode_counts_every_delivery(self):
         import sys
         from tests.support import ROOT
+
         first, second = self.two_daemons()
         with first as (_, port_a), second as (__, port_b):
             result = subprocess.run(
-                [sys.executable, "-m", "sseserver.bench", "--url", f"http://127.0.0.1:{port_a}",
-                 "--url", f"http://127.0.0.1:{port_b}", "--subs", "20", "--msgs", "40", "--rate", "0",
-                 "--procs", "2", "--pub-conns", "2", "--drain", "30", "--connect-timeout", "30"],
-                cwd=ROOT, capture_output=True, timeout=120)
+                [
+                    sys.executable,
+                    "-m",
+                    "sseserver.bench",
+                    "--url",
+                    f"http://127.0.0.1:{port_a}",
+                    "--url",
+                    f"http://127.0.0.1:{port_b}",
+                    "--subs",
+                    "20",
+                    "--msgs",
+                    "40",
+                    "--rate",
+                    "0",
+                    "--procs",
+                    "2",
+                    "--pub-conns",
+                    "2",
+                    "--drain",
+                    "30",
+                    "--connect-timeout",
+                    "30",
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                timeout=120,
+            )
             self.assertEqual(result.returncode, 0, result.stderr)
             report = json.loads(result.stdout)
             self.assertEqual(report["url"], [f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"])
-            self.assertEqual((report["expected"], report["delivered"], report["lost"], report["duplicates"]),
-                             (20 * 40, 20 * 40, 0, 0))
+            self.assertEqual(
+                (report["expected"], report["delivered"], report["lost"], report["duplicates"]),
+                (20 * 40, 20 * 40, 0, 0),
+            )
 
 
 class RedisFaultTest(unittest.TestCase):
@@ -327,15 +382,19 @@ class RedisFaultTest(unittest.TestCase):
                 for client in (on_a, on_b):
                     reset, *events = client.read_events(6)
                     self.assertEqual(reset.type, "sseserver.reset")
-                    self.assertEqual([(e.type, e.data, int(e.id)) for e in events],
-                                     [("message", "after the flush", after)]
-                                     + [("message", f"later {i}", later[i]) for i in range(4)])
+                    self.assertEqual(
+                        [(e.type, e.data, int(e.id)) for e in events],
+                        [("message", "after the flush", after)]
+                        + [("message", f"later {i}", later[i]) for i in range(4)],
+                    )
             # Replay across the flush carries the reset too: a browser that had seen "before 1" is told.
             with SSEClient(port_a, headers={"Last-Event-ID": str(before[1])}) as resumed:
                 events = resumed.read_events(7)
                 self.assertEqual([e.type for e in events], ["message", "sseserver.reset"] + ["message"] * 5)
-                self.assertEqual([e.data for e in events[:1] + events[2:]],
-                                 ["before 2", "after the flush"] + [f"later {i}" for i in range(4)])
+                self.assertEqual(
+                    [e.data for e in events[:1] + events[2:]],
+                    ["before 2", "after the flush"] + [f"later {i}" for i in range(4)],
+                )
             # An instance started after the flush sees a stream that begins at "after the flush". A `0` (which a
             # client may hold from the stream's first life) is reset, not taken as that entry's predecessor;
             # the reset's own cursor then resumes exactly.
@@ -354,8 +413,13 @@ class RedisFaultTest(unittest.TestCase):
         redis = self.start_redis()
         proxy = TcpProxy(redis.socket).start()
         self.addCleanup(proxy.stop)
-        config = write_config(redis.dir, "sseserver.toml", redis_url=f"redis://127.0.0.1:{proxy.port}",
-                              retry_ms=200, shutdown_timeout=30.0)
+        config = write_config(
+            redis.dir,
+            "sseserver.toml",
+            redis_url=f"redis://127.0.0.1:{proxy.port}",
+            retry_ms=200,
+            shutdown_timeout=30.0,
+        )
         with daemon_process("--port", "0", "-c", config) as (process, port):
             with SSEClient(port) as client:
                 wait_for_subscribers(port, 1)
@@ -363,8 +427,10 @@ class RedisFaultTest(unittest.TestCase):
                 proxy.freeze_open()  # the follower's connection: its next read is held
                 event_id = published_id(port, "last words")
                 process.send_signal(signal.SIGTERM)
-                wait_until(lambda: any("come back from Redis" in line for line in process.log_lines),
-                           what="the drain to wait for the follower")
+                wait_until(
+                    lambda: any("come back from Redis" in line for line in process.log_lines),
+                    what="the drain to wait for the follower",
+                )
                 proxy.thaw()
                 (event,) = client.read_events(1)
                 self.assertEqual((event.data, int(event.id)), ("last words", event_id))
@@ -379,11 +445,26 @@ class RedisFaultTest(unittest.TestCase):
         proxy = TcpProxy(redis.socket).start()
         self.addCleanup(proxy.stop)
         config_a = write_config(redis.dir, "a.toml", redis_url=f"redis://127.0.0.1:{proxy.port}", retry_ms=200)
-        with daemon_process("--port", "0", "-c", config_a) as (_, port_a), \
-                daemon_process("--port", "0", "-c", self.config(redis, "b.toml")) as (__, port_b):
+        with (
+            daemon_process("--port", "0", "-c", config_a) as (_, port_a),
+            daemon_process("--port", "0", "-c", self.config(redis, "b.toml")) as (__, port_b),
+        ):
             future = time.time_ns() // 1000 + 3600 * 10**6
-            redis.command("XADD", STREAM_KEY, f"{future}-0", "p", str(future - 1), "k", "fast-clock", "q", "",
-                          "n", "message", "d", "from a fast clock")
+            redis.command(
+                "XADD",
+                STREAM_KEY,
+                f"{future}-0",
+                "p",
+                str(future - 1),
+                "k",
+                "fast-clock",
+                "q",
+                "",
+                "n",
+                "message",
+                "d",
+                "from a fast clock",
+            )
             for port in (port_a, port_b):
                 wait_until(lambda: health(port)["last_event_id"] == str(future), what="the fast entry")
             with SSEClient(port_a) as on_a, SSEClient(port_b) as on_b:
@@ -409,8 +490,9 @@ class RedisFaultTest(unittest.TestCase):
         redis = self.start_redis()
         proxy = TcpProxy(redis.socket).start()
         self.addCleanup(proxy.stop)
-        config = write_config(redis.dir, "sseserver.toml", redis_url=f"redis://127.0.0.1:{proxy.port}",
-                              shutdown_timeout=1.0)
+        config = write_config(
+            redis.dir, "sseserver.toml", redis_url=f"redis://127.0.0.1:{proxy.port}", shutdown_timeout=1.0
+        )
         with daemon_process("--port", "0", "-c", config) as (process, port):
             wait_until(lambda: redis_is_up(port), what="the follower to be up")
             proxy.cut("blackhole")
@@ -461,8 +543,10 @@ class RedisFaultTest(unittest.TestCase):
                 wait_until(lambda: redis_is_up(port_b), RECOVERY_TIMEOUT, "the late instance following")
                 with SSEClient(port_b, headers={"Last-Event-ID": str(kept[1])}) as resumed:
                     events = resumed.read_events(3)
-                    self.assertEqual([(e.type, e.data) for e in events[:1] + events[2:]],
-                                     [("message", "kept 2"), ("message", "after the restart")])
+                    self.assertEqual(
+                        [(e.type, e.data) for e in events[:1] + events[2:]],
+                        [("message", "kept 2"), ("message", "after the restart")],
+                    )
                     self.assertEqual(events[1].type, "sseserver.reset")
                 stop_daemon(second)
             stop_daemon(first)
@@ -498,8 +582,9 @@ class RedisFaultTest(unittest.TestCase):
                 self.assertEqual(status, 200, reply)
                 self.assertGreater(int(reply["id"]), before[-1])
                 (event,) = client.read_events(1)  # the stream survived: no reset
-                self.assertEqual((event.type, event.data, event.id), ("message", "first after the restart",
-                                                                      reply["id"]))
+                self.assertEqual(
+                    (event.type, event.data, event.id), ("message", "first after the restart", reply["id"])
+                )
 
     def test_a_wrong_password_shows_in_health_and_the_follower_recovers_once_redis_accepts_it(self):
         redis = self.start_redis(password="right-password")
@@ -524,8 +609,10 @@ class RedisFaultTest(unittest.TestCase):
     def test_the_watchdog_needs_a_live_follower_but_not_a_reachable_redis(self):
         redis = self.start_redis(password="right-password")
         # The refusal is logged (captured here, not printed) from the follower's first attempt on.
-        with (self.assertLogs("sseserver.cluster", "ERROR") as logged,
-              RunningServer(redis_url=redis.url(password="wrong-password")) as running):
+        with (
+            self.assertLogs("sseserver.cluster", "ERROR") as logged,
+            RunningServer(redis_url=redis.url(password="wrong-password")) as running,
+        ):
             wait_until(lambda: logged.output, what="the refusal to be logged")
             self.assertIn("WRONGPASS", logged.output[0])
             self.assertIn("WRONGPASS", running.health()["redis_error"])
@@ -545,8 +632,11 @@ class RedisFaultTest(unittest.TestCase):
                 started = time.monotonic()
                 redis.command("DEL", STREAM_KEY)
                 redis.command("SET", STREAM_KEY, "not a stream")
-                wait_until(lambda: metric(port, "sseserver_redis_reconnects_total") >= failures + 5,
-                           RECOVERY_TIMEOUT, "five failed attempts")
+                wait_until(
+                    lambda: metric(port, "sseserver_redis_reconnects_total") >= failures + 5,
+                    RECOVERY_TIMEOUT,
+                    "five failed attempts",
+                )
                 # Between five attempts the backoff waits 0.1 + 0.2 + 0.4 + 0.8 s (a hot loop made thousands).
                 self.assertGreaterEqual(time.monotonic() - started, 1.5)
                 down = health(port)
@@ -605,8 +695,9 @@ class RedisFaultTest(unittest.TestCase):
                 redis.command("XTRIM", STREAM_KEY, "MAXLEN", 2)  # what followed A's position is partly gone
                 redis.command("ACL", "SETUSER", "instance-a", "on")
                 events = on_a.read_events(3, RECOVERY_TIMEOUT)
-                self.assertEqual([(e.type, e.data) for e in events[1:]],
-                                 [("message", "missed 4"), ("message", "missed 5")])
+                self.assertEqual(
+                    [(e.type, e.data) for e in events[1:]], [("message", "missed 4"), ("message", "missed 5")]
+                )
                 self.assertEqual(events[0].type, "sseserver.reset")
                 # From here on both instances agree again, without a further reset.
                 together = published_id(port_a, "together again")
@@ -642,8 +733,10 @@ class OwnPublishLostTest(unittest.TestCase):
         self.assertEqual([(e.type, e.data) for e in FeedReader().feed(data)][1:], [("message", "y")])
         self.assertEqual(FeedReader().feed(data)[0].type, "sseserver.reset")
         # Replay across the spot tells a reconnecting client too.
-        self.assertIn(b"sseserver.reset", bouncer.collect(bouncer.ring, bouncer.subscribe(None, str(first))
-                                                          .subscriber.cursor, bouncer.head, None)[0])
+        self.assertIn(
+            b"sseserver.reset",
+            bouncer.collect(bouncer.ring, bouncer.subscribe(None, str(first)).subscriber.cursor, bouncer.head, None)[0],
+        )
 
 
 class RespConnectionTest(unittest.TestCase):

@@ -29,8 +29,16 @@ import zlib
 from sseserver import cli
 from sseserver import findings as f
 from sseserver.findings import Cause, Check, ReplayOutcome, Status
-from sseserver.probe import (MAX_BODY, BaseURL, ChunkedDecoder, Stream, UsageError, base_after_redirect,
-                             certificate_expiry, parse_base_url)
+from sseserver.probe import (
+    MAX_BODY,
+    BaseURL,
+    ChunkedDecoder,
+    Stream,
+    UsageError,
+    base_after_redirect,
+    certificate_expiry,
+    parse_base_url,
+)
 from tests.support import daemon_process, listening_socket, require, require_binary, run_cli, write_config
 from tests.test_nginx import Nginx
 
@@ -62,8 +70,12 @@ def run_doctor(*args: str) -> Run:
     started = time.monotonic()
     result = run_cli("doctor", *args, "--json", timeout=RUN_TIMEOUT)
     stdout = result.stdout.decode()
-    return Run(result.returncode, json.loads(stdout) if stdout.strip() else None, result.stderr.decode(),
-               time.monotonic() - started)
+    return Run(
+        result.returncode,
+        json.loads(stdout) if stdout.strip() else None,
+        result.stderr.decode(),
+        time.monotonic() - started,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,27 +96,42 @@ def readme_line(old: str, new: str) -> dict:
 
 CASES = {
     "readme": Case(runs=(TRUSTED,) * 5),
-    "buffering": Case(nginx=readme_line("proxy_buffering off;",
-                                        "proxy_buffering on; proxy_ignore_headers X-Accel-Buffering;")),
+    "buffering": Case(
+        nginx=readme_line("proxy_buffering off;", "proxy_buffering on; proxy_ignore_headers X-Accel-Buffering;")
+    ),
     "gzip": Case(nginx=readme_line("proxy_cache off;", "proxy_cache off; gzip on; gzip_types text/event-stream;")),
     "read_timeout": Case(nginx=readme_line("proxy_read_timeout 1h;", "proxy_read_timeout 1s;")),
-    "last_event_id": Case(nginx=readme_line("proxy_set_header Last-Event-ID $http_last_event_id;",
-                                            'proxy_set_header Last-Event-ID "";')),
+    "last_event_id": Case(
+        nginx=readme_line("proxy_set_header Last-Event-ID $http_last_event_id;", 'proxy_set_header Last-Event-ID "";')
+    ),
     "tls": Case(runs=(TRUSTED, (), ("--insecure",)), nginx={"http2": False}),
-    "cors": Case(runs=((*TRUSTED, "--origin", "https://elsewhere.example.com"),
-                       (*TRUSTED, "--origin", "https://app.example.com")),
-                 daemon={"cors_origins": ["https://app.example.com"]}),
-    "token": Case(runs=(TRUSTED, (*TRUSTED, "--token", SUBSCRIBE_TOKEN)),
-                  daemon={"subscribe_tokens": [SUBSCRIBE_TOKEN]}),
+    "cors": Case(
+        runs=(
+            (*TRUSTED, "--origin", "https://elsewhere.example.com"),
+            (*TRUSTED, "--origin", "https://app.example.com"),
+        ),
+        daemon={"cors_origins": ["https://app.example.com"]},
+    ),
+    "token": Case(
+        runs=(TRUSTED, (*TRUSTED, "--token", SUBSCRIBE_TOKEN)), daemon={"subscribe_tokens": [SUBSCRIBE_TOKEN]}
+    ),
     # The daemon under /sse/ (nginx strips the prefix); an old address that redirects there, and one that
     # redirects to another host name (localhost instead of 127.0.0.1).
-    "prefix": Case(runs=(TRUSTED, ("/old/", *TRUSTED), ("/moved/", *TRUSTED), ("/moved/", *TRUSTED, "--token",
-                                                                               SUBSCRIBE_TOKEN)),
-                   path="/sse/", nginx={"edits": (
-                       ("location / {", "location = /old/health { return 301 /sse/health; }\n"
-                        "    location = /moved/health { return 301 https://localhost:$server_port/sse/health; }\n"
-                        "    location /sse/ {"),
-                       ("proxy_pass http://sseserver;", "proxy_pass http://sseserver/;"))}),
+    "prefix": Case(
+        runs=(TRUSTED, ("/old/", *TRUSTED), ("/moved/", *TRUSTED), ("/moved/", *TRUSTED, "--token", SUBSCRIBE_TOKEN)),
+        path="/sse/",
+        nginx={
+            "edits": (
+                (
+                    "location / {",
+                    "location = /old/health { return 301 /sse/health; }\n"
+                    "    location = /moved/health { return 301 https://localhost:$server_port/sse/health; }\n"
+                    "    location /sse/ {",
+                ),
+                ("proxy_pass http://sseserver;", "proxy_pass http://sseserver/;"),
+            )
+        },
+    ),
 }
 
 
@@ -115,8 +142,10 @@ def deployment(case: Case):
     try:
         config = write_config(directory, heartbeat_interval=HEARTBEAT_S, **case.daemon)
         with listening_socket() as upstream, listening_socket() as front:
-            with daemon_process("-c", config, listen_socket=upstream), \
-                    Nginx(upstream.getsockname()[1], listen_socket=front, **case.nginx) as nginx:
+            with (
+                daemon_process("-c", config, listen_socket=upstream),
+                Nginx(upstream.getsockname()[1], listen_socket=front, **case.nginx) as nginx,
+            ):
                 yield f"https://127.0.0.1:{front.getsockname()[1]}", nginx.cert
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -218,11 +247,22 @@ class DoctorThroughNginxTest(unittest.TestCase):
 
 class DoctorCommandTest(unittest.TestCase):
     def test_usage_errors_are_one_line_and_exit_2(self):
-        for args in ([], ["ftp://example.com"], ["http://example.com/subscribe"], ["http://h", "--watch", "0"],
-                     ["http://h", "--watch", "121"], ["http://h", "--event", "sseserver.x"],
-                     ["http://h", "--event", "a b"], ["http://h/?token=x"], ["http://u:p@h/"],
-                     ["http://h", "--origin", "app.example.com"], ["http://h", "--cacert", "/nonexistent.pem"],
-                     ["http://h:99999/"], ["http://h", "--insecure", "--cacert", "x"], ["http://h", "--bogus"]):
+        for args in (
+            [],
+            ["ftp://example.com"],
+            ["http://example.com/subscribe"],
+            ["http://h", "--watch", "0"],
+            ["http://h", "--watch", "121"],
+            ["http://h", "--event", "sseserver.x"],
+            ["http://h", "--event", "a b"],
+            ["http://h/?token=x"],
+            ["http://u:p@h/"],
+            ["http://h", "--origin", "app.example.com"],
+            ["http://h", "--cacert", "/nonexistent.pem"],
+            ["http://h:99999/"],
+            ["http://h", "--insecure", "--cacert", "x"],
+            ["http://h", "--bogus"],
+        ):
             with self.subTest(args=args):
                 # In-process (the same cli.main() as `python3 -m sseserver`), because fourteen interpreters
                 # would cost seconds; the subprocess path is exercised by every other test here.
@@ -239,9 +279,11 @@ class DoctorCommandTest(unittest.TestCase):
     def test_an_unreachable_url_is_exit_2_within_5_seconds(self):
         with socket.socket() as closed, listening_socket() as silent:
             closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
-            urls = (f"http://127.0.0.1:{closed.getsockname()[1]}/",
-                    f"http://127.0.0.1:{silent.getsockname()[1]}/",  # accepts (backlog), never answers
-                    f"https://127.0.0.1:{silent.getsockname()[1]}/")  # no TLS handshake ever comes
+            urls = (
+                f"http://127.0.0.1:{closed.getsockname()[1]}/",
+                f"http://127.0.0.1:{silent.getsockname()[1]}/",  # accepts (backlog), never answers
+                f"https://127.0.0.1:{silent.getsockname()[1]}/",
+            )  # no TLS handshake ever comes
 
             def timed(url):
                 started = time.monotonic()
@@ -281,11 +323,12 @@ class ClientTest(unittest.TestCase):
 
     def test_base_urls(self):
         for text, expected in (
-                ("https://events.example.com", BaseURL("https", "events.example.com", 443, "")),
-                ("http://127.0.0.1:5000/", BaseURL("http", "127.0.0.1", 5000, "")),
-                ("https://host/sse/", BaseURL("https", "host", 443, "/sse")),
-                ("http://[::1]:8080/a b/", BaseURL("http", "::1", 8080, "/a%20b")),
-                ("https://bücher.example/", BaseURL("https", "xn--bcher-kva.example", 443, ""))):
+            ("https://events.example.com", BaseURL("https", "events.example.com", 443, "")),
+            ("http://127.0.0.1:5000/", BaseURL("http", "127.0.0.1", 5000, "")),
+            ("https://host/sse/", BaseURL("https", "host", 443, "/sse")),
+            ("http://[::1]:8080/a b/", BaseURL("http", "::1", 8080, "/a%20b")),
+            ("https://bücher.example/", BaseURL("https", "xn--bcher-kva.example", 443, "")),
+        ):
             with self.subTest(text=text):
                 self.assertEqual(parse_base_url(text), expected)
         self.assertEqual(parse_base_url("http://[::1]:8080/x").authority, "[::1]:8080")
@@ -296,8 +339,10 @@ class ClientTest(unittest.TestCase):
 
     def test_redirects_move_the_base_only_when_they_keep_the_route(self):
         base = parse_base_url("http://old.example/app/")
-        self.assertEqual(base_after_redirect(base, "https://new.example/sse/health", "/health"),
-                         parse_base_url("https://new.example/sse/"))
+        self.assertEqual(
+            base_after_redirect(base, "https://new.example/sse/health", "/health"),
+            parse_base_url("https://new.example/sse/"),
+        )
         self.assertEqual(base_after_redirect(base, "/v2/health", "/health"), parse_base_url("http://old.example/v2/"))
         self.assertIsNone(base_after_redirect(base, "/login?next=/app/health", "/health"))
 
@@ -307,7 +352,7 @@ class ClientTest(unittest.TestCase):
             with self.subTest(step=step):
                 decoder, out = ChunkedDecoder(), b""
                 for index in range(0, len(raw), step):
-                    out += decoder.feed(raw[index:index + step])
+                    out += decoder.feed(raw[index : index + step])
                 self.assertEqual((out, decoder.done), (b"helloabc", True))
         with self.assertRaises(ValueError):
             ChunkedDecoder().feed(b"zz\r\n")
@@ -316,9 +361,11 @@ class ClientTest(unittest.TestCase):
         body = b"retry: 3000\n\n:\n\nid: 7\r\nevent: doctor.probe\rdata: a\ndata: b\n\n: hb\n\n"
         compressor = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
         gz = compressor.compress(body) + compressor.flush()
-        head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: gzip\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n")
-        wire = head + b"".join(b"%x\r\n%s\r\n" % (len(gz[i:i + 5]), gz[i:i + 5]) for i in range(0, len(gz), 5))
+        head = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: gzip\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        wire = head + b"".join(b"%x\r\n%s\r\n" % (len(gz[i : i + 5]), gz[i : i + 5]) for i in range(0, len(gz), 5))
         server, client = socket.socketpair()
         with server, client:
             stream = Stream(client)
@@ -354,11 +401,34 @@ class ClientTest(unittest.TestCase):
             for days in (30, 40000):  # UTCTime up to 2049, GeneralizedTime after
                 with self.subTest(days=days):
                     cert, key = os.path.join(directory, "c.pem"), os.path.join(directory, "k.pem")
-                    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", str(days),
-                                    "-subj", "/CN=x", "-keyout", key, "-out", cert], check=True, capture_output=True,
-                                   timeout=60)
-                    end = subprocess.run([openssl, "x509", "-enddate", "-noout", "-in", cert], check=True,
-                                         capture_output=True, text=True, timeout=60).stdout.strip()
+                    subprocess.run(
+                        [
+                            openssl,
+                            "req",
+                            "-x509",
+                            "-newkey",
+                            "rsa:2048",
+                            "-nodes",
+                            "-days",
+                            str(days),
+                            "-subj",
+                            "/CN=x",
+                            "-keyout",
+                            key,
+                            "-out",
+                            cert,
+                        ],
+                        check=True,
+                        capture_output=True,
+                        timeout=60,
+                    )
+                    end = subprocess.run(
+                        [openssl, "x509", "-enddate", "-noout", "-in", cert],
+                        check=True,
+                        capture_output=True,
+                        text=True,
+                        timeout=60,
+                    ).stdout.strip()
                     expected = datetime.datetime.strptime(end.partition("=")[2], "%b %d %H:%M:%S %Y GMT")
                     with open(cert) as handle:
                         der = ssl.PEM_cert_to_DER_cert(handle.read())
@@ -383,10 +453,16 @@ class JudgementTest(unittest.TestCase):
                 self.assert_finding(finding, Status.WARNING, Cause.SETTINGS_UNKNOWN)
                 self.assertEqual(settings.heartbeat_interval, f.DEFAULT_HEARTBEAT_S)
         self.assert_finding(f.judge_health(503, {"status": "stopping"}, 0.01)[0], Status.PROBLEM, Cause.STOPPING)
-        self.assert_finding(f.judge_health(200, {"heartbeat_interval": 90, "retry_ms": 1}, 0.01)[0], Status.WARNING,
-                            Cause.LONG_HEARTBEAT)
-        self.assert_finding(f.judge_health(200, {"heartbeat_interval": 9, "retry_ms": 1}, 0.01, "https://x/")[0],
-                            Status.WARNING, Cause.REDIRECT)
+        self.assert_finding(
+            f.judge_health(200, {"heartbeat_interval": 90, "retry_ms": 1}, 0.01)[0],
+            Status.WARNING,
+            Cause.LONG_HEARTBEAT,
+        )
+        self.assert_finding(
+            f.judge_health(200, {"heartbeat_interval": 9, "retry_ms": 1}, 0.01, "https://x/")[0],
+            Status.WARNING,
+            Cause.REDIRECT,
+        )
         self.assertEqual(f.default_watch(f.Settings(15.0, 3000, True)), 45.0)
         self.assertEqual(f.default_watch(f.Settings(60.0, 3000, True)), f.MAX_WATCH_S)
 
@@ -396,13 +472,14 @@ class JudgementTest(unittest.TestCase):
         soon = now + datetime.timedelta(days=3)
         past = now - datetime.timedelta(days=1)
         for args, status, cause in (
-                ((True, None, False, later), Status.OK, None),
-                ((True, None, False, soon), Status.WARNING, Cause.TLS_EXPIRY),
-                ((True, None, False, past), Status.PROBLEM, Cause.TLS_EXPIRY),
-                ((True, "self-signed certificate", False, later), Status.PROBLEM, Cause.TLS_INVALID),
-                ((True, None, True, later), Status.WARNING, Cause.TLS_UNVERIFIED),
-                ((True, None, True, past), Status.PROBLEM, Cause.TLS_EXPIRY),
-                ((False, None, False, None), Status.SKIPPED, None)):
+            ((True, None, False, later), Status.OK, None),
+            ((True, None, False, soon), Status.WARNING, Cause.TLS_EXPIRY),
+            ((True, None, False, past), Status.PROBLEM, Cause.TLS_EXPIRY),
+            ((True, "self-signed certificate", False, later), Status.PROBLEM, Cause.TLS_INVALID),
+            ((True, None, True, later), Status.WARNING, Cause.TLS_UNVERIFIED),
+            ((True, None, True, past), Status.PROBLEM, Cause.TLS_EXPIRY),
+            ((False, None, False, None), Status.SKIPPED, None),
+        ):
             with self.subTest(args=args):
                 self.assert_finding(f.judge_tls(*args, now), status, cause)
 
@@ -414,58 +491,61 @@ class JudgementTest(unittest.TestCase):
 
     def test_the_streams_status(self):
         for status, content_type, expected, cause in (
-                (200, "text/event-stream; charset=utf-8", Status.OK, None),
-                (200, "text/html", Status.PROBLEM, Cause.NOT_SSE),
-                (401, "application/json", Status.PROBLEM, Cause.SUBSCRIBE_TOKEN),
-                (403, "application/json", Status.PROBLEM, Cause.TOKEN_REFUSED),
-                (404, "text/html", Status.PROBLEM, Cause.NOT_SSE),
-                (502, "text/html", Status.PROBLEM, Cause.UPSTREAM),
-                (503, "application/json", Status.PROBLEM, Cause.REJECTED),
-                (None, None, Status.SKIPPED, None)):
+            (200, "text/event-stream; charset=utf-8", Status.OK, None),
+            (200, "text/html", Status.PROBLEM, Cause.NOT_SSE),
+            (401, "application/json", Status.PROBLEM, Cause.SUBSCRIBE_TOKEN),
+            (403, "application/json", Status.PROBLEM, Cause.TOKEN_REFUSED),
+            (404, "text/html", Status.PROBLEM, Cause.NOT_SSE),
+            (502, "text/html", Status.PROBLEM, Cause.UPSTREAM),
+            (503, "application/json", Status.PROBLEM, Cause.REJECTED),
+            (None, None, Status.SKIPPED, None),
+        ):
             with self.subTest(status=status, content_type=content_type):
                 self.assert_finding(f.judge_stream(status, content_type, 3), expected, cause)
 
     def test_first_bytes(self):
         for head, line, encoding, status, cause in (
-                (0.01, 0.01, None, Status.OK, None),
-                (0.01, None, None, Status.PROBLEM, Cause.BUFFERING),
-                (None, None, None, Status.PROBLEM, Cause.BUFFERING),
-                (1.5, 1.5, None, Status.PROBLEM, Cause.BUFFERING),
-                (0.01, 2.0, "gzip", Status.PROBLEM, Cause.COMPRESSION)):
+            (0.01, 0.01, None, Status.OK, None),
+            (0.01, None, None, Status.PROBLEM, Cause.BUFFERING),
+            (None, None, None, Status.PROBLEM, Cause.BUFFERING),
+            (1.5, 1.5, None, Status.PROBLEM, Cause.BUFFERING),
+            (0.01, 2.0, "gzip", Status.PROBLEM, Cause.COMPRESSION),
+        ):
             with self.subTest(head=head, line=line, encoding=encoding):
                 self.assert_finding(f.judge_first_bytes(head, line, 3, encoding), status, cause)
 
     def test_delivery(self):
         for args, status, cause in (
-                ((0.005, False, None, None), Status.OK, None),
-                ((0.999, False, None, None), Status.OK, None),
-                ((1.0, False, None, None), Status.PROBLEM, Cause.BUFFERING),
-                ((3.2, True, None, None), Status.PROBLEM, Cause.BUFFERING),  # only when more data followed
-                ((None, True, None, None), Status.PROBLEM, Cause.BUFFERING),
-                ((None, True, "gzip", None), Status.PROBLEM, Cause.COMPRESSION),
-                ((None, False, None, 1.0), Status.PROBLEM, Cause.READ_TIMEOUT),  # cut before the probe came
-                ((None, False, None, 30.0), Status.PROBLEM, Cause.HEARTBEAT_LOST),
-                ((None, False, None, 0.01), Status.PROBLEM, Cause.STREAM_CLOSED)):  # turned away at once
+            ((0.005, False, None, None), Status.OK, None),
+            ((0.999, False, None, None), Status.OK, None),
+            ((1.0, False, None, None), Status.PROBLEM, Cause.BUFFERING),
+            ((3.2, True, None, None), Status.PROBLEM, Cause.BUFFERING),  # only when more data followed
+            ((None, True, None, None), Status.PROBLEM, Cause.BUFFERING),
+            ((None, True, "gzip", None), Status.PROBLEM, Cause.COMPRESSION),
+            ((None, False, None, 1.0), Status.PROBLEM, Cause.READ_TIMEOUT),  # cut before the probe came
+            ((None, False, None, 30.0), Status.PROBLEM, Cause.HEARTBEAT_LOST),
+            ((None, False, None, 0.01), Status.PROBLEM, Cause.STREAM_CLOSED),
+        ):  # turned away at once
             with self.subTest(args=args):
                 latency, more, encoding, ended = args
                 self.assert_finding(f.judge_delivery(latency, more, 6, encoding, ended, 2.0, False), status, cause)
         # Lost although head and first line came at once: buffering that passes heads, or unshared instances.
-        self.assert_finding(f.judge_delivery(None, True, 6, None, None, 2.0, True), Status.PROBLEM,
-                            Cause.NOT_DELIVERED)
+        self.assert_finding(f.judge_delivery(None, True, 6, None, None, 2.0, True), Status.PROBLEM, Cause.NOT_DELIVERED)
         self.assert_finding(f.judge_delivery(3.5, True, 6, None, None, 2.0, True), Status.PROBLEM, Cause.BUFFERING)
 
     def test_heartbeat(self):
         # (interval, watch, activity, comments, ended) -> status, cause
         for args, status, cause in (
-                ((2.0, 3.0, [2.2], 1, None), Status.OK, None),
-                ((15.0, 45.0, [15.4, 30.9, 46.0], 3, None), Status.OK, None),
-                ((2.0, 1.0, [], 0, None), Status.OK, None),  # none due within the watch
-                ((2.0, 3.0, [], 0, 1.0), Status.PROBLEM, Cause.READ_TIMEOUT),
-                ((15.0, 45.0, [15.1], 1, 25.1), Status.PROBLEM, Cause.READ_TIMEOUT),  # cut 10 s after a beat
-                ((2.0, 10.0, [], 0, 8.0), Status.PROBLEM, Cause.HEARTBEAT_LOST),  # no beat, then cut
-                ((2.0, 10.0, [5.0], 0, 5.1), Status.PROBLEM, Cause.STREAM_CLOSED),  # ended right after data
-                ((2.0, 10.0, [], 0, None), Status.PROBLEM, Cause.HEARTBEAT_LOST),  # open but silent
-                ((2.0, 10.0, [2.1, 4.2], 2, None), Status.PROBLEM, Cause.HEARTBEAT_LOST)):  # they stopped
+            ((2.0, 3.0, [2.2], 1, None), Status.OK, None),
+            ((15.0, 45.0, [15.4, 30.9, 46.0], 3, None), Status.OK, None),
+            ((2.0, 1.0, [], 0, None), Status.OK, None),  # none due within the watch
+            ((2.0, 3.0, [], 0, 1.0), Status.PROBLEM, Cause.READ_TIMEOUT),
+            ((15.0, 45.0, [15.1], 1, 25.1), Status.PROBLEM, Cause.READ_TIMEOUT),  # cut 10 s after a beat
+            ((2.0, 10.0, [], 0, 8.0), Status.PROBLEM, Cause.HEARTBEAT_LOST),  # no beat, then cut
+            ((2.0, 10.0, [5.0], 0, 5.1), Status.PROBLEM, Cause.STREAM_CLOSED),  # ended right after data
+            ((2.0, 10.0, [], 0, None), Status.PROBLEM, Cause.HEARTBEAT_LOST),  # open but silent
+            ((2.0, 10.0, [2.1, 4.2], 2, None), Status.PROBLEM, Cause.HEARTBEAT_LOST),
+        ):  # they stopped
             with self.subTest(args=args):
                 self.assert_finding(f.judge_heartbeat(*args), status, cause)
 
@@ -490,12 +570,13 @@ class JudgementTest(unittest.TestCase):
         self.assert_finding(f.judge_cors_subscribe(origin, "https://other"), Status.PROBLEM, Cause.CORS)
         requested = ("authorization", "content-type")
         for args, status in (
-                ((204, origin, "POST, OPTIONS", "Authorization, Content-Type"), Status.OK),
-                ((204, "*", "*", "*"), Status.OK),
-                ((204, None, None, None), Status.PROBLEM),
-                ((403, origin, "POST", "Authorization, Content-Type"), Status.PROBLEM),
-                ((204, origin, "GET", "Authorization, Content-Type"), Status.PROBLEM),
-                ((204, origin, "POST", "Content-Type"), Status.PROBLEM)):
+            ((204, origin, "POST, OPTIONS", "Authorization, Content-Type"), Status.OK),
+            ((204, "*", "*", "*"), Status.OK),
+            ((204, None, None, None), Status.PROBLEM),
+            ((403, origin, "POST", "Authorization, Content-Type"), Status.PROBLEM),
+            ((204, origin, "GET", "Authorization, Content-Type"), Status.PROBLEM),
+            ((204, origin, "POST", "Content-Type"), Status.PROBLEM),
+        ):
             with self.subTest(args=args):
                 finding = f.judge_cors_preflight(origin, *args, requested)
                 self.assert_finding(finding, status, Cause.CORS if status is Status.PROBLEM else None)

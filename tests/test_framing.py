@@ -19,13 +19,28 @@ CASES = [
     (" lead", 10, None, b"id: 10\ndata:  lead\n\n", " lead"),
     ("x", 11, "message", b"id: 11\ndata: x\n\n", "x"),
     ("x", 12, "order.created", b"id: 12\nevent: order.created\ndata: x\n\n", "x"),
-    ("caf\u00e9 \u2603 \U0001F600", 13, None, "id: 13\ndata: caf\u00e9 \u2603 \U0001F600\n\n".encode(),
-     "caf\u00e9 \u2603 \U0001F600"),
+    (
+        "caf\u00e9 \u2603 \U0001f600",
+        13,
+        None,
+        "id: 13\ndata: caf\u00e9 \u2603 \U0001f600\n\n".encode(),
+        "caf\u00e9 \u2603 \U0001f600",
+    ),
     # Characters str.splitlines() would split on, but a browser does not.
-    ("a\x0bb\x0cc\x1cd\x85e\u2028f\u2029g", 14, None,
-     "id: 14\ndata: a\x0bb\x0cc\x1cd\x85e\u2028f\u2029g\n\n".encode(), "a\x0bb\x0cc\x1cd\x85e\u2028f\u2029g"),
-    ("data: nested\n\nid: 99", 15, None, b"id: 15\ndata: data: nested\ndata: \ndata: id: 99\n\n",
-     "data: nested\n\nid: 99"),
+    (
+        "a\x0bb\x0cc\x1cd\x85e\u2028f\u2029g",
+        14,
+        None,
+        "id: 14\ndata: a\x0bb\x0cc\x1cd\x85e\u2028f\u2029g\n\n".encode(),
+        "a\x0bb\x0cc\x1cd\x85e\u2028f\u2029g",
+    ),
+    (
+        "data: nested\n\nid: 99",
+        15,
+        None,
+        b"id: 15\ndata: data: nested\ndata: \ndata: id: 99\n\n",
+        "data: nested\n\nid: 99",
+    ),
     ("x" * 100_000, 16, None, b"id: 16\ndata: " + b"x" * 100_000 + b"\n\n", "x" * 100_000),
     ("no id", None, None, b"data: no id\n\n", "no id"),
 ]
@@ -55,7 +70,7 @@ class FramingTest(unittest.TestCase):
                 self.assertEqual([(e.type, e.data) for e in whole], [(name or "message", seen)])
                 reader, events = FeedReader(), []
                 for index in range(len(wire) if len(wire) < 2000 else 0):
-                    events += reader.feed(wire[index:index + 1])
+                    events += reader.feed(wire[index : index + 1])
                 if len(wire) < 2000:
                     self.assertEqual([e.data for e in events], [seen])
 

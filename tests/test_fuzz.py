@@ -16,40 +16,102 @@ import struct
 import tempfile
 import unittest
 
-from tests.support import (IO_TIMEOUT, SSEClient, daemon_process, request, split_responses, stop_daemon,
-                           wait_for_subscribers, wait_until, write_config)
+from tests.support import (
+    IO_TIMEOUT,
+    SSEClient,
+    daemon_process,
+    request,
+    split_responses,
+    stop_daemon,
+    wait_for_subscribers,
+    wait_until,
+    write_config,
+)
 
 CASES = int(os.environ.get("SSESERVER_FUZZ_CASES", "5000"))
 SEED = int(os.environ.get("SSESERVER_FUZZ_SEED", "20261123"))
 WORKERS = 8
 
 METHODS = ["GET", "POST", "PUT", "HEAD", "OPTIONS", "DELETE", "PATCH", "TRACE", "CONNECT", "get", "G\x00T", "", "POSTT"]
-PATHS = ["/publish", "/subscribe", "/health", "/", "/publish?event=a", "/subscribe?event=x&event=y",
-         "/publish?event=%zz", "/publish?event=%", "/publish?event=%00", "/publish?event=%C3%28", "/publish??event=a",
-         "/publish?&&&=&", "/publish?event=", "/publish?event=" + "a" * 70, "/subscribe?last_event_id=%FF",
-         "/subscribe?last_event_id=-5", "/subscribe?token=%0d%0aX:%201", "/publish?event=a%0d%0aX-Injected:%201",
-         "/%2e%2e/%2e%2e/etc/passwd", "//publish", "/publish#frag", "*", "http://x/publish", "/" + "p" * 3000,
-         "/subscribe?event=sseserver.reset"]
+PATHS = [
+    "/publish",
+    "/subscribe",
+    "/health",
+    "/",
+    "/publish?event=a",
+    "/subscribe?event=x&event=y",
+    "/publish?event=%zz",
+    "/publish?event=%",
+    "/publish?event=%00",
+    "/publish?event=%C3%28",
+    "/publish??event=a",
+    "/publish?&&&=&",
+    "/publish?event=",
+    "/publish?event=" + "a" * 70,
+    "/subscribe?last_event_id=%FF",
+    "/subscribe?last_event_id=-5",
+    "/subscribe?token=%0d%0aX:%201",
+    "/publish?event=a%0d%0aX-Injected:%201",
+    "/%2e%2e/%2e%2e/etc/passwd",
+    "//publish",
+    "/publish#frag",
+    "*",
+    "http://x/publish",
+    "/" + "p" * 3000,
+    "/subscribe?event=sseserver.reset",
+]
 VERSIONS = ["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.2", "HTTP/1", "http/1.1", "", "HTTP/1.1 extra"]
 HEADER_SNIPPETS = [
-    "Content-Length: 5", "Content-Length: -1", "Content-Length: 99999999999999999999", "Content-Length: 1e3",
-    "Content-Length: 5, 5", "Content-Length:  3", "Content-Length: 0x10", "Transfer-Encoding: chunked",
-    "Transfer-Encoding: gzip, chunked", "Transfer-Encoding: identity", "Expect: 100-continue", "Expect: 200-ok",
-    "Connection: close", "Connection: keep-alive", "Last-Event-ID: 0", "Last-Event-ID: \x7f\x01",
-    "Last-Event-ID: 99999999999999999999999999", "Authorization: Bearer ", "Authorization: Basic Zm9vOmJhcg==",
-    "Origin: https://x.example", "X-Forwarded-For: 1.2.3.4, garbage", "Host:", ": no-name", "No-Colon",
-    " leading-space: x", "X-Injected: a\rb", "X-Nul: a\x00b", "X-Long: " + "x" * 20000, "Accept: text/event-stream",
+    "Content-Length: 5",
+    "Content-Length: -1",
+    "Content-Length: 99999999999999999999",
+    "Content-Length: 1e3",
+    "Content-Length: 5, 5",
+    "Content-Length:  3",
+    "Content-Length: 0x10",
+    "Transfer-Encoding: chunked",
+    "Transfer-Encoding: gzip, chunked",
+    "Transfer-Encoding: identity",
+    "Expect: 100-continue",
+    "Expect: 200-ok",
+    "Connection: close",
+    "Connection: keep-alive",
+    "Last-Event-ID: 0",
+    "Last-Event-ID: \x7f\x01",
+    "Last-Event-ID: 99999999999999999999999999",
+    "Authorization: Bearer ",
+    "Authorization: Basic Zm9vOmJhcg==",
+    "Origin: https://x.example",
+    "X-Forwarded-For: 1.2.3.4, garbage",
+    "Host:",
+    ": no-name",
+    "No-Colon",
+    " leading-space: x",
+    "X-Injected: a\rb",
+    "X-Nul: a\x00b",
+    "X-Long: " + "x" * 20000,
+    "Accept: text/event-stream",
     "X-Unicode: caf\u00e9",
 ]
-CHUNKED_BODIES = [b"5\r\nhello\r\n0\r\n\r\n", b"zz\r\nhello\r\n0\r\n\r\n", b"5\r\nhel", b"5\r\nhelloXX0\r\n\r\n",
-                  b"-5\r\nhello\r\n0\r\n\r\n", b"ffffffffffffffffff\r\n", b"5;ext=\"x\"\r\nhello\r\n0\r\nT: v\r\n\r\n",
-                  b"0\r\n", b"\r\n\r\n", b"5\nhello\n0\n\n"]
+CHUNKED_BODIES = [
+    b"5\r\nhello\r\n0\r\n\r\n",
+    b"zz\r\nhello\r\n0\r\n\r\n",
+    b"5\r\nhel",
+    b"5\r\nhelloXX0\r\n\r\n",
+    b"-5\r\nhello\r\n0\r\n\r\n",
+    b"ffffffffffffffffff\r\n",
+    b'5;ext="x"\r\nhello\r\n0\r\nT: v\r\n\r\n',
+    b"0\r\n",
+    b"\r\n\r\n",
+    b"5\nhello\n0\n\n",
+]
 
 
 def make_case(rng: random.Random) -> dict:
     """One fuzz case: the bytes to send and how to end the connection."""
-    kind = rng.choices(["valid", "line", "garbage", "headers", "chunked", "truncated", "reset", "split"],
-                       [12, 18, 10, 25, 12, 8, 8, 7])[0]
+    kind = rng.choices(
+        ["valid", "line", "garbage", "headers", "chunked", "truncated", "reset", "split"], [12, 18, 10, 25, 12, 8, 8, 7]
+    )[0]
     ending = "shut"  # send, half-close, read until the server closes
     if kind == "valid":
         choice = rng.randrange(4)
@@ -60,8 +122,9 @@ def make_case(rng: random.Random) -> dict:
         elif choice == 2:
             raw = b"GET /subscribe?event=fuzz HTTP/1.1\r\nLast-Event-ID: 1\r\n\r\n"
         else:
-            raw = (b"POST /publish HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-                   + rng.choice(CHUNKED_BODIES[:1] + CHUNKED_BODIES[6:7]))
+            raw = b"POST /publish HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + rng.choice(
+                CHUNKED_BODIES[:1] + CHUNKED_BODIES[6:7]
+            )
     elif kind == "line":
         parts = [rng.choice(METHODS), rng.choice(PATHS), rng.choice(VERSIONS)]
         separator = rng.choice([" ", " ", " ", "  ", "\t", ""])
@@ -78,16 +141,20 @@ def make_case(rng: random.Random) -> dict:
         raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
         raw += rng.choice([b"", b"hello", rng.randbytes(rng.randrange(100))])
     elif kind == "chunked":
-        raw = (b"POST /publish HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + rng.choice(CHUNKED_BODIES))
+        raw = b"POST /publish HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + rng.choice(CHUNKED_BODIES)
     elif kind == "truncated":
         length = rng.choice([10, 100, 5000])
         raw = b"POST /publish HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % length + b"x" * rng.randrange(length)
         if rng.random() < 0.2:
             ending = "stall"  # keep it open and silent: the server must time the request out
     elif kind == "reset":
-        raw = rng.choice([b"GET /subscribe HTTP/1.1\r\n\r\n",
-                          b"POST /publish HTTP/1.1\r\nContent-Length: 1000\r\n\r\nab",
-                          b"GET /health HTTP/1.1\r\nHost: x\r\n"])
+        raw = rng.choice(
+            [
+                b"GET /subscribe HTTP/1.1\r\n\r\n",
+                b"POST /publish HTTP/1.1\r\nContent-Length: 1000\r\n\r\nab",
+                b"GET /health HTTP/1.1\r\nHost: x\r\n",
+            ]
+        )
         ending = "reset"
     else:  # split: a valid publish sent in random fragments
         raw = b"POST /publish HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\nsplit"
@@ -136,8 +203,15 @@ def process_counts(pid: int) -> tuple[int, int]:
 class FuzzTest(unittest.TestCase):
     def test_malformed_requests_never_break_the_server(self):
         with tempfile.TemporaryDirectory() as tmp:
-            path = write_config(tmp, "fuzz.toml", request_timeout=0.5, keepalive_timeout=0.5,
-                                max_message_bytes=4096, max_header_bytes=8192, heartbeat_interval=1)
+            path = write_config(
+                tmp,
+                "fuzz.toml",
+                request_timeout=0.5,
+                keepalive_timeout=0.5,
+                max_message_bytes=4096,
+                max_header_bytes=8192,
+                heartbeat_interval=1,
+            )
             with daemon_process("--port", "0", "-c", path, "--log-level", "debug") as (process, port):
                 request(port, "GET", "/health")
                 baseline = process_counts(process.pid)
@@ -159,8 +233,11 @@ class FuzzTest(unittest.TestCase):
                             self.assertIn("error", json.loads(body), context)
                 self.assertGreaterEqual(len(kinds_answered), 6, kinds_answered)
                 # Nothing left behind: request threads end and sockets close (streams are forgotten on EOF).
-                wait_until(lambda: process_counts(process.pid) <= baseline, timeout=30,
-                           what=f"threads/fds back to {baseline}, now {process_counts(process.pid)}")
+                wait_until(
+                    lambda: process_counts(process.pid) <= baseline,
+                    timeout=30,
+                    what=f"threads/fds back to {baseline}, now {process_counts(process.pid)}",
+                )
                 # And the daemon still does its job.
                 with SSEClient(port) as client:
                     wait_for_subscribers(port, 1)

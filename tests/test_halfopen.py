@@ -12,8 +12,16 @@ import tempfile
 import time
 import unittest
 
-from tests.support import (REQUIRE_ALL, STOP_TIMEOUT, daemon_process, request, require_binary, stop_daemon,
-                           wait_for_subscribers, write_config)
+from tests.support import (
+    REQUIRE_ALL,
+    STOP_TIMEOUT,
+    daemon_process,
+    request,
+    require_binary,
+    stop_daemon,
+    wait_for_subscribers,
+    write_config,
+)
 
 HOST_ADDRESS, PEER_ADDRESS = "10.213.7.1", "10.213.7.2"
 HEARTBEAT = 1.0
@@ -42,14 +50,16 @@ class HalfOpenPeerTest(unittest.TestCase):
         tag = f"{os.getpid() % 100000}"
         self.namespace, self.host_link, self.peer_link = f"sse-{tag}", f"sseh{tag}", f"ssep{tag}"
         self.addCleanup(self._teardown)
-        for command in (["netns", "add", self.namespace],
-                        ["link", "add", self.host_link, "type", "veth", "peer", "name", self.peer_link],
-                        ["link", "set", self.peer_link, "netns", self.namespace],
-                        ["addr", "add", f"{HOST_ADDRESS}/30", "dev", self.host_link],
-                        ["link", "set", self.host_link, "up"],
-                        ["-n", self.namespace, "addr", "add", f"{PEER_ADDRESS}/30", "dev", self.peer_link],
-                        ["-n", self.namespace, "link", "set", self.peer_link, "up"],
-                        ["-n", self.namespace, "link", "set", "lo", "up"]):
+        for command in (
+            ["netns", "add", self.namespace],
+            ["link", "add", self.host_link, "type", "veth", "peer", "name", self.peer_link],
+            ["link", "set", self.peer_link, "netns", self.namespace],
+            ["addr", "add", f"{HOST_ADDRESS}/30", "dev", self.host_link],
+            ["link", "set", self.host_link, "up"],
+            ["-n", self.namespace, "addr", "add", f"{PEER_ADDRESS}/30", "dev", self.peer_link],
+            ["-n", self.namespace, "link", "set", self.peer_link, "up"],
+            ["-n", self.namespace, "link", "set", "lo", "up"],
+        ):
             subprocess.run([self.ip, *command], check=True, capture_output=True, timeout=30)
 
     def _teardown(self):
@@ -60,8 +70,10 @@ class HalfOpenPeerTest(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             config = write_config(tmp, heartbeat_interval=HEARTBEAT)
             with daemon_process("--host", "0.0.0.0", "--port", "0", "-c", config) as (process, port):
-                client = subprocess.Popen([self.ip, "netns", "exec", self.namespace, sys.executable, "-c", CLIENT,
-                                           HOST_ADDRESS, str(port)], stdout=subprocess.PIPE)
+                client = subprocess.Popen(
+                    [self.ip, "netns", "exec", self.namespace, sys.executable, "-c", CLIENT, HOST_ADDRESS, str(port)],
+                    stdout=subprocess.PIPE,
+                )
                 try:
                     self.assertEqual(client.stdout.readline(), b"subscribed\n")
                     wait_for_subscribers(port, 1)

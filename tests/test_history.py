@@ -14,9 +14,22 @@ import zlib
 from sseserver import history
 from sseserver.bouncer import Bouncer
 from tests.faults import PrivateTmpfs, strace_prefix
-from tests.support import (IO_TIMEOUT, RunningServer, SSEClient, assert_exit, connect, daemon_process,
-                           health, read_response, request, require_binary, run_cli, stop_daemon, wait_until,
-                           write_config)
+from tests.support import (
+    IO_TIMEOUT,
+    RunningServer,
+    SSEClient,
+    assert_exit,
+    connect,
+    daemon_process,
+    health,
+    read_response,
+    request,
+    require_binary,
+    run_cli,
+    stop_daemon,
+    wait_until,
+    write_config,
+)
 
 
 def publish_ids(port, count, prefix="e"):
@@ -25,12 +38,16 @@ def publish_ids(port, count, prefix="e"):
 
 class RecordFormatTest(unittest.TestCase):
     def test_records_round_trip_a_torn_last_record_is_dropped_and_damage_before_the_end_is_an_error(self):
-        records = [history.encode_record(i, i - 1, name, data) for i, name, data in
-                   [(1, "message", "a"), (2, "x.y", "caf\u00e9\nline"), (3, "message", "")]]
+        records = [
+            history.encode_record(i, i - 1, name, data)
+            for i, name, data in [(1, "message", "a"), (2, "x.y", "caf\u00e9\nline"), (3, "message", "")]
+        ]
         blob = history.MAGIC + b"".join(records)
         events, valid, dropped = history.decode_records(blob, "f")
-        self.assertEqual([(e.id, e.name, e.data) for e in events],
-                         [(1, "message", "a"), (2, "x.y", "caf\u00e9\nline"), (3, "message", "")])
+        self.assertEqual(
+            [(e.id, e.name, e.data) for e in events],
+            [(1, "message", "a"), (2, "x.y", "caf\u00e9\nline"), (3, "message", "")],
+        )
         self.assertEqual((valid, dropped), (len(blob), None))
         for cut in range(1, len(records[-1])):  # every possible torn last write
             events, valid, dropped = history.decode_records(blob[:-cut], "f")
@@ -78,16 +95,23 @@ class RestartTest(unittest.TestCase):
                 self.assertGreater(int(new), int(ids[-1]) + 1)  # after the named event, never reused
                 with SSEClient(port, headers={"Last-Event-ID": ids[2]}) as client:
                     events = client.read_events(4)
-                    self.assertEqual([(e.id, e.type, e.data) for e in events],
-                                     [(ids[3], "message", "e3"), (ids[4], "message", "e4"),
-                                      (str(int(ids[4]) + 1), "other", "named"), (new, "message", "new0")])
+                    self.assertEqual(
+                        [(e.id, e.type, e.data) for e in events],
+                        [
+                            (ids[3], "message", "e3"),
+                            (ids[4], "message", "e4"),
+                            (str(int(ids[4]) + 1), "other", "named"),
+                            (new, "message", "new0"),
+                        ],
+                    )
                 stop_daemon(process)
 
     def test_kill_9_loses_no_acknowledged_event(self):
         for mode in ("always", "interval"):
             with self.subTest(history_fsync=mode), tempfile.TemporaryDirectory() as tmp:
-                config = write_config(tmp, history_file=os.path.join(tmp, "h.log"), history_size=100000,
-                                      history_fsync=mode)
+                config = write_config(
+                    tmp, history_file=os.path.join(tmp, "h.log"), history_size=100000, history_fsync=mode
+                )
                 acknowledged: dict[str, str] = {}
                 with daemon_process("--port", "0", "-c", config) as (process, port):
                     stop = threading.Event()
@@ -100,8 +124,9 @@ class RestartTest(unittest.TestCase):
                                     if stop.is_set():
                                         return
                                     body = f"{tag}-{i}".encode()
-                                    sock.sendall(b"POST /publish HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
-                                                 % (len(body), body))
+                                    sock.sendall(
+                                        b"POST /publish HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                                    )
                                     status, _, reply = read_response(sock, buffer)
                                     if status == 200:
                                         acknowledged[json.loads(reply)["id"]] = body.decode()
@@ -140,14 +165,16 @@ class DamagedFileTest(unittest.TestCase):
 
     def tearDown(self):
         import shutil
+
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def test_torn_last_record_is_ignored_with_a_warning(self):
         with open(self.path, "ab") as handle:
             handle.write(history.encode_record(int(self.ids[-1]) + 1, int(self.ids[-1]), "message", "torn")[:-3])
         with daemon_process("--port", "0", "-c", self.config) as (process, port):
-            self.assertTrue(any("ignoring a partial record at the end" in line for line in process.log_lines),
-                            process.log_lines)
+            self.assertTrue(
+                any("ignoring a partial record at the end" in line for line in process.log_lines), process.log_lines
+            )
             new = publish_ids(port, 1)
             stop_daemon(process)
         events, _, dropped = history.decode_records(open(self.path, "rb").read(), self.path)
@@ -254,7 +281,7 @@ class CompactionBurstTest(unittest.TestCase):
                 events, _, dropped = history.decode_records(open(path, "rb").read(), path)
                 self.assertIsNone(dropped)
                 chain = [(e.prev_id, e.id) for e in events]
-                self.assertEqual([e.id for e in events], ids[-len(events):])  # the newest, none skipped
+                self.assertEqual([e.id for e in events], ids[-len(events) :])  # the newest, none skipped
                 self.assertTrue(all(a[1] == b[0] for a, b in zip(chain, chain[1:])), chain)
                 self.assertGreaterEqual(len(events), 2)
 
@@ -271,6 +298,7 @@ def ascii_record_inside(event_id: int) -> str:
 
 def child_pid(pid: int) -> int:
     """The process a wrapper (strace, nsenter) started: the daemon to send a signal to."""
+
     def find():
         for task in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{task}/children") as handle:
@@ -278,14 +306,17 @@ def child_pid(pid: int) -> int:
             if children:
                 return int(children[0])
         return None
+
     return wait_until(find, what=f"a child of {pid}")
 
 
 class FormatTest(unittest.TestCase):
     def test_a_torn_last_record_whose_payload_embeds_a_valid_record_is_still_a_torn_tail(self):
         embedded = ascii_record_inside(7)
-        records = [history.encode_record(1, 0, "message", "a"),
-                   history.encode_record(2, 1, "message", "x" * 40 + embedded + "y" * 40)]
+        records = [
+            history.encode_record(1, 0, "message", "a"),
+            history.encode_record(2, 1, "message", "x" * 40 + embedded + "y" * 40),
+        ]
         blob = history.MAGIC + b"".join(records)
         for cut in (1, 20, 39):  # the write was cut after the embedded record: it is whole in what is left
             events, valid, dropped = history.decode_records(blob[:-cut], "f")
@@ -317,10 +348,12 @@ class FileFaultTest(unittest.TestCase):
 
     def test_disk_full_during_compaction_keeps_the_old_file_and_every_acknowledged_event(self):
         with tempfile.TemporaryDirectory() as tmp, PrivateTmpfs("512k") as disk:
-            config = write_config(tmp, history_file=disk.inside("history.log"), history_size=100,
-                                  max_message_bytes=4096)
+            config = write_config(
+                tmp, history_file=disk.inside("history.log"), history_size=100, max_message_bytes=4096
+            )
             acknowledged, refused = {}, 0
             with daemon_process("--port", "0", "-c", config, prefix=disk.prefix()) as (process, port):
+
                 def publish(i):
                     nonlocal refused
                     status, _, body = request(port, "POST", "/publish", f"{i:05d}" + "z" * 1200)
@@ -329,6 +362,7 @@ class FileFaultTest(unittest.TestCase):
                     else:
                         self.assertEqual(status, 503)
                         refused += 1
+
                 for i in range(280):  # below the compaction threshold (2 x 100 + 100 records)
                     publish(i)
                 # Leave room for a few more records, but not for the compacted copy (100 records, ~125 KB).
@@ -360,12 +394,15 @@ class FileFaultTest(unittest.TestCase):
             # strace counts calls per thread: on one keep-alive connection (one request thread) the first
             # publish's fsync succeeds and every later one fails. Starting on an existing file needs no fsync.
             with daemon_process("--port", "0", "-c", config, prefix=strace_prefix("fsync", "EIO", 2)) as (
-                    process, port):
+                process,
+                port,
+            ):
                 with SSEClient(port) as client, connect(port) as publisher:
                     buffer = bytearray()
                     for data, expected in (("stored", 200), ("lost-1", 503), ("lost-2", 503)):
-                        publisher.sendall(b"POST /publish HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
-                                          % (len(data), data.encode()))
+                        publisher.sendall(
+                            b"POST /publish HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data.encode())
+                        )
                         status, _, body = read_response(publisher, buffer)
                         self.assertEqual(status, expected, body)
                         if status == 503:
@@ -393,7 +430,9 @@ class FileFaultTest(unittest.TestCase):
             # directory. Fail the third and all after it: the rename happened, its directory entry is not durable,
             # and no later compaction on that thread could repair anything.
             with daemon_process("--port", "0", "-c", config, prefix=strace_prefix("fsync", "EIO", 3)) as (
-                    process, port):
+                process,
+                port,
+            ):
                 with connect(port) as publisher:  # one request thread: its fsyncs are not counted with the others
                     buffer = bytearray()
                     acknowledged = []
@@ -402,8 +441,10 @@ class FileFaultTest(unittest.TestCase):
                         status, _, body = read_response(publisher, buffer)
                         self.assertEqual(status, 200)
                         acknowledged.append(json.loads(body)["id"])
-                    wait_until(lambda: any(" error " in line for line in process.log_lines),
-                               what="the failed directory fsync in the log")
+                    wait_until(
+                        lambda: any(" error " in line for line in process.log_lines),
+                        what="the failed directory fsync in the log",
+                    )
                     for _ in range(5):  # these must reach the file now in force, not the unlinked old one
                         publisher.sendall(b"POST /publish HTTP/1.1\r\nContent-Length: 1\r\n\r\ny")
                         status, _, body = read_response(publisher, buffer)
@@ -441,6 +482,7 @@ class FileFaultTest(unittest.TestCase):
                     except OSError:
                         return False
                     return [str(e.id) for e in events] == ids
+
                 wait_until(rewritten, what="the history file written anew")
                 stop_daemon(process)
 
@@ -470,11 +512,12 @@ class ReloadTest(unittest.TestCase):
                     write_config(tmp, history_size=history_size, queue_size=2)
                     process.send_signal(signal.SIGHUP)
                     reloads += 1
-                    wait_until(lambda: sum("reloaded" in line for line in process.log_lines) == reloads,
-                               what="the reload")
+                    wait_until(
+                        lambda: sum("reloaded" in line for line in process.log_lines) == reloads, what="the reload"
+                    )
                     retained = health(port)["history_size"]
                     self.assertLessEqual(retained, len(ids))
-                    held = ids[len(ids) - retained:]
+                    held = ids[len(ids) - retained :]
                     # Every id replays exactly what is held after it, or resets: never a 500, never a gap.
                     for last in ids:
                         with SSEClient(port, headers={"Last-Event-ID": last}) as client:
@@ -489,7 +532,6 @@ class ReloadTest(unittest.TestCase):
                                 self.assertEqual([e.id for e in rest], held)
                     ids += publish_ids(port, 2)
                 stop_daemon(process)
-
 
 
 class FileFaultReviewTest(unittest.TestCase):
@@ -526,8 +568,9 @@ class FileFaultReviewTest(unittest.TestCase):
                 ids = publish_ids(port, 5)
                 os.truncate(path, 0)  # logrotate's copytruncate
                 ids += publish_ids(port, 5, "after")
-                wait_until(lambda: any("truncated" in line for line in process.log_lines),
-                           what="the truncation noticed")
+                wait_until(
+                    lambda: any("truncated" in line for line in process.log_lines), what="the truncation noticed"
+                )
                 stop_daemon(process)
             with daemon_process("--port", "0", "-c", config) as (process, port):
                 with SSEClient(port, headers={"Last-Event-ID": "0"}) as client:
@@ -543,9 +586,19 @@ class FileFaultReviewTest(unittest.TestCase):
             config = write_config(tmp, history_file=path, history_fsync="always")
             with daemon_process("--port", "0", "-c", config) as (process, port):  # creates the file
                 stop_daemon(process)
-            injection = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync,write",
-                         "-e", "inject=fsync:error=EIO:delay_enter=400000:when=3",
-                         "-e", "inject=write:delay_exit=1500000:when=1"]
+            injection = [
+                "strace",
+                "-f",
+                "-qq",
+                "-o",
+                "/dev/null",
+                "-e",
+                "trace=fsync,write",
+                "-e",
+                "inject=fsync:error=EIO:delay_enter=400000:when=3",
+                "-e",
+                "inject=write:delay_exit=1500000:when=1",
+            ]
             require_binary("strace")
             statuses = {}
             with daemon_process("--port", "0", "-c", config, prefix=injection) as (process, port):

@@ -8,8 +8,7 @@ import subprocess
 import threading
 import unittest
 
-from tests.support import (IO_TIMEOUT, RunningServer, daemon_process, assert_exit, request, require_binary,
-                           wait_until)
+from tests.support import IO_TIMEOUT, RunningServer, daemon_process, assert_exit, request, require_binary, wait_until
 
 SUB = "sub-token-1"
 SUB_ORDERS = "sub-orders-2"
@@ -32,8 +31,10 @@ class HistoryEndpointTest(unittest.TestCase):
             ids = [json.loads(server.publish(f"e{i}", event="a" if i % 2 else None)[2])["id"] for i in range(4)]
             status, page = history(server.port)
             self.assertEqual(status, 200)
-            self.assertEqual(page["events"], [{"id": ids[i], "event": "a" if i % 2 else "message", "data": f"e{i}"}
-                                              for i in range(4)])
+            self.assertEqual(
+                page["events"],
+                [{"id": ids[i], "event": "a" if i % 2 else "message", "data": f"e{i}"} for i in range(4)],
+            )
             self.assertEqual((page["oldest_id"], page["last_id"], page["reset"]), (ids[0], ids[3], False))
             # Paging: the cursor is the last id the answer covered, filtered-out events included.
             _, first = history(server.port, "limit=1&event=a")
@@ -67,8 +68,16 @@ class HistoryEndpointTest(unittest.TestCase):
 
     def test_bad_parameters_are_400_and_the_server_keeps_serving(self):
         with RunningServer() as server:
-            for query in ("limit=0", "limit=1001", "limit=ten", "wait=-1", "wait=61", "wait=nan", "wait=inf",
-                          "event=bad%20name"):
+            for query in (
+                "limit=0",
+                "limit=1001",
+                "limit=ten",
+                "wait=-1",
+                "wait=61",
+                "wait=nan",
+                "wait=inf",
+                "event=bad%20name",
+            ):
                 with self.subTest(query=query):
                     status, body = history(server.port, query)
                     self.assertEqual(status, 400)
@@ -79,8 +88,9 @@ class HistoryEndpointTest(unittest.TestCase):
         with RunningServer(history_size=10) as server:
             last = json.loads(server.publish("old")[2])["id"]
             answers = []
-            poll = threading.Thread(target=lambda: answers.append(
-                history(server.port, f"after={last}&event=wanted&wait=30")))
+            poll = threading.Thread(
+                target=lambda: answers.append(history(server.port, f"after={last}&event=wanted&wait=30"))
+            )
             poll.start()
             wait_until(lambda: waiting(server.port) == 1, what="the long poll to be held")
             server.publish("not for it", event="other")  # wakes it, matches nothing: it goes on waiting
@@ -88,7 +98,7 @@ class HistoryEndpointTest(unittest.TestCase):
             self.assertEqual(answers, [])
             server.publish("for it", event="wanted")
             poll.join(IO_TIMEOUT)
-            (status, page), = answers
+            ((status, page),) = answers
             self.assertEqual((status, [e["data"] for e in page["events"]], page["reset"]), (200, ["for it"], False))
             # Nothing arrives: an empty answer once the wait is up, with the cursor where it was.
             status, page = history(server.port, f"after={page['last_id']}&wait=0.3")
@@ -103,7 +113,7 @@ class HistoryEndpointTest(unittest.TestCase):
             wait_until(lambda: waiting(port) == 1, what="the long poll to be held")
             process.send_signal(signal.SIGTERM)
             poll.join(IO_TIMEOUT)  # well before the 60 s wait and the 5 s shutdown_timeout would cut it
-            (status, page), = answers
+            ((status, page),) = answers
             self.assertEqual((status, page["events"]), (200, []))
             assert_exit(process, 0)
 
@@ -111,8 +121,12 @@ class HistoryEndpointTest(unittest.TestCase):
         curl = require_binary("curl")
         with RunningServer(history_size=10) as server:
             ids = [json.loads(server.publish(f"e{i}")[2])["id"] for i in range(3)]
-            result = subprocess.run([curl, "-sS", f"http://127.0.0.1:{server.port}/history?after={ids[0]}"],
-                                    capture_output=True, timeout=IO_TIMEOUT, check=True)
+            result = subprocess.run(
+                [curl, "-sS", f"http://127.0.0.1:{server.port}/history?after={ids[0]}"],
+                capture_output=True,
+                timeout=IO_TIMEOUT,
+                check=True,
+            )
             page = json.loads(result.stdout)
             self.assertEqual([e["data"] for e in page["events"]], ["e1", "e2"])
 

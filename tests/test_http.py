@@ -6,8 +6,16 @@ import threading
 import unittest
 
 from sseserver.delivery import EndReason
-from tests.support import (IO_TIMEOUT, RunningServer, connect, raw_exchange, read_response, request,
-                           wait_for_subscribers, wait_until)
+from tests.support import (
+    IO_TIMEOUT,
+    RunningServer,
+    connect,
+    raw_exchange,
+    read_response,
+    request,
+    wait_for_subscribers,
+    wait_until,
+)
 
 
 class SubscribeAndPublishTest(unittest.TestCase):
@@ -83,15 +91,19 @@ class SubscribeAndPublishTest(unittest.TestCase):
                 self.assertEqual((status, headers["connection"]), (200, "keep-alive"))
 
     def test_three_pipelined_requests_get_three_answers(self):
-        raw = (b"POST /publish HTTP/1.1\r\nContent-Length: 1\r\n\r\nA"
-               b"GET /health HTTP/1.1\r\n\r\nPOST /publish HTTP/1.1\r\nConnection: close\r\nContent-Length: 1\r\n\r\nB")
+        raw = (
+            b"POST /publish HTTP/1.1\r\nContent-Length: 1\r\n\r\nA"
+            b"GET /health HTTP/1.1\r\n\r\nPOST /publish HTTP/1.1\r\nConnection: close\r\nContent-Length: 1\r\n\r\nB"
+        )
         out = raw_exchange(self.server.port, raw)
         self.assertEqual(out.count(b"HTTP/1.1 200 OK"), 3)
 
     def test_a_chunked_publish_body_becomes_one_event(self):
         with connect(self.server.port) as sock:
-            sock.sendall(b"POST /publish HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-                         b"4\r\nHey \r\n7\r\nchunked\r\n0\r\n\r\n")
+            sock.sendall(
+                b"POST /publish HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                b"4\r\nHey \r\n7\r\nchunked\r\n0\r\n\r\n"
+            )
             status, _, body = read_response(sock)
         self.assertEqual(status, 200)
         (event,) = [e for e in self.server.server.bouncer.history() if e.id == int(json.loads(body)["id"])]
@@ -102,8 +114,9 @@ class SubscribeAndPublishTest(unittest.TestCase):
 
     def test_expect_100_continue_gets_the_interim_answer_before_the_body_is_sent(self):
         with connect(self.server.port) as sock:
-            sock.sendall(b"POST /publish HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"
-                         b"Connection: close\r\n\r\n")
+            sock.sendall(
+                b"POST /publish HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+            )
             interim = sock.recv(100)
             self.assertEqual(interim, b"HTTP/1.1 100 Continue\r\n\r\n")
             sock.sendall(b"hello")

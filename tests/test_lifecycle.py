@@ -16,9 +16,24 @@ import tempfile
 import time
 import unittest
 
-from tests.support import (IO_TIMEOUT, REQUIRE_ALL, ROOT, STARTUP_TIMEOUT, STOP_TIMEOUT, SSEClient, assert_exit,
-                           connect, daemon_process, read_response, request, require_binary, stop_daemon,
-                           wait_for_subscribers, wait_until, write_config)
+from tests.support import (
+    IO_TIMEOUT,
+    REQUIRE_ALL,
+    ROOT,
+    STARTUP_TIMEOUT,
+    STOP_TIMEOUT,
+    SSEClient,
+    assert_exit,
+    connect,
+    daemon_process,
+    read_response,
+    request,
+    require_binary,
+    stop_daemon,
+    wait_for_subscribers,
+    wait_until,
+    write_config,
+)
 
 
 # Threads (and processes) the user running the daemon may have in the thread-failure test: the main, accept and
@@ -156,12 +171,19 @@ class StopTest(unittest.TestCase):
             with self.subTest(attempt=attempt):
                 read_end, write_end = os.pipe()
                 filler = fill_pipe(write_end)
-                process = subprocess.Popen([sys.executable, "-m", "sseserver", "--port", "0"], cwd=ROOT,
-                                           stdout=subprocess.DEVNULL, stderr=write_end)
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "sseserver", "--port", "0"],
+                    cwd=ROOT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=write_end,
+                )
                 os.close(write_end)
                 try:
-                    wait_until(lambda: blocked_in(process.pid, f"{write_syscall} 0x2 "), STARTUP_TIMEOUT,
-                               "the daemon to block writing its first log line")
+                    wait_until(
+                        lambda: blocked_in(process.pid, f"{write_syscall} 0x2 "),
+                        STARTUP_TIMEOUT,
+                        "the daemon to block writing its first log line",
+                    )
                     process.send_signal(signal.SIGTERM)
                     with open(read_end, "rb") as pipe:
                         log = pipe.read()[filler:].decode()  # the daemon's whole stderr, until it exits
@@ -187,8 +209,9 @@ class ReloadTest(unittest.TestCase):
                     write_config(tmp, max_message_bytes=100, writer_threads=3)
                     process.send_signal(signal.SIGHUP)
                     wait_until(lambda: any("reloaded" in line for line in process.log_lines), what="reload")
-                    self.assertTrue(any("writer_threads cannot change" in line for line in process.log_lines),
-                                    process.log_lines)
+                    self.assertTrue(
+                        any("writer_threads cannot change" in line for line in process.log_lines), process.log_lines
+                    )
                     self.assertEqual(request(port, "POST", "/publish", "x" * 20)[0], 200)
                     # an invalid file keeps the running config and the daemon serving
                     write_config(tmp, max_message_bytes="lots")
@@ -208,8 +231,10 @@ class ReloadTest(unittest.TestCase):
                 process.send_signal(signal.SIGHUP)
                 wait_until(lambda: any("reloaded" in line for line in process.log_lines), what="reload at info")
                 self.assertEqual(request(port, "GET", "/health")[0], 200)
-                wait_until(lambda: any('"GET /health" 200' in line for line in process.log_lines),
-                           what="an access log line at info")
+                wait_until(
+                    lambda: any('"GET /health" 200' in line for line in process.log_lines),
+                    what="an access log line at info",
+                )
                 self.assertFalse([line for line in process.log_lines if "cannot change" in line])
                 stop_daemon(process)
 
@@ -222,13 +247,20 @@ class ThreadExhaustionTest(unittest.TestCase):
             if REQUIRE_ALL:
                 raise AssertionError("needs root, to run the daemon as another user")
             self.skipTest("needs root, to run the daemon as another user")
-        limited = [require_binary("prlimit"), f"--nproc={THREAD_LIMIT}", require_binary("setpriv"),
-                   "--reuid=65534", "--regid=65534", "--clear-groups"]
+        limited = [
+            require_binary("prlimit"),
+            f"--nproc={THREAD_LIMIT}",
+            require_binary("setpriv"),
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]
         with tempfile.TemporaryDirectory() as tmp:
             os.chmod(tmp, 0o755)  # the daemon's user reads the config file
             path = write_config(tmp, request_timeout=60)
             os.chmod(path, 0o644)
             with daemon_process("--port", "0", "-c", path, prefix=limited) as (process, port):
+
                 def threads():
                     return len(os.listdir(f"/proc/{process.pid}/task"))
 
@@ -249,8 +281,9 @@ class ThreadExhaustionTest(unittest.TestCase):
                             refused = sock
                     with refused:
                         status, headers, body = read_response(refused)
-                    self.assertEqual((status, headers["retry-after"], json.loads(body)),
-                                     (503, "1", {"error": "server overloaded"}))
+                    self.assertEqual(
+                        (status, headers["retry-after"], json.loads(body)), (503, "1", {"error": "server overloaded"})
+                    )
                 finally:
                     for sock in held:
                         sock.close()

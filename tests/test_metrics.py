@@ -42,8 +42,13 @@ def parse_exposition(text: str) -> dict:
         name, labels_text, value = match.groups()
         assert VALUE.match(value), f"bad value in {line!r}"
         family = current
-        assert family and (name == family or (families[family]["type"] == "histogram" and name in
-                                              (family + "_bucket", family + "_sum", family + "_count"))), line
+        assert family and (
+            name == family
+            or (
+                families[family]["type"] == "histogram"
+                and name in (family + "_bucket", family + "_sum", family + "_count")
+            )
+        ), line
         labels = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', labels_text or ""))
         families[family]["samples"].append((name, labels, float(value)))
     for name, family in families.items():
@@ -64,8 +69,9 @@ def parse_exposition(text: str) -> dict:
 
 def value(families, name, **labels):
     family = name if name in families else name.rsplit("_", 1)[0]  # histogram series live in their family
-    matches = [s[2] for s in families[family]["samples"]
-               if s[0] == name and all(s[1].get(k) == v for k, v in labels.items())]
+    matches = [
+        s[2] for s in families[family]["samples"] if s[0] == name and all(s[1].get(k) == v for k, v in labels.items())
+    ]
     assert len(matches) == 1, (name, labels, families[name]["samples"])
     return matches[0]
 
@@ -80,10 +86,17 @@ class MetricsTest(unittest.TestCase):
     def test_counters_move_as_events_flow(self):
         with RunningServer(queue_size=2, history_size=3) as server:
             before = self.scrape(server)
-            for name in ("sseserver_subscribers", "sseserver_events_published_total",
-                         "sseserver_events_delivered_total", "sseserver_subscribers_dropped_total",
-                         "sseserver_replay_resets_total", "sseserver_http_requests_total",
-                         "sseserver_publish_to_write_seconds", "process_start_time_seconds", "sseserver_build_info"):
+            for name in (
+                "sseserver_subscribers",
+                "sseserver_events_published_total",
+                "sseserver_events_delivered_total",
+                "sseserver_subscribers_dropped_total",
+                "sseserver_replay_resets_total",
+                "sseserver_http_requests_total",
+                "sseserver_publish_to_write_seconds",
+                "process_start_time_seconds",
+                "sseserver_build_info",
+            ):
                 self.assertIn(name, before)
             self.assertEqual(before["sseserver_publish_to_write_seconds"]["type"], "histogram")
             with server.subscribe() as first, server.subscribe() as second:
@@ -102,8 +115,10 @@ class MetricsTest(unittest.TestCase):
             request(server.port, "GET", "/nope")
             with server.subscribe(headers={"Last-Event-ID": "garbage"}) as resetting:
                 resetting.read_events(1)
-            wait_until(lambda: value(self.scrape(server), "sseserver_subscribers_dropped_total",
-                                     reason="disconnected") >= 3, what="disconnects counted")
+            wait_until(
+                lambda: value(self.scrape(server), "sseserver_subscribers_dropped_total", reason="disconnected") >= 3,
+                what="disconnects counted",
+            )
             after = self.scrape(server)
             self.assertEqual(value(after, "sseserver_replay_resets_total"), 1)
             self.assertEqual(value(after, "sseserver_http_requests_total", code="404"), 1)
@@ -113,13 +128,17 @@ class MetricsTest(unittest.TestCase):
     def test_publish_to_write_latency_counts_each_written_event_once(self):
         """Once per event however many writer threads there are, and only for events some socket received."""
         with RunningServer(writer_threads=2, heartbeat_interval=60) as server:
+
             def written():
                 return value(self.scrape(server), "sseserver_publish_to_write_seconds_count")
 
             for index in range(3):
                 server.publish(f"nobody {index}")  # no stream: never written
-            with server.subscribe() as first, server.subscribe() as second, \
-                    server.subscribe("/subscribe?event=a") as only_a:
+            with (
+                server.subscribe() as first,
+                server.subscribe() as second,
+                server.subscribe("/subscribe?event=a") as only_a,
+            ):
                 wait_for_subscribers(server.port, 3)
                 for name in ("a", "b", "c"):
                     server.publish(name, event=name)
@@ -134,13 +153,19 @@ class MetricsTest(unittest.TestCase):
     def test_metrics_with_a_token_configured_is_401_without_it_and_403_with_a_wrong_one(self):
         with RunningServer(metrics_token="metrics-secret-1") as server:
             self.assertEqual(request(server.port, "GET", "/metrics")[0], 401)
-            self.assertEqual(request(server.port, "GET", "/metrics",
-                                     headers={"Authorization": "Bearer wrong-one"})[0], 403)
+            self.assertEqual(
+                request(server.port, "GET", "/metrics", headers={"Authorization": "Bearer wrong-one"})[0], 403
+            )
             self.scrape(server, {"Authorization": "Bearer metrics-secret-1"})
 
     def test_parser_is_strict(self):
-        for bad in ("x 1\n", "# TYPE x counter\nx 1\n", "# HELP x h\n# TYPE x gauge\nx one\n",
-                    "# HELP x h\n# TYPE x gauge\nx{a=\"1\"\n", "# HELP x_total h\n# TYPE x_total counter\ny_total 1\n"):
+        for bad in (
+            "x 1\n",
+            "# TYPE x counter\nx 1\n",
+            "# HELP x h\n# TYPE x gauge\nx one\n",
+            '# HELP x h\n# TYPE x gauge\nx{a="1"\n',
+            "# HELP x_total h\n# TYPE x_total counter\ny_total 1\n",
+        ):
             with self.subTest(bad=bad), self.assertRaises(AssertionError):
                 parse_exposition(bad)
 
@@ -152,8 +177,9 @@ class AccessLogTest(unittest.TestCase):
         saved = (logger.handlers[:], logger.level, logger.propagate)
         logs.configure("info", stream=stream, environ={})
         try:
-            with RunningServer(access_log=True, log_level="info",
-                               subscribe_tokens=["secret-sub-token", "hidden-pass-phrase-9"]) as server:
+            with RunningServer(
+                access_log=True, log_level="info", subscribe_tokens=["secret-sub-token", "hidden-pass-phrase-9"]
+            ) as server:
                 logs.set_level("info")
                 server.publish("x", event="a")
                 request(server.port, "GET", "/nope")
@@ -186,8 +212,10 @@ class HealthAndPageTest(unittest.TestCase):
         with RunningServer() as server:
             published = json.loads(server.publish("x")[2])["id"]
             health = server.health()
-            self.assertEqual({k: health[k] for k in ("status", "subscribers", "last_event_id", "history_size")},
-                             {"status": "ok", "subscribers": 0, "last_event_id": published, "history_size": 1})
+            self.assertEqual(
+                {k: health[k] for k in ("status", "subscribers", "last_event_id", "history_size")},
+                {"status": "ok", "subscribers": 0, "last_event_id": published, "history_size": 1},
+            )
             self.assertGreaterEqual(health["uptime_s"], 0)
 
     def test_page_is_self_contained_with_a_strict_csp(self):

@@ -22,9 +22,20 @@ import threading
 import time
 import unittest
 
-from tests.support import (IO_TIMEOUT, ROOT, STOP_TIMEOUT, SSEClient, assert_exit, daemon_process,
-                           listening_socket, request, require_binary, wait_for_subscribers, wait_until,
-                           write_config)
+from tests.support import (
+    IO_TIMEOUT,
+    ROOT,
+    STOP_TIMEOUT,
+    SSEClient,
+    assert_exit,
+    daemon_process,
+    listening_socket,
+    request,
+    require_binary,
+    wait_for_subscribers,
+    wait_until,
+    write_config,
+)
 
 # Issue requirement: an event must cross nginx within this long of its publish, i.e. unbuffered.
 UNBUFFERED_MS = 200
@@ -48,8 +59,13 @@ class Nginx:
     instead of the unix socket; `http2=False` drops http2 from the listen line; `edits`: (old, new) pairs
     substituted in the block, each checked to occur exactly once."""
 
-    def __init__(self, upstream_port: int | list[int], listen_socket: socket.socket | None = None,
-                 http2: bool = True, edits: tuple[tuple[str, str], ...] = ()):
+    def __init__(
+        self,
+        upstream_port: int | list[int],
+        listen_socket: socket.socket | None = None,
+        http2: bool = True,
+        edits: tuple[tuple[str, str], ...] = (),
+    ):
         self.nginx = require_binary("nginx")
         openssl = require_binary("openssl")
         self.dir = tempfile.mkdtemp(prefix="sseserver-nginx-")
@@ -58,12 +74,33 @@ class Nginx:
         self.listen_socket = listen_socket
         self.cert = cert = os.path.join(self.dir, "cert.pem")
         key = os.path.join(self.dir, "key.pem")
-        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj",
-                        "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                        "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [
+                openssl,
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "30",
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                "-keyout",
+                key,
+                "-out",
+                cert,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         block = readme_nginx_block()
-        listen = (f"unix:{self.socket_path}" if listen_socket is None
-                  else "{}:{}".format(*listen_socket.getsockname()[:2]))
+        listen = (
+            f"unix:{self.socket_path}" if listen_socket is None else "{}:{}".format(*listen_socket.getsockname()[:2])
+        )
         block = substitute(block, "listen 443 ssl http2;", f"listen {listen} ssl{' http2' if http2 else ''};")
         for old, new in edits:
             block = substitute(block, old, new)
@@ -101,9 +138,13 @@ http {{
         if self.listen_socket is not None:
             fds = (self.listen_socket.fileno(),)
             env = dict(os.environ, NGINX=f"{fds[0]};")  # nginx's own way to inherit a listening socket
-        self.process = subprocess.Popen([self.nginx, "-c", self.conf, "-p", self.dir, "-e",
-                                         os.path.join(self.dir, "error.log")], env=env, pass_fds=fds,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            [self.nginx, "-c", self.conf, "-p", self.dir, "-e", os.path.join(self.dir, "error.log")],
+            env=env,
+            pass_fds=fds,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         # The pid file is written once the configuration is loaded and the sockets are open; connections made
         # to an inherited socket before the worker accepts wait in its backlog.
         ready = self.socket_path if self.listen_socket is None else os.path.join(self.dir, "nginx.pid")
@@ -162,13 +203,41 @@ class NginxTest(unittest.TestCase):
     def test_http2_towards_the_client(self):
         curl = require_binary("curl")
         with self.daemon() as (_, __), Nginx(self.port) as nginx:
-            result = subprocess.run([curl, "-sk", "--http2", "--unix-socket", nginx.socket_path,
-                                     "-o", "/dev/null", "-w", "%{http_version}", "https://localhost/health"],
-                                    capture_output=True, text=True, timeout=IO_TIMEOUT)
+            result = subprocess.run(
+                [
+                    curl,
+                    "-sk",
+                    "--http2",
+                    "--unix-socket",
+                    nginx.socket_path,
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_version}",
+                    "https://localhost/health",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=IO_TIMEOUT,
+            )
             self.assertEqual(result.stdout, "2", result.stderr)
-            result = subprocess.run([curl, "-sk", "--http2", "--unix-socket", nginx.socket_path, "-X", "POST",
-                                     "https://localhost/publish", "-d", "over h2"],
-                                    capture_output=True, text=True, timeout=IO_TIMEOUT)
+            result = subprocess.run(
+                [
+                    curl,
+                    "-sk",
+                    "--http2",
+                    "--unix-socket",
+                    nginx.socket_path,
+                    "-X",
+                    "POST",
+                    "https://localhost/publish",
+                    "-d",
+                    "over h2",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=IO_TIMEOUT,
+            )
             self.assertIn('"id"', result.stdout)
 
     def test_client_survives_a_daemon_restart_without_losing_an_event(self):

@@ -10,8 +10,10 @@ from sseserver.request import RequestReader, body_length, parse_head
 
 GOOD_HEADS = [
     (b"GET /subscribe HTTP/1.1\r\nHost: x\r", ("GET", "/subscribe", [], {"host": "x"}, True)),
-    (b"POST /publish?event=a%2Eb HTTP/1.0\r\nContent-Length: 3\r",
-     ("POST", "/publish", [("event", "a.b")], {"content-length": "3"}, False)),
+    (
+        b"POST /publish?event=a%2Eb HTTP/1.0\r\nContent-Length: 3\r",
+        ("POST", "/publish", [("event", "a.b")], {"content-length": "3"}, False),
+    ),
     (b"GET /health HTTP/1.0\nConnection: keep-alive", ("GET", "/health", [], {"connection": "keep-alive"}, True)),
     (b"GET /x HTTP/1.1\r\nConnection: close\r", ("GET", "/x", [], {"connection": "close"}, False)),
     (b"GET /x HTTP/1.1\r\nA: 1\r\na: 2\r\nB:   spaced  \r", ("GET", "/x", [], {"a": "1, 2", "b": "spaced"}, True)),
@@ -41,8 +43,10 @@ class ParseHeadTest(unittest.TestCase):
         for head, (method, path, query, headers, keep_alive) in GOOD_HEADS:
             with self.subTest(head=head):
                 request = parse_head(head, 256)
-                self.assertEqual((request.method, request.path, request.query, request.headers,
-                                  request.keep_alive), (method, path, query, headers, keep_alive))
+                self.assertEqual(
+                    (request.method, request.path, request.query, request.headers, request.keep_alive),
+                    (method, path, query, headers, keep_alive),
+                )
 
     def test_each_bad_head_is_an_http_error_with_its_status(self):
         for head, status in BAD_HEADS:
@@ -53,15 +57,23 @@ class ParseHeadTest(unittest.TestCase):
 
     def test_body_length_comes_from_content_length_or_chunked_and_each_bad_framing_has_its_status(self):
         def request(**headers):
-            return parse_head(b"POST /publish HTTP/1.1\r\n" + b"".join(
-                f"{k.replace('_', '-')}: {v}\r\n".encode() for k, v in headers.items()), 1024)
+            return parse_head(
+                b"POST /publish HTTP/1.1\r\n"
+                + b"".join(f"{k.replace('_', '-')}: {v}\r\n".encode() for k, v in headers.items()),
+                1024,
+            )
 
         self.assertEqual(body_length(request(content_length="5"), 10), 5)
         self.assertIsNone(body_length(request(transfer_encoding="chunked"), 10))
-        for headers, status in [({}, 411), ({"content_length": "11"}, 413), ({"content_length": "-1"}, 400),
-                                ({"content_length": "1e3"}, 400), ({"content_length": "99999999999999999999"}, 400),
-                                ({"transfer_encoding": "gzip"}, 501),
-                                ({"transfer_encoding": "chunked", "content_length": "3"}, 400)]:
+        for headers, status in [
+            ({}, 411),
+            ({"content_length": "11"}, 413),
+            ({"content_length": "-1"}, 400),
+            ({"content_length": "1e3"}, 400),
+            ({"content_length": "99999999999999999999"}, 400),
+            ({"transfer_encoding": "gzip"}, 501),
+            ({"transfer_encoding": "chunked", "content_length": "3"}, 400),
+        ]:
             with self.subTest(headers=headers), self.assertRaises(HTTPError) as caught:
                 body_length(request(**headers), 10)
             self.assertEqual(caught.exception.status, status)
@@ -80,7 +92,7 @@ class ReaderTest(unittest.TestCase):
         def run():
             if byte_by_byte:
                 for index in range(len(data)):
-                    self.client_side.sendall(data[index:index + 1])
+                    self.client_side.sendall(data[index : index + 1])
             else:
                 self.client_side.sendall(data)
 
@@ -89,9 +101,11 @@ class ReaderTest(unittest.TestCase):
         return thread
 
     def test_pipelined_requests_whole_and_byte_by_byte(self):
-        raw = (b"POST /publish HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
-               b"POST /publish HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\n"
-               b"Trailer: x\r\n\r\nGET /health HTTP/1.1\n\n")
+        raw = (
+            b"POST /publish HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+            b"POST /publish HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\n"
+            b"Trailer: x\r\n\r\nGET /health HTTP/1.1\n\n"
+        )
         for byte_by_byte in (False, True):
             with self.subTest(byte_by_byte=byte_by_byte):
                 thread = self.send(raw, byte_by_byte)
@@ -103,8 +117,14 @@ class ReaderTest(unittest.TestCase):
                 thread.join()
 
     def test_bad_chunked_bodies(self):
-        cases = [b"zz\r\n", b"0x3\r\nabc\r\n0\r\n\r\n", b"+3\r\nabc\r\n0\r\n\r\n", b"3\r\nabcXX\r\n0\r\n\r\n",
-                 b"-1\r\n", b"fffffffffffffffff\r\n"]
+        cases = [
+            b"zz\r\n",
+            b"0x3\r\nabc\r\n0\r\n\r\n",
+            b"+3\r\nabc\r\n0\r\n\r\n",
+            b"3\r\nabcXX\r\n0\r\n\r\n",
+            b"-1\r\n",
+            b"fffffffffffffffff\r\n",
+        ]
         for body in cases:
             with self.subTest(body=body):
                 self.setUp()

@@ -13,8 +13,19 @@ import time
 import unittest
 
 from sseserver import systemd
-from tests.support import (IO_TIMEOUT, ROOT, STOP_TIMEOUT, SSEClient, assert_exit, daemon_process, request,
-                           require_binary, stop_daemon, wait_for_subscribers, write_config)
+from tests.support import (
+    IO_TIMEOUT,
+    ROOT,
+    STOP_TIMEOUT,
+    SSEClient,
+    assert_exit,
+    daemon_process,
+    request,
+    require_binary,
+    stop_daemon,
+    wait_for_subscribers,
+    write_config,
+)
 
 
 class NotifySocket:
@@ -108,8 +119,10 @@ class SocketActivationTest(unittest.TestCase):
         fd = listener.fileno()
         # fd 3 in the child, and LISTEN_PID naming systemd-socket-activate itself ($$ survives exec), so it
         # receives the socket through sd_listen_fds() and passes it on to the daemon as LISTEN_FDS=1.
-        script = (f"exec 3<&{fd}; LISTEN_FDS=1 LISTEN_PID=$$ exec {activate} -E PYTHONPATH={ROOT} "
-                  f"{sys.executable} -m sseserver --port 1 --log-level info")
+        script = (
+            f"exec 3<&{fd}; LISTEN_FDS=1 LISTEN_PID=$$ exec {activate} -E PYTHONPATH={ROOT} "
+            f"{sys.executable} -m sseserver --port 1 --log-level info"
+        )
         process = subprocess.Popen(["sh", "-c", script], pass_fds=(fd,), cwd=ROOT, stderr=subprocess.PIPE)
         listener.close()
         try:
@@ -144,16 +157,23 @@ class UnitFileTest(unittest.TestCase):
                 text = text.replace("ExecStart=/usr/local/bin/sseserver", f"ExecStart={sys.executable} -m sseserver")
                 with open(os.path.join(tmp, name), "w") as handle:
                     handle.write(text)
-            result = subprocess.run([self.analyze, "verify", os.path.join(tmp, "sseserver.service"),
-                                     os.path.join(tmp, "sseserver.socket")],
-                                    capture_output=True, text=True, timeout=60, cwd=tmp)
+            result = subprocess.run(
+                [self.analyze, "verify", os.path.join(tmp, "sseserver.service"), os.path.join(tmp, "sseserver.socket")],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=tmp,
+            )
             self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
             self.assertNotIn("sseserver", result.stderr, result.stderr)
 
     def test_service_exposure_score_at_most_2(self):
-        result = subprocess.run([self.analyze, "security", "--offline=true",
-                                 os.path.join(ROOT, "systemd", "sseserver.service")],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [self.analyze, "security", "--offline=true", os.path.join(ROOT, "systemd", "sseserver.service")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         match = re.search(r"Overall exposure level for sseserver\.service: (\d+\.\d+)", result.stdout)
         self.assertIsNotNone(match, result.stdout + result.stderr)
         self.assertLessEqual(float(match.group(1)), 2.0)
@@ -161,10 +181,22 @@ class UnitFileTest(unittest.TestCase):
     def test_unit_has_what_production_needs(self):
         with open(os.path.join(ROOT, "systemd", "sseserver.service")) as handle:
             unit = handle.read()
-        for directive in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure", "WatchdogSec=",
-                          "/etc/sseserver/sseserver.toml", "LimitNOFILE=", "DynamicUser=yes", "ProtectSystem=strict",
-                          "ProtectHome=yes", "PrivateTmp=yes", "NoNewPrivileges=yes", "RestrictAddressFamilies=",
-                          "SystemCallFilter=@system-service", "LoadCredential="):
+        for directive in (
+            "Type=notify",
+            "ExecReload=/bin/kill -HUP $MAINPID",
+            "Restart=on-failure",
+            "WatchdogSec=",
+            "/etc/sseserver/sseserver.toml",
+            "LimitNOFILE=",
+            "DynamicUser=yes",
+            "ProtectSystem=strict",
+            "ProtectHome=yes",
+            "PrivateTmp=yes",
+            "NoNewPrivileges=yes",
+            "RestrictAddressFamilies=",
+            "SystemCallFilter=@system-service",
+            "LoadCredential=",
+        ):
             self.assertIn(directive, unit)
 
 
