@@ -609,7 +609,10 @@ class Model:
             # (a client learns it from this lifetime's own reset notice).
             return Start.EITHER
         if value > ids[-1]:
-            return Start.EITHER if self.redis else Start.RESET
+            # Past every id the model knows: a made-up id, or (from the daemon's own stream) the id of a publish
+            # whose answer was lost and that is stored after all, handed out as a reset's cursor (with nothing
+            # retained, the cursor is the last id): the daemon rightly honours it.
+            return Start.EITHER if self.redis or from_stream else Start.RESET
         index = bisect.bisect_left(ids, value)
         floor = domain.floor_index()
         if floor == len(ids):
