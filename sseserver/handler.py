@@ -26,6 +26,7 @@ from .errors import ClientGone, HTTPError, OutcomeUnknown, StoreError
 from .request import Request, RequestReader, body_length, parse_head
 
 if TYPE_CHECKING:  # server.py imports this module
+    from .config import Config
     from .server import SSEServer
 
 log = logging.getLogger("sseserver.http")
@@ -71,8 +72,8 @@ def render_response(
 ) -> bytes:
     """The one place a whole response is rendered: the status line, `headers` (complete lines), a
     Content-Length computed from `body`, the Connection header, and the body (left out for HEAD, which still
-    says the length a GET would get). The only response not built here is a live stream's head, whose body
-    ends when the connection closes (see stream_head())."""
+    says the length a GET would get). Not built here: a live stream's head, whose body ends when the
+    connection closes (see stream_head()), and the interim `100 Continue`, which has no headers at all."""
     # RFC 9110 8.6: no Content-Length on a 204 (a CORS preflight's answer); it never has a body.
     length = b"" if status == 204 else b"Content-Length: %d\r\n" % len(body)
     return b"".join(
@@ -105,6 +106,7 @@ def refusal(date: bytes, message: str, retry_after: int) -> bytes:
 
 class Handler(BaseHTTPRequestHandler):
     server: "SSEServer"  # the methods it may call are listed in SSEServer's docstring
+    config: "Config"  # the config of the request being answered (read once from the policy)
     server_version = SERVER_HEADER
     protocol_version = "HTTP/1.1"
 
@@ -147,7 +149,7 @@ class Handler(BaseHTTPRequestHandler):
     def _serve_connection(self) -> None:
         first = True
         while not self.detached:
-            config = self.server.config
+            config = self.config = self.server.config  # until a request reads the policy (_serve_request)
             wait = config.request_timeout if first else config.keepalive_timeout
             first = False
             try:
@@ -171,7 +173,7 @@ class Handler(BaseHTTPRequestHandler):
     def _serve_request(self, head: bytes) -> bool:
         """Answer one request; False when the connection must close afterwards (as the response said)."""
         policy = self.server.policy  # read once: a reload mid-request cannot mix two configs
-        config = policy.config
+        config = self.config = policy.config  # what _turn_away() and _account() read too
         request = None
         self.cors = ()
         self.body_pending = False
@@ -198,7 +200,7 @@ class Handler(BaseHTTPRequestHandler):
             elif request.path == "/history":
                 self._history(request, policy, client)
             elif request.path == "/metrics":
-                access.authorize_metrics(policy.config.metrics_token, access.bearer_token(headers))
+                access.authorize(policy.metrics_tokens, access.bearer_token(headers), client, "metrics")
                 self._respond(200, metrics.render(self.server.metric_families()).encode("utf-8"), metrics.CONTENT_TYPE)
             elif request.path == "/":
                 self._respond(200, page.HTML, "text/html; charset=utf-8", page.HEADERS)
@@ -346,7 +348,7 @@ class Handler(BaseHTTPRequestHandler):
     def _turn_away(self, request: Request, why: str) -> None:
         """No room (or stopping). A browser gets 200, a jittered `retry:` and an end of stream, because any
         non-200 makes EventSource give up for good; other clients get 503 with Retry-After."""
-        retry_ms = self.server.config.retry_ms
+        retry_ms = self.config.retry_ms
         if "text/event-stream" in request.headers.get("accept", ""):
             retry = framing.encode_jittered_retry(retry_ms, random.random())
             self._account(request, 200, len(retry))
@@ -390,7 +392,7 @@ class Handler(BaseHTTPRequestHandler):
         """Every response passes here once: the status counter, and the access log line if it is on."""
         server = self.server
         server.count_status(status)
-        if server.config.access_log:
+        if self.config.access_log:
             if isinstance(request, Request):
                 what = f"{request.method} {_without_token(request)}"
             else:
