@@ -122,7 +122,7 @@ def decode_records(blob: bytes, path: str) -> tuple[list[StoredEvent], int, str 
     elif blob.startswith(MAGIC1):
         ids, header = _ID1, _HEADER1
     elif MAGIC.startswith(blob):
-        return [], 0, "empty file"  # created, then crashed before the magic was complete
+        return [], 0, None  # created, then crashed before the magic was complete: nothing was ever stored
     else:
         raise HistoryFileError(f"{path} is not an sseserver history file")
     events: list[StoredEvent] = []
@@ -186,6 +186,14 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+class Fsync(enum.Enum):
+    """history_fsync: when records reach the disk (see the module docstring)."""
+
+    ALWAYS = "always"
+    INTERVAL = "interval"
+    NEVER = "never"
+
+
 class FileState(enum.Enum):
     """Where the file stands after a failure. Appends are refused in every state but OK.
 
@@ -207,7 +215,7 @@ class HistoryFile:
 
     def __init__(self, path: str, fsync: str, interval: float, keep: int):
         self.path = path
-        self.fsync = fsync
+        self.fsync = Fsync(fsync)  # the config checked the value: a typo in code fails here, not silently
         self.interval = interval
         self.keep = keep  # events to keep after compaction (history_size; a reload may change it)
         self.records = 0  # records in the current file
@@ -249,8 +257,8 @@ class HistoryFile:
             blob = _read_all(fd)
             events, valid, dropped = decode_records(blob, self.path)
             if dropped:
-                if dropped != "empty file":
-                    log.warning("history file %s: ignoring %s; keeping %d events", self.path, dropped, len(events))
+                log.warning("history file %s: ignoring %s; keeping %d events", self.path, dropped, len(events))
+            if valid < len(blob):  # a torn tail, or a magic cut short
                 os.ftruncate(fd, valid)
             if valid == 0:
                 write_all(fd, MAGIC)
@@ -284,7 +292,7 @@ class HistoryFile:
 
     def must_sync(self) -> bool:
         """True when a publish must wait for sync() before it is acknowledged (fsync "always")."""
-        return self.fsync == "always"
+        return self.fsync is Fsync.ALWAYS
 
     def append(self, event_id: int, prev_id: int, name: str, data: str) -> int:
         """Write one record (under the bouncer's lock). Returns a ticket for sync(). Raises OSError when the
@@ -435,7 +443,7 @@ class HistoryFile:
                         backoff,
                     )
                     retry_at, backoff = now + backoff, min(backoff * 2, RETRY_MAX)
-            if self.fsync == "interval" and now >= next_sync:
+            if self.fsync is Fsync.INTERVAL and now >= next_sync:
                 next_sync = now + self.interval
                 self._sync_in_background()
 
@@ -468,6 +476,10 @@ class HistoryFile:
             except OSError:
                 return False
         return (stat.st_dev, stat.st_ino) != self._identity or shorter
+
+    def alive(self) -> bool:
+        """For the watchdog: the background thread (interval fsyncs, compaction, noticing a lost file) runs."""
+        return self._thread is None or self._thread.is_alive()
 
     def close(self) -> None:
         """Stop the thread and fsync what was written (every mode: a clean stop loses nothing)."""

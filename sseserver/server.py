@@ -237,10 +237,15 @@ class SSEServer(ThreadingHTTPServer):
         return self.bouncer.subscriber_count
 
     def healthy(self) -> bool:
-        """For the systemd watchdog: not stopping, and the threads this server runs are alive (the writers, and
-        the Redis follower coming round its loop; see RedisBridge.healthy() for why a Redis outage does not
-        count)."""
-        return not self.stopping and self.delivery.alive() and (self.cluster is None or self.cluster.healthy())
+        """For the systemd watchdog: not stopping, and the threads this server runs are alive (the writers, the
+        history file's thread, and the Redis follower coming round its loop; see RedisBridge.healthy() for why a
+        Redis outage does not count)."""
+        return (
+            not self.stopping
+            and self.delivery.alive()
+            and (self.history is None or self.history.alive())
+            and (self.cluster is None or self.cluster.healthy())
+        )
 
     def stop_accepting(self) -> None:
         """Mark the server stopping: /health says 503, publishes and new streams are turned away."""

@@ -286,6 +286,19 @@ class CompactionBurstTest(unittest.TestCase):
                 self.assertGreaterEqual(len(events), 2)
 
 
+class WatchdogTest(unittest.TestCase):
+    def test_the_watchdog_needs_the_history_thread(self):
+        """A dead history thread means no interval fsyncs, compactions or lost-file checks: systemd's watchdog
+        must restart the daemon (an earlier version looked at the writers and the Redis follower only)."""
+        with tempfile.TemporaryDirectory() as tmp, RunningServer(history_file=os.path.join(tmp, "h.log")) as server:
+            self.assertTrue(server.server.healthy())
+            store = server.server.history
+            store._stop.set()  # what close() does: the thread ends, as if it had died
+            store.compact_requested.set()
+            store._thread.join(IO_TIMEOUT)
+            self.assertFalse(server.server.healthy())
+
+
 def ascii_record_inside(event_id: int) -> str:
     """Text whose UTF-8 bytes are a whole valid record (a publisher can put anything in an event)."""
     for attempt in range(100_000):
