@@ -209,11 +209,6 @@ class Cause(enum.Enum):
         "tls_expiry",
         "Renew the certificate before it expires (certbot renew, or your CA's process) and reload the proxy.",
     )
-    UNDECODABLE = (
-        "undecodable",
-        "The stream is compressed with a coding the doctor cannot read, so it could not "
-        "watch the events; turn off compression for text/event-stream (see the compression fix).",
-    )
 
     @property
     def label(self) -> str:
