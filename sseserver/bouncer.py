@@ -165,6 +165,73 @@ def _gap_entry(last_id: int, next_id: int, now_ns: int) -> Event:
     return Event(-1, last_id, last_id, RESET_EVENT, "", _gap_notice(last_id, next_id), now_ns, notice=True)
 
 
+class Waiter:
+    """One held long poll: what it waits for, and the flag that wakes it."""
+
+    __slots__ = ("names", "woken")
+
+    def __init__(self, names: EventNames):
+        self.names = names
+        self.woken = threading.Event()
+
+
+class Waiters:
+    """The held long polls, indexed so an append wakes only those whose filter accepts it: by name for plain
+    name sets, a list for waiters of everything, and a list for pattern filters (token scopes), which must be
+    asked. Used under the bouncer's lock."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, set[Waiter]] = {}
+        self._everything: set[Waiter] = set()
+        self._patterns: set[Waiter] = set()
+
+    def __len__(self) -> int:
+        return len(self._everything) + len(self._patterns) + len({w for ws in self._by_name.values() for w in ws})
+
+    def __bool__(self) -> bool:
+        return bool(self._everything or self._patterns or self._by_name)
+
+    def add(self, waiter: Waiter) -> None:
+        names = waiter.names
+        if names is None:
+            self._everything.add(waiter)
+        elif isinstance(names, frozenset):
+            for name in names:
+                self._by_name.setdefault(name, set()).add(waiter)
+        else:
+            self._patterns.add(waiter)
+
+    def remove(self, waiter: Waiter) -> None:
+        names = waiter.names
+        if names is None:
+            self._everything.discard(waiter)
+        elif isinstance(names, frozenset):
+            for name in names:
+                waiting = self._by_name.get(name)
+                if waiting is not None:
+                    waiting.discard(waiter)
+                    if not waiting:
+                        del self._by_name[name]
+        else:
+            self._patterns.discard(waiter)
+
+    def wake_for(self, event: "Event") -> None:
+        if event.notice:  # a gap: every poll answers with reset
+            self.wake_all()
+            return
+        for waiter in self._everything:
+            waiter.woken.set()
+        for waiter in self._by_name.get(event.name, ()):
+            waiter.woken.set()
+        for waiter in self._patterns:
+            if event.name in waiter.names:  # type: ignore[operator]
+                waiter.woken.set()
+
+    def wake_all(self) -> None:
+        for waiter in (*self._everything, *self._patterns, *(w for ws in self._by_name.values() for w in ws)):
+            waiter.woken.set()
+
+
 def _bump(counts: dict, key, delta: int) -> None:
     """Add delta to counts[key], deleting keys that reach 0 so the dicts only hold live entries."""
     left = counts.get(key, 0) + delta
@@ -193,7 +260,7 @@ class Bouncer:
         """`first_id` None: ids start from the clock (lifetime_first_id); a shared sequence (Redis) passes 1 and
         ingests ids assigned elsewhere."""
         self._lock = threading.Lock()
-        self._arrived = threading.Condition(self._lock)  # ingest() -> wait_for_id(); appends -> wait_for_more()
+        self._arrived = threading.Condition(self._lock)  # ingest() -> wait_for_id()
         self._history_size = history_size
         self._queue_size = queue_size
         self.ring = Ring(history_size + queue_size)
@@ -213,7 +280,7 @@ class Bouncer:
         # With fsync "always", events written but not yet on disk wait here (id order) until their fsync
         # succeeds; only then do they enter the ring, so a failed fsync leaves nothing to deliver or replay.
         self._unsynced: list[tuple[int, Event]] = []
-        self.history_waiting = 0  # GET /history requests waiting in wait_for_more() (metrics)
+        self._waiters = Waiters()  # GET /history long polls, by the event names they wait for
         self.published = 0  # events published by this process (metrics)
         self.resets = 0  # replays that began with a reset notice (metrics)
         self._store = store  # a history.HistoryFile, or None: history lives in memory only
@@ -402,9 +469,11 @@ class Bouncer:
         with self._lock:
             self._count_locked(subscriber, -1)
 
-    def page(self, names: EventNames, after: str | None, limit: int) -> Page:
+    def page(self, names: EventNames, after: str | None, limit: int, max_bytes: int = 1 << 20) -> Page:
         """The retained events after the id `after` (None: from the oldest) that `names` accepts, at most
-        `limit` of them. An `after` that replay would reset starts from the oldest, with reset=True."""
+        `limit` of them and (after the first) at most `max_bytes` of data, so one answer never becomes a huge
+        buffer (the client continues from `last_id`). An `after` that replay would reset starts from the
+        oldest, with reset=True."""
         with self._lock:
             head = self.head
             oldest = self._oldest_pos(head)
@@ -424,31 +493,47 @@ class Bouncer:
             else:
                 last_id = self._last_id
             events: list[Event] = []
+            size = 0
             pos = cursor
             while pos < head and len(events) < limit:
                 entry = self.ring.held(pos)
                 if entry.notice:
                     reset = True  # a gap inside the range: the client missed events, as a stream would be told
                 elif names is None or entry.name in names:
+                    if events and size + len(entry.data) > max_bytes:
+                        break
                     events.append(entry)
+                    size += len(entry.data)
                 last_id = entry.id
                 pos += 1
             first = self._oldest_event_locked(oldest, head)
             return Page(events, first.id if first else None, last_id, reset, pos)
 
-    def wait_for_more(self, pos: int, timeout: float, stop: Callable[[], bool]) -> None:
-        """Wait until an entry at `pos` or later exists, `stop()` is true, or `timeout` passes (a long poll:
-        GET /history?wait=). wake_waiters() makes every waiter look at `stop()` again."""
+    def wait_for_more(self, names: EventNames, pos: int, timeout: float) -> None:
+        """Wait until an entry `names` accepts (or a gap notice) arrives at `pos` or later, wake_waiters() is
+        called, or `timeout` passes (a long poll: GET /history?wait=). Only a waiter whose filter an entry
+        matches is woken, and it waits outside the lock: a thousand polls for a name nobody publishes cost a
+        publish nothing but a dictionary lookup."""
+        waiter = Waiter(names)
         with self._lock:
-            self.history_waiting += 1
-            try:
-                self._arrived.wait_for(lambda: self.head > pos or stop(), timeout)
-            finally:
-                self.history_waiting -= 1
+            if self.head > pos:  # something arrived since the caller looked: look again first
+                return
+            self._waiters.add(waiter)
+        try:
+            waiter.woken.wait(timeout)
+        finally:
+            with self._lock:
+                self._waiters.remove(waiter)
+
+    @property
+    def history_waiting(self) -> int:
+        """GET /history requests waiting in wait_for_more() (metrics)."""
+        return len(self._waiters)
 
     def wake_waiters(self) -> None:
+        """Wake every long poll (shutdown: each is answered at once)."""
         with self._lock:
-            self._arrived.notify_all()
+            self._waiters.wake_all()
 
     def history(self) -> list[Event]:
         """The replayable events (not notices), oldest first."""
@@ -529,8 +614,8 @@ class Bouncer:
         pos = event.pos = self.head
         self.ring.slots[pos % self.ring.capacity] = event
         self.head = pos + 1
-        if self.history_waiting:  # a long poll waits for exactly this (checked first: publishes stay cheap)
-            self._arrived.notify_all()
+        if self._waiters:  # a long poll may wait for exactly this (checked first: publishes stay cheap)
+            self._waiters.wake_for(event)
 
     def _settle_locked(self, failed: bool) -> None:
         """After an fsync ("always"): move every event now on disk from _unsynced into the ring, in id order. On

@@ -297,7 +297,11 @@ class Handler(BaseHTTPRequestHandler):
         wanted = self._reader_filter(request, policy, client)
         limit = _query_number(request, "limit", int, HISTORY_LIMIT, 1, HISTORY_MAX_LIMIT)
         wait = _query_number(request, "wait", float, 0.0, 0.0, HISTORY_MAX_WAIT)
-        page = self.server.history_page(wanted, request.query_value("after"), limit, wait)
+        page = self.server.history_page(
+            wanted, _single_query_value(request, "after"), limit, wait, lambda: _client_gone(self.connection)
+        )
+        if page is None:
+            raise ClientGone  # hung up while held: nobody to answer
         body = json.dumps(
             {
                 "events": [{"id": str(event.id), "event": event.name, "data": event.data} for event in page.events],
@@ -412,18 +416,42 @@ class Handler(BaseHTTPRequestHandler):
         log.info("%s " + format, self.peer, *args)
 
 
+def _single_query_value(request: Request, name: str) -> str | None:
+    """A query parameter that may appear at most once (a repeat is a 400, never silently the first)."""
+    values = request.query_values(name)
+    if len(values) > 1:
+        raise HTTPError(400, f"give {name} at most once")
+    return values[0] if values else None
+
+
 def _query_number(request: Request, name: str, kind, default, low, high):
-    """A numeric query parameter within [low, high], or its default when absent; 400 otherwise."""
-    text = request.query_value(name)
+    """A numeric query parameter within [low, high], or its default when absent; 400 otherwise. Plain ASCII
+    digits (with one decimal point for a float): not the underscores, spaces and other scripts' digits that
+    int() and float() would also take."""
+    text = _single_query_value(request, name)
     if text is None:
         return default
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not low <= value <= high:  # also refuses nan and inf
+    whole, point, fraction = text.partition(".")
+    plain = (
+        whole.isascii()
+        and whole.isdigit()
+        and (not point or (kind is float and fraction.isascii() and fraction.isdigit()))
+    )
+    value = kind(text) if plain else None
+    if value is None or not low <= value <= high:
         raise HTTPError(400, f"{name} must be a number from {low} to {high}")
     return value
+
+
+def _client_gone(sock: socket.socket) -> bool:
+    """Whether the peer closed or reset the connection, without consuming what it may have sent (a pipelined
+    next request): one non-blocking peek."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _without_token(request: Request) -> str:

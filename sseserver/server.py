@@ -24,6 +24,7 @@ import threading
 import time
 import weakref
 from http.server import ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
 
 from . import __version__
@@ -41,6 +42,8 @@ log = logging.getLogger("sseserver")
 # File descriptors kept free for everything that is not a connection: the listener, epoll, eventfds, config
 # and token files, the notify socket, logging.
 FD_RESERVE = 64
+# How often a held GET /history long poll looks whether its client hung up.
+HISTORY_GONE_CHECK = 1.0
 # Reasons /metrics shows even at 0, so a dashboard finds the series before the first drop.
 ALWAYS_SHOWN_REASONS = frozenset({EndReason.SLOW, EndReason.DISCONNECTED, EndReason.SHUTDOWN})
 
@@ -334,10 +337,14 @@ class SSEServer(ThreadingHTTPServer):
     def abandon_stream(self, replay: Replay) -> None:
         self.bouncer.unsubscribe(replay.subscriber)
 
-    def history_page(self, names: EventNames, after: str | None, limit: int, wait: float) -> Page:
+    def history_page(
+        self, names: EventNames, after: str | None, limit: int, wait: float, gone: Callable[[], bool]
+    ) -> Page | None:
         """GET /history: the retained events after `after` (see Bouncer.page). With `wait` and nothing to
         return yet, hold until a matching event arrives, `wait` seconds pass, or shutdown begins (drain()
-        wakes every waiter, so a held request is answered at once, never cut)."""
+        wakes every waiter, so a held request is answered at once, never cut). `gone()` is asked every
+        HISTORY_GONE_CHECK seconds while held: None when the client hung up (its thread and its place under
+        max_connections are freed then, not at the end of the wait)."""
         self._prepare_replay(after)
         deadline = time.monotonic() + wait
         while True:
@@ -345,7 +352,9 @@ class SSEServer(ThreadingHTTPServer):
             remaining = deadline - time.monotonic()
             if page.events or page.reset or remaining <= 0 or self.stopping:
                 return page
-            self.bouncer.wait_for_more(page.end, remaining, lambda: self.stopping)
+            self.bouncer.wait_for_more(names, page.end, min(remaining, HISTORY_GONE_CHECK))
+            if gone():
+                return None
             after = str(page.last_id)  # what arrived may not match: look again from where this look ended
 
     def count_status(self, status: int) -> None:

@@ -5,7 +5,8 @@ import random
 import time
 import unittest
 
-from sseserver.bouncer import Bouncer, Refusal, Replay
+from sseserver.access import EventFilter
+from sseserver.bouncer import Bouncer, Event, Refusal, Replay, Waiter, Waiters
 from sseserver.history import StoredEvent
 from tests.test_framing import FeedReader
 
@@ -218,6 +219,31 @@ class BouncerTest(unittest.TestCase):
             [(e.type, e.data) for e in events],
             [("sseserver.reset", '{"last_event_id": "100", "oldest_id": "101"}'), ("message", "b")],
         )
+
+    def test_an_append_wakes_only_the_long_polls_whose_filter_accepts_it(self):
+        """An earlier version woke every held GET /history on every publish, and each looked again under the
+        bouncer's lock: 1,000 polls for a name nobody publishes cut publishing from thousands a second to tens."""
+        waiters = Waiters()
+        everything, wants_a, wants_b_or_c = Waiter(None), Waiter(frozenset({"a"})), Waiter(frozenset({"b", "c"}))
+        scoped = Waiter(EventFilter(None, ("orders.*",)))
+        for waiter in (everything, wants_a, wants_b_or_c, scoped):
+            waiters.add(waiter)
+        self.assertEqual(len(waiters), 4)
+
+        def woken_by(name: str, notice: bool = False) -> set:
+            for waiter in (everything, wants_a, wants_b_or_c, scoped):
+                waiter.woken.clear()
+            waiters.wake_for(Event(0, 1, 0, name, "", b"", 0, notice))
+            return {w for w in (everything, wants_a, wants_b_or_c, scoped) if w.woken.is_set()}
+
+        self.assertEqual(woken_by("c"), {everything, wants_b_or_c})
+        self.assertEqual(woken_by("orders.created"), {everything, scoped})
+        self.assertEqual(woken_by("x", notice=True), {everything, wants_a, wants_b_or_c, scoped})  # a gap: all
+        waiters.remove(wants_b_or_c)
+        self.assertEqual(woken_by("b"), {everything})
+        for waiter in (everything, wants_a, scoped):
+            waiters.remove(waiter)
+        self.assertFalse(waiters)
 
     def test_a_hole_in_restored_history_is_replayed_with_a_reset(self):
         """A file whose predecessor chain is broken (written by an earlier version's compaction under a burst):

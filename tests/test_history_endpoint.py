@@ -8,7 +8,16 @@ import subprocess
 import threading
 import unittest
 
-from tests.support import IO_TIMEOUT, RunningServer, daemon_process, assert_exit, request, require_binary, wait_until
+from tests.support import (
+    IO_TIMEOUT,
+    RunningServer,
+    assert_exit,
+    connect,
+    daemon_process,
+    request,
+    require_binary,
+    wait_until,
+)
 
 SUB = "sub-token-1"
 SUB_ORDERS = "sub-orders-2"
@@ -77,6 +86,13 @@ class HistoryEndpointTest(unittest.TestCase):
                 "wait=nan",
                 "wait=inf",
                 "event=bad%20name",
+                # Only plain ASCII numbers, each parameter once (int() and float() would take these).
+                "limit=1_0",
+                "limit=%201",
+                "wait=%D9%A3",
+                "wait=1e1",
+                "after=1&after=2",
+                "limit=1&limit=2",
             ):
                 with self.subTest(query=query):
                     status, body = history(server.port, query)
@@ -104,6 +120,30 @@ class HistoryEndpointTest(unittest.TestCase):
             status, page = history(server.port, f"after={page['last_id']}&wait=0.3")
             self.assertEqual((status, page["events"], page["reset"]), (200, [], False))
             self.assertEqual(waiting(server.port), 0)
+
+    def test_a_long_answer_is_cut_by_size_and_paging_reads_the_rest(self):
+        """One GET /history must not become a huge buffer (an earlier version built 1,000 events of 64 KiB each
+        into one answer): after the first event, an answer stops at about 1 MiB of data."""
+        with RunningServer(history_size=10, max_message_bytes=700_000) as server:
+            payloads = [f"{i}" * 600_000 for i in range(3)]
+            ids = [json.loads(server.publish(p)[2])["id"] for p in payloads]
+            got, after = [], None
+            for _ in range(5):
+                _, page = history(server.port, f"after={after}" if after else "")
+                if not page["events"]:
+                    break
+                self.assertEqual(len(page["events"]), 1)  # 600 KB + 600 KB > 1 MiB
+                got += [e["id"] for e in page["events"]]
+                after = page["last_id"]
+            self.assertEqual(got, ids)
+
+    def test_a_client_that_hangs_up_during_a_long_poll_frees_its_connection(self):
+        """An earlier version held the thread (and a max_connections place) for the whole wait."""
+        with RunningServer(max_connections=20) as server:
+            with connect(server.port) as sock:
+                sock.sendall(b"GET /history?event=never&wait=60 HTTP/1.1\r\nHost: t\r\n\r\n")
+                wait_until(lambda: waiting(server.port) == 1, what="the long poll to be held")
+            wait_until(lambda: waiting(server.port) == 0, IO_TIMEOUT, "the hung-up poll to be let go")
 
     def test_sigterm_answers_a_held_long_poll_at_once_and_the_daemon_exits_cleanly(self):
         with daemon_process("--port", "0") as (process, port):
