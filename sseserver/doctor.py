@@ -244,12 +244,18 @@ class Doctor:
             if response.status in (301, 302, 303, 307, 308) and location:
                 moved = base_after_redirect(self.base, location, "/health")
                 if moved is not None and moved != self.base:
-                    if moved.host != self.base.host and (self.options.token or self.options.publish_token):
-                        # A browser's fetch drops Authorization on a redirect to another origin; so does the
-                        # doctor, by not following: the operator names the host that may see the tokens.
+                    other_origin = (moved.scheme, moved.host, moved.port) != (
+                        self.base.scheme,
+                        self.base.host,
+                        self.base.port,
+                    )
+                    if other_origin and (self.options.token or self.options.publish_token):
+                        # A browser's fetch drops Authorization on a redirect to another origin (scheme, host or
+                        # port: https -> http would send the token in clear); so does the doctor, by not
+                        # following: the operator names the origin that may see the tokens.
                         raise RedirectedAway(
-                            f"{self.base.url('/health')} redirects to another host, {moved.url()}: "
-                            "run the doctor against that URL (tokens are not sent to a host that "
+                            f"{self.base.url('/health')} redirects to another origin, {moved.url()}: "
+                            "run the doctor against that URL (tokens are not sent to an origin that "
                             "was not named)"
                         )
                     self.client = Client(moved, self.options.cacert, self.options.insecure)

@@ -253,6 +253,8 @@ class Client:
         if context is None:
             if self.verifying:
                 context = ssl.create_default_context(cafile=self.cafile)
+                # As a browser: the name must be in subjectAltName; a CN-only certificate does not match.
+                context.hostname_checks_common_name = False
             else:
                 context = ssl.create_default_context()
                 context.check_hostname = False

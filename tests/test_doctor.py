@@ -242,7 +242,7 @@ class DoctorThroughNginxTest(unittest.TestCase):
         self.assertTrue(elsewhere.report["url"].startswith("https://localhost:"), elsewhere.report["url"])
         # With a token, a redirect to another host is not followed: the token goes only where it was meant to.
         self.assertEqual(with_token.returncode, 2, with_token.stderr)
-        self.assertIn("redirects to another host", with_token.stderr)
+        self.assertIn("redirects to another origin", with_token.stderr)
 
 
 class DoctorCommandTest(unittest.TestCase):
