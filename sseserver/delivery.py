@@ -80,7 +80,8 @@ _END_TEXT = {
 
 
 class State(enum.Enum):
-    """Where a stream is in its life on its writer thread. Only that thread changes it (after the hand-over).
+    """Where a stream is in its life on its writer thread. Only that thread changes it after the hand-over, with
+    one exception: Writer.add() finishes a NEW stream itself when the writer has already stopped.
 
     NEW         handed over by the handler, waiting in the writer's inbox
     LIVE        registered for EVENT_READ; every sweep sends it what it is missing
@@ -92,6 +93,7 @@ class State(enum.Enum):
     NEW -> LIVE (registered) | FINISHED (the socket is already dead, or the writer has stopped)
     LIVE -> BLOCKED (send() left bytes, or more events are waiting than one batch holds)
     BLOCKED -> LIVE (the socket took the rest) | FINISHED (slow: too far behind, or its events left the ring)
+    LIVE -> FINISHED (slow: the events it still needs left the ring before it was even blocked)
     LIVE, BLOCKED -> CLOSING (close_all) -> FINISHED (the farewell is out and FIN sent, or the deadline passed)
     any -> FINISHED (peer gone, flooding, the writer thread failing)
     """
@@ -519,14 +521,14 @@ class Writer(threading.Thread):
         for stream in self._streams.values():
             if stream.state is not State.LIVE or stream.last_write > idle_since:
                 continue
-            beat = framing.HEARTBEAT
+            moved = None
             if stream.names is not None and stream.cursor > 0:
                 # A filtered stream may have skipped many events; moving its id on keeps a reconnect from
                 # replaying (or resetting over) events it never wanted.
                 seen = ring.get(stream.cursor - 1)
                 if seen is not None and seen.id != stream.last_id_sent:
-                    beat = b":\n" + framing.encode_id_only(seen.id)
-                    stream.last_id_sent = seen.id
+                    moved = stream.last_id_sent = seen.id
+            beat = framing.encode_heartbeat(moved)
             if not self._send(stream, beat, 0, 0, now):
                 failed.append(stream)
         for stream in failed:

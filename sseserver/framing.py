@@ -22,8 +22,6 @@ _LINE_END = re.compile(r"\r\n|\r|\n")
 EVENT_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 RESERVED_PREFIX = "sseserver."
 
-HEARTBEAT = b":\n\n"
-
 
 def split_lines(text: str) -> list[str]:
     """Split a payload into the lines a browser will see, on CRLF, CR and LF only."""
@@ -45,10 +43,11 @@ def encode_event(data: str, event_id: int | str | None = None, name: str | None 
     return "".join(parts).encode("utf-8")
 
 
-def encode_comment(text: str = "") -> bytes:
-    """A comment block; each line of `text` becomes its own `:` line so no line can turn into a field."""
-    lines = split_lines(text)
-    return ("".join(f":{(' ' + line) if line else ''}\n" for line in lines) + "\n").encode("utf-8")
+def encode_heartbeat(moved_id: int | None = None) -> bytes:
+    """A heartbeat: an empty comment a browser ignores, which keeps proxies from timing the stream out. With
+    `moved_id` it also moves the browser's last event id (see encode_id_only): a filtered stream's reconnect then
+    resumes from the present instead of replaying events it never wanted."""
+    return b":\n\n" if moved_id is None else b":\n" + encode_id_only(moved_id)
 
 
 def encode_retry(ms: int) -> bytes:

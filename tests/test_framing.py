@@ -81,10 +81,11 @@ class FramingTest(unittest.TestCase):
     def test_split_lines_only_on_cr_lf_crlf(self):
         self.assertEqual(framing.split_lines("a\r\nb\rc\nd\u2028e"), ["a", "b", "c", "d\u2028e"])
 
-    def test_comment_lines_cannot_become_fields(self):
-        self.assertEqual(framing.encode_comment(), b":\n\n")
-        self.assertEqual(framing.encode_comment("hi\ndata: x"), b": hi\n: data: x\n\n")
-        self.assertEqual(FeedReader().feed(framing.encode_comment("hi\ndata: x")), [])
+    def test_a_heartbeat_fires_nothing_and_may_move_the_last_event_id(self):
+        self.assertEqual(framing.encode_heartbeat(), b":\n\n")
+        reader = FeedReader()
+        self.assertEqual(reader.feed(framing.encode_heartbeat() + framing.encode_heartbeat(42)), [])
+        self.assertEqual(reader.last_id, "42")
 
     def test_retry_is_written_only_for_a_non_negative_integer(self):
         self.assertEqual(framing.encode_retry(2500), b"retry: 2500\n\n")
