@@ -1,8 +1,9 @@
 """The bouncer: event ids, the shared event ring, subscribers' places in it, and who gets dropped.
 
 Owns: the id sequence; one ring of recent events that serves both as replay history and as every subscriber's
-backlog; the subscriber registry and its counts; the replay decision for a Last-Event-ID; the rule that a
-subscriber more than `queue_size` events behind is dropped.
+backlog; the subscriber registry and its counts; the replay decision for a Last-Event-ID; the slow rule (a
+subscriber more than `queue_size` publishes behind is dropped; a batch is one publish); publishing a batch as
+consecutive ids in one step.
 Must not know: HTTP, sockets, threads other than its own lock. publish() never blocks on a subscriber.
 
 Why a ring and cursors instead of one queue per subscriber (the blog post's design): a publish then costs the
@@ -10,7 +11,15 @@ same with 10 or 20,000 subscribers (append once, encode once), a subscriber's ba
 `head - cursor`, and replay is nothing more than a cursor placed in the past, so the hand-over from replay to
 live events has no window in which an event could be missed or sent twice. The ring holds
 `history_size + queue_size` events: the newest `history_size` are replayable, and a subscriber can fall at most
-`queue_size` events behind before it is dropped, so nothing a live subscriber still needs is ever evicted.
+`queue_size` publishes behind before it is dropped.
+
+Bursts (a batch publish): the slow rule counts publishes, not events, because a batch arrives all at once and a
+healthy subscriber whose socket was momentarily full would otherwise be dropped by every batch larger than
+queue_size. The events of a burst must still be in the ring while such a subscriber takes them, so the ring also
+keeps, beyond the newest `history_size + queue_size`, older events up to BURST_ROOM events and `room_bytes` bytes
+of their encoded form (the server passes 4 x max_batch_bytes: the most an encoded batch takes). Older ones are
+released at once (_trim_room_locked), so memory stays bounded by (history_size + queue_size) events plus that
+room, whatever is published. A subscriber that needs a released event is dropped as slow.
 
 Positions (`pos`) count entries appended to this process's ring, from 0. Ids are what clients see; they are
 strictly increasing but need not be contiguous (a shared id sequence may skip), so replay finds positions by id.
@@ -32,17 +41,21 @@ import enum
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from . import framing
 from .errors import StoreError
+from .idempotency import Stamp, wall_ms
 
 if TYPE_CHECKING:  # only the type: the server hands the store in, and nothing here imports history at run time
     from .history import HistoryFile
 
 
 RESET_EVENT = "sseserver.reset"
+# The most events one batch may hold, and the ring's room beyond history_size + queue_size for streams still
+# taking a burst (see "Bursts" above).
+BURST_ROOM = 10_000
 
 
 class NameFilter(Protocol):
@@ -60,7 +73,7 @@ EventNames = NameFilter | None  # None: every event
 class Event:
     """One ring entry: an event, or (notice=True) a gap notice that stands between two events."""
 
-    __slots__ = ("pos", "id", "prev_id", "name", "data", "wire", "published_ns", "notice")
+    __slots__ = ("pos", "id", "prev_id", "name", "data", "wire", "published_ns", "notice", "batch", "key")
 
     def __init__(
         self,
@@ -72,6 +85,8 @@ class Event:
         wire: bytes,
         published_ns: int,
         notice: bool = False,
+        batch: int = 0,
+        key: Stamp | None = None,
     ):
         self.pos = pos
         # A notice carries the id of the event before the gap: a stream that has passed it has still seen no
@@ -83,6 +98,8 @@ class Event:
         self.wire = wire  # the complete block, encoded once for every subscriber
         self.published_ns = published_ns
         self.notice = notice
+        self.batch = batch  # the publish it came in (a single event or a batch): the slow rule counts these
+        self.key = key  # its idempotency key, written into its history record
 
 
 class Ring:
@@ -153,16 +170,52 @@ class Page:
         self.end = end
 
 
-def _sequenced(event_id: int, prev_id: int, name: str, data: str, body: bytes, now_ns: int) -> Event:
+class Draft:
+    """An event a publisher asks for, before it has an id: its name and data, and its idempotency key (already
+    scoped to the publisher) with the fingerprint of name and data, or None for both."""
+
+    __slots__ = ("name", "data", "key", "fingerprint")
+
+    def __init__(self, name: str, data: str, key: str | None = None, fingerprint: bytes | None = None):
+        self.name = name
+        self.data = data
+        self.key = key
+        self.fingerprint = fingerprint
+
+
+class Published:
+    """What publishing a list of drafts did: the events it added (`count` of them, with consecutive ids from
+    `first_id`, None when none), the most streams here any one was queued for, and for each draft that was a
+    duplicate (by its index) the Stamp of the original publish, whose reply it gets."""
+
+    __slots__ = ("first_id", "count", "subscribers", "duplicates")
+
+    def __init__(self, first_id: int | None, count: int, subscribers: int, duplicates: dict[int, Stamp]):
+        self.first_id = first_id
+        self.count = count
+        self.subscribers = subscribers
+        self.duplicates = duplicates
+
+
+def _sequenced(
+    event_id: int,
+    prev_id: int,
+    name: str,
+    data: str,
+    body: bytes,
+    now_ns: int,
+    batch: int = 0,
+    key: Stamp | None = None,
+) -> Event:
     """An event with its place in the sequence, as the ring holds it: the block every stream gets, encoded once,
     with its id line in front. Its pos is set when it is appended."""
-    return Event(-1, event_id, prev_id, name, data, b"id: %d\n" % event_id + body, now_ns)
+    return Event(-1, event_id, prev_id, name, data, b"id: %d\n" % event_id + body, now_ns, False, batch, key)
 
 
-def _gap_entry(last_id: int, next_id: int, now_ns: int) -> Event:
+def _gap_entry(last_id: int, next_id: int, now_ns: int, batch: int = 0) -> Event:
     """The ring entry that stands where events are missing between `last_id` and `next_id`: a notice carrying
-    the id before the gap (see Event)."""
-    return Event(-1, last_id, last_id, RESET_EVENT, "", _gap_notice(last_id, next_id), now_ns, notice=True)
+    the id before the gap (see Event). `batch`: the publish of the event after it, so it adds none to count."""
+    return Event(-1, last_id, last_id, RESET_EVENT, "", _gap_notice(last_id, next_id), now_ns, True, batch)
 
 
 class Waiter:
@@ -255,17 +308,29 @@ def lifetime_first_id() -> int:
 
 class Bouncer:
     def __init__(
-        self, history_size: int, queue_size: int, first_id: int | None = None, store: "HistoryFile | None" = None
+        self,
+        history_size: int,
+        queue_size: int,
+        first_id: int | None = None,
+        store: "HistoryFile | None" = None,
+        room_bytes: int = 0,
     ):
         """`first_id` None: ids start from the clock (lifetime_first_id); a shared sequence (Redis) passes 1 and
-        ingests ids assigned elsewhere."""
+        ingests ids assigned elsewhere. `room_bytes`: encoded bytes the ring keeps beyond history_size +
+        queue_size events for streams still taking a burst (see "Bursts" above)."""
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)  # ingest() -> wait_for_id()
         self._history_size = history_size
         self._queue_size = queue_size
-        self.ring = Ring(history_size + queue_size)
+        self.ring = Ring(history_size + queue_size + BURST_ROOM)
         self.head = 0  # pos the next entry will take; read without the lock by the delivery layer
         self._first_pos = 0  # no entry below this pos exists (a ring resized larger holds nothing older)
+        # The room for bursts: entries in [_room_from, _room_to) are older than the newest history_size +
+        # queue_size and are counted in _room_held (bytes); _trim_room_locked() releases the oldest beyond it.
+        self._room_bytes = room_bytes
+        self._room_from = self._room_to = self._room_held = 0
+        self._batches = 0  # publishes so far (a batch is one): Event.batch
+        self._ingested_batch: bytes | None = None  # the batch mark of the entry ingest() took last
         self._next_id = lifetime_first_id() if first_id is None else first_id
         # The predecessor of this lifetime's first event: an id no event has (None once history was restored).
         self._origin: int | None = self._next_id - 1
@@ -309,11 +374,13 @@ class Bouncer:
         """Call `listener()` after every publish, outside the lock. It must not block."""
         self._listeners.append(listener)
 
-    def resize(self, history_size: int, queue_size: int) -> None:
-        """Apply new history/queue sizes (a reload). Keeps every entry the new ring has room for; a larger ring
-        starts with only what the old one held, and replay knows it (_first_pos)."""
+    def resize(self, history_size: int, queue_size: int, room_bytes: int | None = None) -> None:
+        """Apply new history/queue sizes and room for bursts (a reload). Keeps every entry the new ring has room
+        for; a larger ring starts with only what the old one held, and replay knows it (_first_pos)."""
         with self._lock:
-            ring = Ring(history_size + queue_size)
+            if room_bytes is not None:
+                self._room_bytes = room_bytes
+            ring = Ring(history_size + queue_size + BURST_ROOM)
             first = max(self._first_pos, self.head - self.ring.capacity, self.head - ring.capacity, 0)
             for pos in range(first, self.head):
                 ring.slots[pos % ring.capacity] = self.ring.get(pos)
@@ -322,8 +389,17 @@ class Bouncer:
             self._history_size, self._queue_size = history_size, queue_size
             if self._store is not None:
                 self._store.keep = history_size
+            self._trim_room_locked()
 
-    def ingest(self, event_id: int, name: str, data: str, prev_id: int | None = None, gap: bool = False) -> bool:
+    def ingest(
+        self,
+        event_id: int,
+        name: str,
+        data: str,
+        prev_id: int | None = None,
+        gap: bool = False,
+        batch: bytes | None = None,
+    ) -> bool:
         """Append an event whose id was assigned elsewhere (the shared Redis stream), in that stream's order.
         `prev_id` is the id the stream had before it (None: assume no gap). An id not above the last one is a
         repeat (a follower resuming) and is ignored: False. When prev_id says events are missing between the
@@ -336,7 +412,10 @@ class Bouncer:
         event's predecessor becomes `event_id - 1`, an id above every lost one that no client was given for
         another event: a client holding an id from before the loss is reset, and the reset's own cursor
         (see _reset_notice) is honoured. With `gap` the notice goes out even when that is the last id here:
-        the caller knows of a loss the ids cannot show (an id handed out twice)."""
+        the caller knows of a loss the ids cannot show (an id handed out twice).
+
+        `batch`: a mark the entries of one batch share (the stream's `b`), so that together they count as one
+        publish for the slow rule; None for a single publish."""
         body = framing.encode_event(data, None, name)
         now = time.monotonic_ns()
         with self._lock:
@@ -347,9 +426,13 @@ class Bouncer:
             broken = gap or (self._has_events and prev_id < self._last_id)
             if broken:
                 prev_id = event_id - 1
+            if batch is None or batch != self._ingested_batch:
+                self._batches += 1
+            self._ingested_batch = batch
             if self._has_events and (gap or prev_id != self._last_id):
-                self._append_locked(_gap_entry(self._last_id, event_id, now))
-            self._append_locked(_sequenced(event_id, prev_id, name, data, body, now))
+                self._append_locked(_gap_entry(self._last_id, event_id, now, self._batches))
+            self._append_locked(_sequenced(event_id, prev_id, name, data, body, now, self._batches))
+            self._trim_room_locked()
             self._last_id = event_id
             self._next_id = event_id + 1
             self._has_events = True
@@ -381,8 +464,9 @@ class Bouncer:
                 if previous is not None and item.prev_id != previous.id:
                     self._append_locked(_gap_entry(previous.id, item.id, now))
                 body = framing.encode_event(item.data, None, item.name)
-                self._append_locked(_sequenced(item.id, item.prev_id, item.name, item.data, body, now))
+                self._append_locked(_sequenced(item.id, item.prev_id, item.name, item.data, body, now, 0, item.key))
                 previous = item
+            self._trim_room_locked()
             if stored:
                 self._last_id = stored[-1].id
                 self._next_id = max(self._next_id, self._last_id + 1)
@@ -399,7 +483,8 @@ class Bouncer:
         store = self._store
         with self._lock:
             event_id, prev_id = self._next_id, self._last_id
-            event = _sequenced(event_id, prev_id, name, data, body, now)
+            self._batches += 1
+            event = _sequenced(event_id, prev_id, name, data, body, now, self._batches)
             ticket = 0
             if store is not None:
                 try:
@@ -414,24 +499,71 @@ class Bouncer:
                 self._unsynced.append((ticket, event))
             else:
                 self._append_locked(event)
+                self._trim_room_locked()
                 count = self._queued_for_locked(name)
         if store is not None and ticket and store.must_sync():
-            try:
-                store.sync(ticket)
-                failure = None
-            except OSError as exc:
-                failure = exc
-            with self._lock:
-                self._settle_locked(failed=failure is not None)
-                stored = event.pos >= 0  # on disk by this fsync or another one that covered it
-                if stored:
-                    count = self._queued_for_locked(name)
-            if not stored:
-                why = failure.strerror or failure if failure else "an fsync of the history file failed"
-                raise StoreError(f"could not fsync the history file: {why}")
+            self._await_fsync(store, ticket, event)
+            count = self.queued_for(name)
         for listener in self._listeners:
             listener()
         return event, count
+
+    def publish_batch(self, drafts: list[Draft]) -> tuple[list[Event], int]:
+        """Publish the drafts (at most BURST_ROOM) as one step: consecutive ids, one history write and (with
+        fsync "always") one fsync, all of them or none (StoreError). They count as one publish for the slow rule.
+        Returns the events, and the most streams any one of them was queued for. A keyed draft's event carries
+        its Stamp (the original reply a duplicate gets), which its history record keeps."""
+        assert len(drafts) <= BURST_ROOM, "a batch larger than the ring's room for bursts"
+        bodies = [framing.encode_event(draft.data, None, draft.name) for draft in drafts]
+        now = time.monotonic_ns()
+        at_ms = wall_ms()
+        store = self._store
+        with self._lock:
+            self._batches += 1
+            queued = {name: self._queued_for_locked(name) for name in {draft.name for draft in drafts}}
+            events = []
+            event_id, prev_id = self._next_id, self._last_id
+            for draft, body in zip(drafts, bodies, strict=True):
+                key = None
+                if draft.key is not None and draft.fingerprint is not None:
+                    key = Stamp(draft.key, draft.fingerprint, event_id, queued[draft.name], at_ms)
+                events.append(_sequenced(event_id, prev_id, draft.name, draft.data, body, now, self._batches, key))
+                prev_id, event_id = event_id, event_id + 1
+            ticket = 0
+            if store is not None:
+                try:
+                    ticket = store.append_many(events)
+                except OSError as exc:
+                    raise StoreError(f"could not write the history file: {exc.strerror or exc}") from None
+            self._next_id, self._last_id = event_id, prev_id
+            self._has_events = True
+            self.published += len(events)
+            if store is not None and ticket and store.must_sync():
+                self._unsynced.extend((ticket, event) for event in events)
+            else:
+                for event in events:
+                    self._append_locked(event)
+                self._trim_room_locked()
+        if store is not None and ticket and store.must_sync():
+            self._await_fsync(store, ticket, events[-1])
+        for listener in self._listeners:
+            listener()
+        return events, max(queued.values(), default=0)
+
+    def _await_fsync(self, store: "HistoryFile", ticket: int, last: Event) -> None:
+        """fsync "always": return once the records up to `ticket` are on disk and their events (the newest is
+        `last`) have entered the ring. StoreError when they are not: they never will be."""
+        try:
+            store.sync(ticket)
+            failure = None
+        except OSError as exc:
+            failure = exc
+        with self._lock:
+            self._settle_locked(failed=failure is not None)
+            stored = last.pos >= 0  # on disk by this fsync or another one that covered it
+        if not stored:
+            why = failure.strerror or failure if failure else "an fsync of the history file failed"
+            raise StoreError(f"could not fsync the history file: {why}")
 
     def subscribe(
         self,
@@ -540,10 +672,12 @@ class Bouncer:
         with self._lock:
             return self._retained_events_locked(self._oldest_pos(self.head))
 
-    def compact_store(self) -> None:
+    def compact_store(self, keys_before: Callable[[int | None], Sequence[Stamp]] | None = None) -> None:
         """Rewrite the history file to the retained events (called on the history thread). The bulk is written
         without the lock; what was published meanwhile (in the ring, or written and waiting for its fsync) is
         appended under it, and the files are swapped there, so no publish is half in and half out.
+        `keys_before(id)`: the idempotency keys still remembered for events older than that id (None: all),
+        whose records the rewrite drops: the file keeps them as key records (idempotency.KeyTable).
 
         The file must never skip an event between two it keeps (after a restart with a larger history_size,
         replay would cross the hole). So everything published since the snapshot is appended, retained or not;
@@ -554,7 +688,8 @@ class Bouncer:
         with self._lock:
             kept = self._retained_events_locked(self._oldest_pos(self.head))
             snapshot_head = self.head
-        with store.compaction(kept) as compaction:  # the bulk is written and fsynced without the lock
+        stamps = keys_before(kept[0].id if kept else None) if keys_before is not None else ()
+        with store.compaction(kept, stamps) as compaction:  # the bulk is written and fsynced without the lock
             with self._lock:
                 unsynced = [event for _, event in self._unsynced]
                 if all(self.ring.get(pos) is not None for pos in range(snapshot_head, self.head)):
@@ -587,24 +722,40 @@ class Bouncer:
                     return b"".join(chunks), len(chunks), last_id, pos + 1
         return b"".join(chunks), len(chunks), last_id, head
 
-    def count_waiting(self, ring: Ring, names: EventNames, start: int, head: int) -> int | None:
-        """How many events in [start, head) a stream with the filter `names` receives, or None when one of them
-        has left the ring (the stream can no longer get it). Gap notices do not count: nobody published them."""
+    def publishes_waiting(
+        self, ring: Ring, names: EventNames, start: int, head: int, counted: int = 0
+    ) -> tuple[int, int] | None:
+        """How many publishes (a batch is one) newer than the publish `counted` have events in [start, head) that
+        a stream with the filter `names` receives, and the newest such publish; None when one of those entries
+        has left the ring (the stream can no longer get it). Gap notices belong to the publish after them, so
+        they add none. Publish numbers never decrease along the ring, so an unfiltered stream costs O(1)."""
+        if start >= head:
+            return 0, counted
         if start < head - ring.capacity:
             return None
         if names is None:
-            return max(0, head - start)
+            first, last = ring.get(start), ring.get(head - 1)
+            if first is None or last is None:
+                return None
+            return max(0, last.batch - max(first.batch - 1, counted)), max(last.batch, counted)
         waiting = 0
         for pos in range(start, head):
             event = ring.get(pos)
             if event is None:
                 return None
-            if event.name in names:
+            if event.batch > counted and event.name in names and not event.notice:
                 waiting += 1
-        return waiting
+                counted = event.batch
+        return waiting, counted
+
+    def batch_before(self, ring: Ring, pos: int) -> int:
+        """The publish number of the entry just before `pos` (0 when there is none): a stream that has taken
+        everything before `pos` counts only later publishes toward the slow rule."""
+        event = ring.get(pos - 1)
+        return event.batch if event is not None else 0
 
     def is_slow(self, waiting: int) -> bool:
-        """The slow rule: a stream with more than queue_size live events waiting behind its socket is dropped."""
+        """The slow rule: a stream with more than queue_size publishes waiting behind its socket is dropped."""
         return waiting > self._queue_size
 
     # -- internals ------------------------------------------------------------------------------------------
@@ -617,14 +768,46 @@ class Bouncer:
         if self._waiters:  # a long poll may wait for exactly this (checked first: publishes stay cheap)
             self._waiters.wake_for(event)
 
+    def _trim_room_locked(self) -> None:
+        """After appends: count the entries that have just become older than the newest history_size +
+        queue_size into the room for bursts, then release the oldest of the room while it holds more than
+        BURST_ROOM entries or room_bytes encoded bytes. What is released no longer exists (_first_pos)."""
+        ring = self.ring
+        floor = max(self._first_pos, self.head - ring.capacity)
+        if self._room_from < floor:  # the ring was replaced or its floor moved (a reload): count afresh
+            self._room_from = self._room_to = floor
+            self._room_held = 0
+        edge = self.head - self._history_size - self._queue_size
+        while self._room_to < edge:
+            event = ring.get(self._room_to)
+            if event is not None:
+                self._room_held += len(event.wire)
+            self._room_to += 1
+        start = self._room_from
+        while start < self._room_to and (self._room_to - start > BURST_ROOM or self._room_held > self._room_bytes):
+            slot = start % ring.capacity
+            event = ring.slots[slot]
+            if event is not None and event.pos == start:
+                self._room_held -= len(event.wire)
+                ring.slots[slot] = None
+            start += 1
+        self._room_from = start
+        if start > self._first_pos:
+            self._first_pos = start
+
     def _settle_locked(self, failed: bool) -> None:
         """After an fsync ("always"): move every event now on disk from _unsynced into the ring, in id order. On
         failure the store cuts off every record not known to be on disk, so those events fail too: they leave
         _unsynced without entering the ring, and the sequence goes back to the newest event that did."""
         store = self._store
         assert store is not None  # only a store's fsync leaves events in _unsynced
-        while self._unsynced and self._unsynced[0][0] <= store.synced:
-            self._append_locked(self._unsynced.pop(0)[1])
+        settled = 0
+        while settled < len(self._unsynced) and self._unsynced[settled][0] <= store.synced:
+            self._append_locked(self._unsynced[settled][1])
+            settled += 1
+        if settled:
+            del self._unsynced[:settled]  # at once: a batch settles a thousand events
+            self._trim_room_locked()
         if not failed:
             return
         store.discard_unsynced()

@@ -19,8 +19,10 @@ Why this design (measured with ../shared/tools/sseload on the 2-core machine, nu
 - send() releases the GIL during the system call, so a second writer thread can overlap kernel work with
   Python work when there are two cores to spare.
 - A socket whose kernel buffer is full keeps its unsent bytes and is watched for EVENT_WRITE; while blocked it
-  accumulates a backlog, and beyond `queue_size` live events it is dropped (reason "slow"). It reconnects with
-  Last-Event-ID and catches up from history. A fast subscriber is never dropped.
+  accumulates a backlog, and beyond `queue_size` live publishes it is dropped (reason "slow"). A batch counts
+  as one publish: it arrives at once, so a socket that was momentarily full when it came is no sign of a slow
+  reader (the bouncer keeps the ring's room for it). It reconnects with Last-Event-ID and catches up from
+  history. A fast subscriber is never dropped.
 - The selector also watches every stream for EVENT_READ, so a client that closes is forgotten at once; TCP
   keepalive and TCP_USER_TIMEOUT (set by Delivery.add()) turn a half-open peer into a socket error within about
   two heartbeat intervals, because each heartbeat is data that must be acknowledged.
@@ -119,6 +121,7 @@ class Stream:
         "out",
         "scan",
         "backlog",
+        "counted",
         "last_write",
         "last_id_sent",
         "peer",
@@ -137,7 +140,8 @@ class Stream:
         self.state = State.NEW
         self.out: memoryview | None = None  # BLOCKED or CLOSING: bytes the socket has not taken yet
         self.scan = self.cursor  # BLOCKED: how far `backlog` has been counted
-        self.backlog = 0  # BLOCKED: live matching events waiting behind the socket
+        self.backlog = 0  # BLOCKED: publishes (a batch is one) with live matching events waiting behind the socket
+        self.counted = 0  # BLOCKED: the newest publish counted into `backlog` (or taken before it blocked)
         self.last_write = time.monotonic()
         self.last_id_sent: int | None = None
         self.peer = subscriber.peer
@@ -434,12 +438,15 @@ class Writer(threading.Thread):
 
     def _is_slow(self, stream: Stream, ring: Ring, head: int) -> bool:
         """The bouncer's slow rule for a BLOCKED stream, counted incrementally (each event is looked at once per
-        stream): too many live events waiting, or events it still needs gone from the ring."""
+        stream): too many publishes waiting (a batch is one), or events it still needs gone from the ring."""
         if stream.cursor < head - ring.capacity:
             return True
-        waiting = self.bouncer.count_waiting(ring, stream.names, max(stream.scan, stream.live_from), head)
-        if waiting is None:
+        got = self.bouncer.publishes_waiting(
+            ring, stream.names, max(stream.scan, stream.live_from), head, stream.counted
+        )
+        if got is None:
             return True
+        waiting, stream.counted = got
         stream.backlog += waiting
         stream.scan = head
         return self.bouncer.is_slow(stream.backlog)
@@ -470,6 +477,8 @@ class Writer(threading.Thread):
             stream.state = State.BLOCKED
             stream.scan = stream.cursor
             stream.backlog = 0
+            # The rest of the publish it is taking (a batch cut by the size cap) is no new publish.
+            stream.counted = self.bouncer.batch_before(self.bouncer.ring, stream.cursor)
         stream.out = rest
         self._selector.modify(stream.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, stream)
 

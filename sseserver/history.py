@@ -9,11 +9,27 @@ the history is on disk.
 The format (all integers big-endian):
     file   = MAGIC record*
     record = length:u32 length_crc:u32 crc32:u32 payload    length_crc = crc32 of the 4 length bytes
-    payload= id:u64 prev_id:u64 name_length:u8 name data       name and data UTF-8
-`prev_id` is the id just before this one in the sequence, so replay after a restart stays exact even for the
-oldest kept record. `length_crc` lets a damaged length be told from a record cut short: a crash can cut a record,
-but it cannot write a wrong length. Files of the first format (MAGIC1: `length crc32 id name_length name data`)
-are read and rewritten in this one at start.
+    payload= event | key                                     the first byte, the kind, says which
+    event  = kind:u8 id:u64 prev_id:u64 name_length:u8 key_length:u16 name key [at_ms:u64 subscribers:u32] data
+             kind 0: the last (or only) event of its publish; kind 2: more events of the same batch follow
+    key    = 1:u8 id:u64 at_ms:u64 subscribers:u32 key_length:u16 fingerprint:16 bytes key
+Names, keys and data are UTF-8. `prev_id` is the id just before this one in the sequence, so replay after a restart
+stays exact even for the oldest kept record. `length_crc` lets a damaged length be told from a record cut short: a
+crash can cut a record, but it cannot write a wrong length.
+
+A batch is written with one write, but a fatal signal can cut a large write between pages, leaving whole records
+of a batch whose reply never went out. So every record of a batch but its last is of kind 2, and a file that ends
+in one is treated like a torn tail: the unfinished batch is dropped at start, so a batch is all or nothing across
+a crash too.
+
+An event published with an idempotency key carries it (key_length > 0), with when it was published and the
+streams it was queued for: the original reply, which a retry after a restart gets (idempotency.Stamp; the
+fingerprint is recomputed from the name and data). A compaction drops the records of old events, so it writes the
+keys still remembered for those as key records first (bounded by idempotency_max_keys); the threshold for the
+next compaction counts them, so a file full of keys is not rewritten after every few publishes.
+
+Older formats are read and rewritten in this one at start: the second (MAGIC2: `id prev_id name_length name data`,
+no keys) and the first (MAGIC1: `length crc32 id name_length name data`).
 
 Guarantees, by `history_fsync`:
 - every mode: a record is written (os.write, no user-space buffer) before the publisher gets its 200, so a
@@ -57,17 +73,23 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from .config import ConfigError
+from .idempotency import FINGERPRINT_BYTES, Stamp, fingerprint
 
 log = logging.getLogger("sseserver.history")
 
-MAGIC = b"SSEHIST2\n"
+MAGIC = b"SSEHIST3\n"
+MAGIC2 = b"SSEHIST2\n"  # the second format: payload = id:u64 prev_id:u64 name_length:u8 name data
 MAGIC1 = b"SSEHIST1\n"  # the first format: payload = id:u64 name_length:u8 name data
 _HEADER = struct.Struct(">III")  # length, crc32 of the length bytes, crc32 of the payload
 _HEADER1 = struct.Struct(">II")  # the first format: length, crc32 of the payload
 _LENGTH = struct.Struct(">I")
-_IDS = struct.Struct(">QQB")
+_EVENT = struct.Struct(">BQQBH")  # kind 0, id, prev_id, name_length, key_length
+_KEY_INFO = struct.Struct(">QI")  # at_ms, subscribers: follows the key of an event that has one
+_KEY = struct.Struct(f">BQQIH{FINGERPRINT_BYTES}s")  # kind 1, id, at_ms, subscribers, key_length, fingerprint
+EVENT_RECORD, KEY_RECORD, EVENT_CONTINUED = 0, 1, 2
+_IDS2 = struct.Struct(">QQB")
 _ID1 = struct.Struct(">QB")
-MAX_RECORD = 64 * 1024 * 1024 + 300
+MAX_RECORD = 64 * 1024 * 1024 + 1024  # max_message_bytes' limit, and room for the name and a key
 CHECK_INTERVAL = 1.0  # how often the background thread looks for a deleted file or a needed rewrite
 RETRY_START, RETRY_MAX = 1.0, 60.0  # backoff between failed compactions (a full disk stays full for a while)
 
@@ -88,10 +110,10 @@ class CorruptHistory(HistoryFileError):
 
 
 class StoredEvent:
-    __slots__ = ("id", "prev_id", "name", "data")
+    __slots__ = ("id", "prev_id", "name", "data", "key")
 
-    def __init__(self, event_id: int, prev_id: int, name: str, data: str):
-        self.id, self.prev_id, self.name, self.data = event_id, prev_id, name, data
+    def __init__(self, event_id: int, prev_id: int, name: str, data: str, key: Stamp | None = None):
+        self.id, self.prev_id, self.name, self.data, self.key = event_id, prev_id, name, data, key
 
 
 class Record(Protocol):
@@ -101,57 +123,165 @@ class Record(Protocol):
     prev_id: int
     name: str
     data: str
+    key: Stamp | None
 
 
-def encode_record(event_id: int, prev_id: int, name: str, data: str) -> bytes:
-    name_bytes = name.encode("utf-8")
-    payload = _IDS.pack(event_id, prev_id, len(name_bytes)) + name_bytes + data.encode("utf-8")
+def _framed(payload: bytes) -> bytes:
     return _HEADER.pack(len(payload), zlib.crc32(_LENGTH.pack(len(payload))), zlib.crc32(payload)) + payload
 
 
-def encode_records(events: Sequence[Record]) -> bytes:
-    return b"".join(encode_record(e.id, e.prev_id, e.name, e.data) for e in events)
+def encode_record(
+    event_id: int, prev_id: int, name: str, data: str, key: Stamp | None = None, kind: int = EVENT_RECORD
+) -> bytes:
+    name_bytes = name.encode("utf-8")
+    if key is None:
+        head = _EVENT.pack(kind, event_id, prev_id, len(name_bytes), 0) + name_bytes
+    else:
+        key_bytes = key.key.encode("utf-8")
+        head = (
+            _EVENT.pack(kind, event_id, prev_id, len(name_bytes), len(key_bytes))
+            + name_bytes
+            + key_bytes
+            + _KEY_INFO.pack(key.at_ms, key.subscribers)
+        )
+    return _framed(head + data.encode("utf-8"))
+
+
+def encode_key_record(stamp: Stamp) -> bytes:
+    """A key whose event's record a compaction drops: kept for idempotency, not an event (no replay, no chain)."""
+    key_bytes = stamp.key.encode("utf-8")
+    return _framed(
+        _KEY.pack(KEY_RECORD, stamp.event_id, stamp.at_ms, stamp.subscribers, len(key_bytes), stamp.fingerprint)
+        + key_bytes
+    )
+
+
+def encode_records(events: Sequence[Record], batch: bool = False) -> bytes:
+    """The records of `events`; `batch`: they are one publish, so all but the last say that more follow."""
+    last = len(events) - 1 if batch else -1
+    return b"".join(
+        encode_record(e.id, e.prev_id, e.name, e.data, e.key, EVENT_CONTINUED if i < last else EVENT_RECORD)
+        for i, e in enumerate(events)
+    )
+
+
+class Contents:
+    """A history file as read: its events (oldest first, each with its key if it had one), the keys of its key
+    records, the length of its valid prefix, and why the tail after that was dropped (None: nothing was)."""
+
+    __slots__ = ("events", "keys", "valid", "dropped")
+
+    def __init__(self, events: list[StoredEvent], keys: list[Stamp], valid: int, dropped: str | None):
+        self.events, self.keys, self.valid, self.dropped = events, keys, valid, dropped
 
 
 def decode_records(blob: bytes, path: str) -> tuple[list[StoredEvent], int, str | None]:
-    """Parse a whole file. Returns (events, length of the valid prefix, why the tail was dropped or None).
-    Raises HistoryFileError when the file is not ours, CorruptHistory when it is damaged anywhere but at its very
-    end."""
+    """decode_file() without the key records: (events, length of the valid prefix, why the tail was dropped)."""
+    contents = decode_file(blob, path)
+    return contents.events, contents.valid, contents.dropped
+
+
+def decode_file(blob: bytes, path: str) -> Contents:
+    """Parse a whole file, of any format. Raises HistoryFileError when the file is not ours, CorruptHistory when
+    it is damaged anywhere but at its very end."""
     if blob.startswith(MAGIC):
-        ids, header = _IDS, _HEADER
+        minimum, header = _EVENT.size, _HEADER
+    elif blob.startswith(MAGIC2):
+        minimum, header = _IDS2.size, _HEADER
     elif blob.startswith(MAGIC1):
-        ids, header = _ID1, _HEADER1
+        minimum, header = _ID1.size, _HEADER1
     elif MAGIC.startswith(blob):
-        return [], 0, None  # created, then crashed before the magic was complete: nothing was ever stored
+        return Contents([], [], 0, None)  # created, then crashed before the magic was complete: nothing stored
     else:
         raise HistoryFileError(f"{path} is not an sseserver history file")
-    events: list[StoredEvent] = []
+    version = blob[len(MAGIC) - 2]  # the digit in "SSEHISTn\n"
+    contents = Contents([], [], len(MAGIC), None)
+    events = contents.events
     offset = len(MAGIC)
+    batch: tuple[int, int] | None = None  # an unfinished batch: (its first record's offset, events before it)
     while offset < len(blob):
-        problem, torn, end = _damage(blob, offset, header, ids.size)
+        problem, torn, end = _damage(blob, offset, header, minimum)
         if problem:
             if torn or not blob[offset:].strip(b"\0"):
-                return events, offset, f"{problem} at the end (offset {offset}), left by a crash"
+                contents.dropped = f"{problem} at the end (offset {offset}), left by a crash"
+                break
             raise CorruptHistory(path, f"{problem} at offset {offset} of {len(blob)}")
         payload = blob[offset + header.size : end]
-        if ids is _IDS:
-            event_id, prev_id, name_length = ids.unpack_from(payload)
-        else:
-            (event_id, name_length), prev_id = ids.unpack_from(payload), None
-        if prev_id is None:  # the first format: ids were contiguous within a file
-            prev_id = events[-1].id if events else event_id - 1
         try:
-            name = payload[ids.size : ids.size + name_length].decode("utf-8")
-            data = payload[ids.size + name_length :].decode("utf-8")
-        except UnicodeDecodeError:
-            raise CorruptHistory(path, f"bad UTF-8 in the record at offset {offset}") from None
-        if events and event_id <= events[-1].id:
-            raise CorruptHistory(path, f"ids go backwards at offset {offset}")
-        if prev_id >= event_id:  # replay would take it as an id we hold and resend what the client has
-            raise CorruptHistory(path, f"a predecessor id not below its event's at offset {offset}")
-        events.append(StoredEvent(event_id, prev_id, name, data))
-        offset = end
-    return events, offset, None
+            if version == ord("3"):
+                event = _decode_payload(payload, contents.keys)
+            else:
+                event = _decode_old_payload(payload, version, events[-1].id if events else None)
+        except (UnicodeDecodeError, ValueError, struct.error) as exc:
+            raise CorruptHistory(path, f"{_why(exc)} in the record at offset {offset}") from None
+        if event is not None:
+            if events and event.id <= events[-1].id:
+                raise CorruptHistory(path, f"ids go backwards at offset {offset}")
+            if event.prev_id >= event.id:  # replay would take it as an id we hold and resend what the client has
+                raise CorruptHistory(path, f"a predecessor id not below its event's at offset {offset}")
+            continued = payload[0] == EVENT_CONTINUED and version == ord("3")
+            if continued and batch is None:
+                batch = (offset, len(events))
+            elif not continued:
+                batch = None
+            events.append(event)
+        offset = contents.valid = end
+    if batch is not None:  # the write of a batch was cut after whole records: none of it was acknowledged
+        start, before = batch
+        contents.dropped = (
+            f"an unfinished batch of {len(events) - before} events at the end (offset {start}), left by a crash"
+            + (f", and {contents.dropped}" if contents.dropped else "")
+        )
+        del events[before:]
+        contents.valid = start
+    return contents
+
+
+def _why(exc: Exception) -> str:
+    return "bad UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc) or "a malformed record"
+
+
+def _decode_payload(payload: bytes, keys: list[Stamp]) -> StoredEvent | None:
+    """A record of the current format: an event (returned), or a key record (added to `keys`, None returned)."""
+    kind = payload[0]
+    if kind == KEY_RECORD:
+        _, event_id, at_ms, subscribers, key_length, print_ = _KEY.unpack_from(payload)
+        raw = payload[_KEY.size :]
+        if len(raw) != key_length or not key_length:
+            raise ValueError("a key record of the wrong length")
+        keys.append(Stamp(raw.decode("utf-8"), print_, event_id, subscribers, at_ms))
+        return None
+    if kind != EVENT_RECORD and kind != EVENT_CONTINUED:
+        raise ValueError(f"an unknown record kind {kind}")
+    _, event_id, prev_id, name_length, key_length = _EVENT.unpack_from(payload)
+    at = _EVENT.size + name_length
+    name = payload[_EVENT.size : at].decode("utf-8")
+    stamp = None
+    if key_length:
+        key = payload[at : at + key_length].decode("utf-8")
+        at += key_length
+        at_ms, subscribers = _KEY_INFO.unpack_from(payload, at)
+        at += _KEY_INFO.size
+    if at > len(payload):
+        raise ValueError("a record shorter than its name and key")
+    data = payload[at:].decode("utf-8")
+    if key_length:
+        stamp = Stamp(key, fingerprint(name, data), event_id, subscribers, at_ms)
+    return StoredEvent(event_id, prev_id, name, data, stamp)
+
+
+def _decode_old_payload(payload: bytes, version: int, previous_id: int | None) -> StoredEvent:
+    """A record of the second or the first format (no keys)."""
+    if version == ord("2"):
+        event_id, prev_id, name_length = _IDS2.unpack_from(payload)
+        at = _IDS2.size
+    else:  # the first format: ids were contiguous within a file
+        event_id, name_length = _ID1.unpack_from(payload)
+        prev_id = previous_id if previous_id is not None else event_id - 1
+        at = _ID1.size
+    return StoredEvent(
+        event_id, prev_id, payload[at : at + name_length].decode("utf-8"), payload[at + name_length :].decode("utf-8")
+    )
 
 
 def _damage(blob: bytes, offset: int, header: struct.Struct, ids_size: int) -> tuple[str | None, bool, int]:
@@ -219,6 +349,8 @@ class HistoryFile:
         self.interval = interval
         self.keep = keep  # events to keep after compaction (history_size; a reload may change it)
         self.records = 0  # records in the current file
+        self.key_records = 0  # key records a compaction (or the file read at start) holds: they count as kept
+        self.key_stamps: list[Stamp] = []  # after load(): every key the file holds (events' and key records')
         self._fd = -1
         self._size = 0  # bytes in the current file
         # Group commit: each append takes the next ticket. (_appended, _size) are replaced together as one tuple
@@ -238,8 +370,9 @@ class HistoryFile:
     # -- start ---------------------------------------------------------------------------------------------------
 
     def load(self) -> list[StoredEvent]:
-        """Open (creating with mode 0600) and read the file; returns its events, oldest first. Raises
-        HistoryFileError naming the file for anything but a torn last record, which is cut off with a warning."""
+        """Open (creating with mode 0600) and read the file; returns its events, oldest first (the keys it holds
+        are left in `key_stamps`). Raises HistoryFileError naming the file for anything but a torn last record,
+        which is cut off with a warning."""
         leftover = self.path + ".compact"
         if os.path.exists(leftover):
             log.warning("removing %s, left by a compaction that did not finish (the history file is intact)", leftover)
@@ -255,7 +388,8 @@ class HistoryFile:
             raise HistoryFileError(f"{self.path} is in use by another sseserver process") from None
         try:
             blob = _read_all(fd)
-            events, valid, dropped = decode_records(blob, self.path)
+            contents = decode_file(blob, self.path)
+            events, valid, dropped = contents.events, contents.valid, contents.dropped
             if dropped:
                 log.warning("history file %s: ignoring %s; keeping %d events", self.path, dropped, len(events))
             if valid < len(blob):  # a torn tail, or a magic cut short
@@ -270,8 +404,10 @@ class HistoryFile:
         except HistoryFileError:
             os.close(fd)
             raise
-        self._adopt(fd, valid, len(events))
-        if blob.startswith(MAGIC1):
+        self._adopt(fd, valid, len(events) + len(contents.keys))
+        self.key_records = len(contents.keys)
+        self.key_stamps = contents.keys + [event.key for event in events if event.key is not None]
+        if blob.startswith((MAGIC1, MAGIC2)):
             try:
                 self._rewrite(events)
             except OSError as exc:
@@ -297,9 +433,16 @@ class HistoryFile:
     def append(self, event_id: int, prev_id: int, name: str, data: str) -> int:
         """Write one record (under the bouncer's lock). Returns a ticket for sync(). Raises OSError when the
         record could not be written whole: it is cut off again, and the caller must not acknowledge it."""
+        return self._write(encode_record(event_id, prev_id, name, data), 1)
+
+    def append_many(self, events: Sequence[Record]) -> int:
+        """Write a batch's records in one write (under the bouncer's lock), with their keys: one ticket, so one
+        fsync covers them all. Raises OSError when they could not all be written: then none is kept."""
+        return self._write(encode_records(events, batch=True), len(events))
+
+    def _write(self, record: bytes, count: int) -> int:
         if self._state is not FileState.OK:
             raise OSError(errno.EIO, f"{self._why} ({self._state.value})")
-        record = encode_record(event_id, prev_id, name, data)
         try:
             write_all(self._fd, record)
         except OSError:
@@ -310,10 +453,10 @@ class HistoryFile:
                     self._enter(FileState.REWRITE, f"a torn record could not be cut off: {exc.strerror or exc}")
             raise
         self._size += len(record)
-        self.records += 1
+        self.records += count
         self._appended += 1
         self._tail = (self._appended, self._size)
-        if self.records > 2 * self.keep + 100:
+        if self.records > 2 * (self.keep + self.key_records) + 100:
             self.compact_requested.set()
         return self._appended
 
@@ -392,10 +535,10 @@ class HistoryFile:
 
     # -- background --------------------------------------------------------------------------------------------
 
-    def compaction(self, kept: Sequence[Record]) -> "Compaction":
+    def compaction(self, kept: Sequence[Record], stamps: Sequence[Stamp] = ()) -> "Compaction":
         """A rewrite of the file to the newest events, `kept` (taken under the bouncer's lock). Use it as a
         context manager: see Compaction for the steps, and Bouncer.compact_store() for the caller."""
-        return Compaction(self, kept)
+        return Compaction(self, kept, stamps)
 
     def _adopt(self, fd: int, size: int, records: int) -> None:
         """Make `fd` the file appends go to; everything in it is on disk."""
@@ -505,33 +648,37 @@ class Compaction:
     3. leaving the `with` block without finish(), or on any failure before the rename, removes the new file:
        the old one stays in force, untouched (and the caller gets OSError)."""
 
-    def __init__(self, store: HistoryFile, kept: Sequence[Record]):
+    def __init__(self, store: HistoryFile, kept: Sequence[Record], stamps: Sequence[Stamp] = ()):
         self._store = store
         self._kept = kept
+        self._stamps = stamps  # keys still remembered whose events are older than `kept`: key records, first
         self._temp = store.path + ".compact"
         self._fd = -1
         self._size = self._records = 0  # what the new file holds so far
+        self._keys_end = 0  # where its key records end
         self._swapped = False
 
     def __enter__(self) -> "Compaction":
         self._fd = os.open(self._temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
-            bulk = MAGIC + encode_records(self._kept)
+            keys = MAGIC + b"".join(encode_key_record(stamp) for stamp in self._stamps)
+            bulk = keys + encode_records(self._kept)
             write_all(self._fd, bulk)
             os.fsync(self._fd)  # the bulk is durable before the lock is taken
         except BaseException:
             self._discard()
             raise
-        self._size, self._records = len(bulk), len(self._kept)
+        self._keys_end = len(keys)
+        self._size, self._records = len(bulk), len(self._stamps) + len(self._kept)
         return self
 
     def finish(self, newer: Sequence[Record], start_over: bool = False) -> None:
         """Step 2, under the bouncer's lock. `start_over`: drop the bulk and write only `newer` (what was written
         since no longer follows on from `kept`)."""
         store, fd = self._store, self._fd
-        if start_over:
-            os.ftruncate(fd, len(MAGIC))
-            self._size, self._records = len(MAGIC), 0
+        if start_over:  # the key records stay
+            os.ftruncate(fd, self._keys_end)
+            self._size, self._records = self._keys_end, len(self._stamps)
         rest = encode_records(newer)
         write_all(fd, rest)
         os.fsync(fd)
@@ -545,6 +692,7 @@ class Compaction:
             self._swapped = True
             old = store._fd
             store._adopt(fd, self._size + len(rest), self._records + len(newer))
+            store.key_records = len(self._stamps)
             store._enter(FileState.OK, "")
         os.close(old)
         try:

@@ -6,7 +6,7 @@ import time
 import unittest
 
 from sseserver.access import EventFilter
-from sseserver.bouncer import Bouncer, Event, Refusal, Replay, Waiter, Waiters
+from sseserver.bouncer import Bouncer, Draft, Event, Refusal, Replay, Waiter, Waiters
 from sseserver.history import StoredEvent
 from tests.test_framing import FeedReader
 
@@ -78,18 +78,49 @@ class BouncerTest(unittest.TestCase):
         sub = bouncer.subscribe(frozenset({"a", "c"}), "1").subscriber
         self.assertEqual(ids_of(bouncer, sub), [3, 4])
 
-    def test_slow_rule_counts_only_live_matching_events(self):
+    def test_slow_rule_counts_only_live_matching_publishes(self):
         bouncer = Bouncer(history_size=10, queue_size=2, first_id=1)
         sub = bouncer.subscribe(frozenset({"a"}), None).subscriber
         bouncer.publish("x", "b")
         bouncer.publish("x", "b")
         bouncer.publish("x", "a")
         bouncer.publish("x", "a")
-        waiting = bouncer.count_waiting(bouncer.ring, sub.names, sub.live_from, bouncer.head)
+        waiting, counted = bouncer.publishes_waiting(bouncer.ring, sub.names, sub.live_from, bouncer.head)
         self.assertEqual(waiting, 2)
         self.assertFalse(bouncer.is_slow(waiting))
         bouncer.publish("x", "a")
-        self.assertTrue(bouncer.is_slow(bouncer.count_waiting(bouncer.ring, sub.names, sub.live_from, bouncer.head)))
+        waiting, _ = bouncer.publishes_waiting(bouncer.ring, sub.names, sub.live_from, bouncer.head)
+        self.assertTrue(bouncer.is_slow(waiting))
+        # Counted incrementally: what was counted before is not counted again.
+        self.assertEqual(
+            bouncer.publishes_waiting(bouncer.ring, sub.names, sub.live_from, bouncer.head, counted), (1, 5)
+        )
+
+    def test_a_batch_counts_as_one_publish_for_every_kind_of_filter(self):
+        bouncer = Bouncer(history_size=10, queue_size=2, first_id=1, room_bytes=1 << 20)
+        everything = bouncer.subscribe(None, None).subscriber
+        some = bouncer.subscribe(frozenset({"a"}), None).subscriber
+        bouncer.publish_batch([Draft("a", str(i)) for i in range(100)])  # far more events than the whole ring
+        bouncer.publish_batch([Draft("b", "x"), Draft("a", "y")])
+        for sub in (everything, some):
+            waiting, _ = bouncer.publishes_waiting(bouncer.ring, sub.names, sub.live_from, bouncer.head)
+            self.assertEqual(waiting, 2)
+            self.assertFalse(bouncer.is_slow(waiting))
+            data, count, last_id, end = bouncer.collect(bouncer.ring, sub.cursor, bouncer.head, sub.names)
+            self.assertEqual((last_id, end), (102, bouncer.head))  # every event of the burst is still there
+        bouncer.publish("x", "a")
+        self.assertTrue(bouncer.is_slow(bouncer.publishes_waiting(bouncer.ring, None, 0, bouncer.head)[0]))
+
+    def test_the_room_for_bursts_is_bounded_in_events_and_bytes(self):
+        bouncer = Bouncer(history_size=10, queue_size=2, first_id=1, room_bytes=1000)
+        for _ in range(300):
+            bouncer.publish("x" * 20)  # a block of about 40 bytes
+        kept = [pos for pos in range(bouncer.head) if bouncer.ring.get(pos) is not None]
+        held = sum(len(bouncer.ring.get(pos).wire) for pos in kept[:-12])
+        self.assertLessEqual(held, 1000)  # beyond history_size + queue_size, at most room_bytes
+        self.assertGreater(held, 900)
+        self.assertEqual(kept, list(range(kept[0], bouncer.head)))  # the newest, without a hole
+        self.assertEqual(bouncer.retained(), 10)  # replay reaches history_size, as before
 
     def test_a_subscriber_whose_next_event_was_evicted_collects_nothing_and_is_slow(self):
         bouncer = Bouncer(history_size=2, queue_size=1, first_id=1)
@@ -97,7 +128,7 @@ class BouncerTest(unittest.TestCase):
         for _ in range(5):
             bouncer.publish("x")
         self.assertIsNone(bouncer.collect(bouncer.ring, sub.cursor, bouncer.head, None))
-        self.assertIsNone(bouncer.count_waiting(bouncer.ring, None, sub.cursor, bouncer.head))
+        self.assertIsNone(bouncer.publishes_waiting(bouncer.ring, None, sub.cursor, bouncer.head))
 
     def test_collect_stops_at_the_byte_limit(self):
         bouncer = Bouncer(history_size=10, queue_size=1, first_id=1)

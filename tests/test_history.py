@@ -254,8 +254,8 @@ class BurstDuringCompaction(history.HistoryFile):
     burst = None
 
     @contextlib.contextmanager
-    def compaction(self, kept):
-        with super().compaction(kept) as finish:
+    def compaction(self, kept, stamps=()):
+        with super().compaction(kept, stamps) as finish:
             burst, self.burst = self.burst, None
             if burst is not None:
                 burst()
