@@ -1,7 +1,8 @@
 """Scale-out: several sseserver instances share one event stream through a Redis Stream.
 
-Owns: publishing into the shared stream (one id sequence for every instance), the follower thread that feeds
-this instance's bouncer from the stream in stream order, reconnecting with backoff, and the link state.
+Owns: publishing into the shared stream (one id sequence for every instance), batches and idempotency keys there
+(BATCH_SCRIPT), the follower thread that feeds this instance's bouncer from the stream in stream order,
+reconnecting with backoff, and the link state.
 Must not know: HTTP, subscribers, delivery. Nothing above the bouncer changes: events reach it through
 Bouncer.ingest(), and the handler publishes through SSEServer.publish().
 
@@ -38,6 +39,15 @@ and `p` would match. So each entry also carries `k`, a random key the publishing
 `k` of the last entry it read; when they differ, the entries between are not the ones it read, and streams get a
 reset (Bouncer.ingest(gap=True)) even where the ids line up.
 
+Batches and keys: a batch (or a single event with an idempotency key) is one BATCH_SCRIPT call, one round trip.
+The script looks every key up in `<prefix>:keys` first and refuses the whole call on a key reused with another
+fingerprint, so nothing is written unless everything is; then it adds the events with consecutive ids, each entry
+with the same p/k/q/r chain as a single publish and `b`, a random mark the whole batch shares (the follower passes
+it to the bouncer, so that the batch counts as one publish for the slow rule), and stores the new keys with their
+original reply. A key and its event are thus written in one atomic step: racing duplicates on any instances
+publish once. Keys expire by `idempotency_ttl` (checked on lookup, removed a bounded number per call) and are
+bounded by `idempotency_max_keys` (a sorted set by age, oldest popped first).
+
 What `p` cannot show: entries lost before this instance read them, when nothing after them shows the loss (a
 failover to a replica that never got the newest entries: the next entry's `p` is the replica's last one, which
 this instance has read). For its own publishes an instance knows better: it remembers the ids it acknowledged
@@ -61,14 +71,19 @@ import queue
 import threading
 import time
 
+from .bouncer import BURST_ROOM, Draft, Published
 from .errors import OutcomeUnknown, StoreError
+from .idempotency import KeyConflict, Stamp
 from .resp import Connection, RedisError, RedisUnavailable, parse_url
 
 log = logging.getLogger("sseserver.cluster")
 
-# KEYS[1] the stream; ARGV: maxlen, floor, name, data, chain key. Lua numbers are doubles: exact for integers below
-# 2**53 (microseconds until the year 2255), and formatted with %.0f because tostring() would write 1.7e+15.
-PUBLISH_SCRIPT = """
+# What both scripts do first: read the stream's last entry (its id `prev` and key `chain`) and which Redis writes
+# (`origin`), and define add(at, key, field, value, ...), which adds an entry with the fields every follower reads
+# (p, k, q, r) and the given ones, and first(id, key, ...), which adds the first entry of a publish at `id` or
+# past the stream's top id. KEYS[1] is the stream, ARGV[1] its MAXLEN. Lua numbers are doubles: exact for integers
+# below 2**53 (microseconds until the year 2255), and formatted with %.0f because tostring() would write 1.7e+15.
+_SCRIPT_PRELUDE = """
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local prev = nil
 local chain = ''
@@ -81,36 +96,129 @@ if #last > 0 then
     end
   end
 end
-local id = math.max((prev or 0) + 1, tonumber(ARGV[2]))
 -- Which Redis wrote the entry: its run_id, unless it keeps an append-only file (a restart then loses nothing
 -- that was fsynced). A change between two entries means a restart from a snapshot or a failover in between.
 local origin = 'aof'
 if string.match(redis.call('INFO', 'persistence'), 'aof_enabled:(%d)') ~= '1' then
   origin = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 end
-local function add(at)
+local function add(at, key, ...)
   return redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], string.format('%.0f', at) .. '-0',
-                     'p', string.format('%.0f', prev or at - 1), 'k', ARGV[5], 'q', chain, 'r', origin,
-                     'n', ARGV[3], 'd', ARGV[4])
+                     'p', string.format('%.0f', prev or at - 1), 'k', key, 'q', chain, 'r', origin, ...)
 end
-local added = add(id)
-if type(added) == 'table' and added.err then
-  -- The stream's top id is above its last entry (entries deleted, or the stream trimmed to nothing) and the
-  -- floor did not clear it (a clock behind): go past the top, which XADD requires.
-  local info = redis.call('XINFO', 'STREAM', KEYS[1])
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then
-      id = math.max(id, tonumber(string.match(info[i + 1], '^(%d+)')) + 1)
+local function first(id, key, ...)
+  local added = add(id, key, ...)
+  if type(added) == 'table' and added.err then
+    -- The stream's top id is above its last entry (entries deleted, or the stream trimmed to nothing) and the
+    -- floor did not clear it (a clock behind): go past the top, which XADD requires.
+    local info = redis.call('XINFO', 'STREAM', KEYS[1])
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then
+        id = math.max(id, tonumber(string.match(info[i + 1], '^(%d+)')) + 1)
+      end
+    end
+    added = add(id, key, ...)
+    if type(added) == 'table' and added.err then
+      return nil, added
     end
   end
-  added = add(id)
-  if type(added) == 'table' and added.err then
-    return added
-  end
+  return id
+end
+"""
+
+# A single publish without a key. ARGV: maxlen, floor, name, data, chain key. Returns the id.
+PUBLISH_SCRIPT = (
+    _SCRIPT_PRELUDE
+    + """
+local id, failure = first(math.max((prev or 0) + 1, tonumber(ARGV[2])), ARGV[5], 'n', ARGV[3], 'd', ARGV[4])
+if not id then
+  return failure
 end
 return id
 """
+)
 PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
+
+# A batch, or an event with an idempotency key: the keys are checked, the events added with consecutive ids and
+# the new keys stored, in one atomic step. KEYS: the stream, the keys' hash (key -> "fingerprint id subscribers
+# at_ms"), the keys' sorted set (by at_ms: oldest forgotten first). ARGV: maxlen, floor, the batch's random mark
+# (its entries' `b`, and the prefix of their `k`), ttl in ms, max keys, then per event: name, data, key ("" for
+# none), fingerprint (hex), subscribers. Returns {first id, count, then per duplicate: its index (from 1), the
+# original's "fingerprint id subscribers at_ms"}, or the error "CONFLICT <index>" having written nothing.
+BATCH_SCRIPT = (
+    _SCRIPT_PRELUDE
+    + """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local ttl = tonumber(ARGV[4])
+local n = (#ARGV - 5) / 5
+local seen = {}
+for i = 1, n do
+  local key = ARGV[5 + (i - 1) * 5 + 3]
+  if key ~= '' then
+    local stored = redis.call('HGET', KEYS[2], key)
+    if stored then
+      local fingerprint, at = string.match(stored, '^(%x+) %d+ %d+ (%d+)$')
+      if at and tonumber(at) + ttl > now_ms then
+        if fingerprint ~= ARGV[5 + (i - 1) * 5 + 4] then
+          return redis.error_reply('CONFLICT ' .. i)
+        end
+        seen[i] = stored
+      end
+    end
+  end
+end
+local reply = {'0', 0}
+local id = math.max((prev or 0) + 1, tonumber(ARGV[2]))
+local count = 0
+for i = 1, n do
+  local at = 5 + (i - 1) * 5
+  if seen[i] then
+    reply[#reply + 1] = i
+    reply[#reply + 1] = seen[i]
+  else
+    local entry = ARGV[3] .. string.format('%x', i)
+    local fields = {'b', ARGV[3], 'n', ARGV[at + 1], 'd', ARGV[at + 2]}
+    if count == 0 then
+      local used, failure = first(id, entry, unpack(fields))
+      if not used then
+        return failure
+      end
+      id = used
+      reply[1] = string.format('%.0f', id)
+    else
+      local added = add(id, entry, unpack(fields))
+      if type(added) == 'table' and added.err then
+        return added
+      end
+    end
+    if ARGV[at + 3] ~= '' then
+      redis.call('HSET', KEYS[2], ARGV[at + 3],
+                 ARGV[at + 4] .. ' ' .. string.format('%.0f', id) .. ' ' .. ARGV[at + 5] .. ' ' .. now_ms)
+      redis.call('ZADD', KEYS[3], now_ms, ARGV[at + 3])
+    end
+    prev, chain, id, count = id, entry, id + 1, count + 1
+  end
+end
+reply[2] = count
+-- Forget expired keys, a bounded number per call (a lookup ignores an expired one anyway), then the oldest
+-- beyond max keys.
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now_ms - ttl, 'LIMIT', 0, 256)
+if #expired > 0 then
+  redis.call('HDEL', KEYS[2], unpack(expired))
+  redis.call('ZREM', KEYS[3], unpack(expired))
+end
+local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[5])
+if over > 0 then
+  local oldest = redis.call('ZPOPMIN', KEYS[3], over)
+  for i = 1, #oldest, 2 do
+    redis.call('HDEL', KEYS[2], oldest[i])
+  end
+end
+return reply
+"""
+)
+BATCH_SHA = hashlib.sha1(BATCH_SCRIPT.encode()).hexdigest()
 
 COMMAND_TIMEOUT = 5.0  # a Redis command that takes longer than this counts as Redis being down
 BLOCK_MS = 1000  # the follower's XREAD BLOCK: also how soon it notices a stop request
@@ -134,7 +242,11 @@ class RedisBridge:
     def __init__(self, redis_url: str, key_prefix: str, history_size: int, bouncer):
         self.address = parse_url(redis_url)  # ConfigError for a bad URL: the daemon exits 2
         self.stream_key = f"{key_prefix}:events"
-        self.maxlen = max(1, history_size)
+        self.keys_key = f"{key_prefix}:keys"  # idempotency keys (a hash), and their order by age (a sorted set)
+        self.keys_order_key = f"{key_prefix}:keys-by-age"
+        # MAXLEN ~ of the stream: the history, and room for a whole batch, so that no XADD of the next publish
+        # trims a batch's entries before every follower has read them.
+        self.maxlen = max(1, history_size) + BURST_ROOM
         self.bouncer = bouncer
         self.up = False  # the follower's last read succeeded (a failed publish also clears it)
         self.last_error: str | None = None  # why the link is down, for /health
@@ -183,17 +295,67 @@ class RedisBridge:
         nothing is acknowledged that Redis does not hold. OutcomeUnknown when the command was sent but no reply
         came (the link failed, or Redis stalled past COMMAND_TIMEOUT): Redis may have stored it."""
         args = (1, self.stream_key, self.maxlen, self._floor(), name, data, os.urandom(8).hex())
+        event_id = int(self._run_script(PUBLISH_SHA, PUBLISH_SCRIPT, args))
+        self._acknowledged(event_id)
+        return event_id
+
+    def publish_drafts(
+        self, drafts: list[Draft], repeats: dict[int, int], queued: dict[str, int], ttl: float, max_keys: int
+    ) -> Published:
+        """Store a batch (or a keyed event) in one round trip: BATCH_SCRIPT checks the keys, adds the events with
+        consecutive ids and stores the new keys atomically, so racing duplicates on any instances publish once.
+        `repeats`: drafts repeating an earlier draft's key (not sent; they get its Stamp). `queued`: streams here
+        per event name, the subscribers a key remembers. KeyConflict, or as publish()."""
+        sent = [index for index in range(len(drafts)) if index not in repeats]
+        args: list = [3, self.stream_key, self.keys_key, self.keys_order_key]
+        args += [self.maxlen, self._floor(), os.urandom(8).hex(), max(1, int(ttl * 1000)), max_keys]
+        for index in sent:
+            draft = drafts[index]
+            print_ = draft.fingerprint.hex() if draft.fingerprint is not None else ""
+            args += [draft.name, draft.data, draft.key or "", print_, queued[draft.name]]
+        try:
+            reply = self._run_script(BATCH_SHA, BATCH_SCRIPT, args)
+        except StoreError as exc:
+            conflict = str(exc).rpartition("CONFLICT ")[2]
+            if conflict.isdigit():
+                raise KeyConflict(sent[int(conflict) - 1]) from None
+            raise
+        first, count = int(reply[0]), int(reply[1])
+        duplicates: dict[int, Stamp] = {}
+        for position, stored in zip(reply[2::2], reply[3::2], strict=True):
+            index = sent[int(position) - 1]
+            print_, event_id, subscribers, at_ms = stored.decode("ascii").split(" ")
+            duplicates[index] = Stamp(
+                drafts[index].key or "", bytes.fromhex(print_), int(event_id), int(subscribers), int(at_ms)
+            )
+        fresh = [index for index in sent if index not in duplicates]
+        for event_id in range(first, first + count):
+            self._acknowledged(event_id)
+        stamps = {
+            index: Stamp(
+                drafts[index].key or "", drafts[index].fingerprint or b"", first + n, queued[drafts[index].name], 0
+            )
+            for n, index in enumerate(fresh)
+        }
+        for index, original in repeats.items():
+            duplicates[index] = duplicates.get(original) or stamps[original]
+        subscribers = max((queued[drafts[index].name] for index in fresh), default=0)
+        return Published(first if count else None, count, subscribers, duplicates)
+
+    def _run_script(self, sha: str, script: str, args):
+        """EVALSHA (EVAL the first time on a connection's Redis), mapping failures to what they mean for the
+        publisher: StoreError (not stored) or OutcomeUnknown (maybe stored)."""
 
         def run_script(connection: Connection):
             try:
-                return connection.command("EVALSHA", PUBLISH_SHA, *args)
+                return connection.command("EVALSHA", sha, *args)
             except RedisError as exc:
                 if not str(exc).startswith("NOSCRIPT"):
                     raise
-                return connection.command("EVAL", PUBLISH_SCRIPT, *args)  # loads the script for next time
+                return connection.command("EVAL", script, *args)  # loads the script for next time
 
         try:
-            event_id = int(self._call(run_script))
+            return self._call(run_script)
         except RedisUnavailable as exc:
             self.up = False
             self.last_error = str(exc)
@@ -202,8 +364,6 @@ class RedisBridge:
             raise StoreError(f"Redis is unavailable ({exc})") from None
         except RedisError as exc:
             raise StoreError(f"Redis refused the event: {exc}") from None
-        self._acknowledged(event_id)
-        return event_id
 
     def wait_confirmed(self, deadline: float) -> bool:
         """Wait until every event this instance acknowledged has come back from the stream into the bouncer, the
@@ -413,7 +573,7 @@ class RedisBridge:
                 # Skipped: the next entry's `p` then differs from the last id here, and streams get a reset.
                 log.warning("skipping malformed stream entry %s", entry_id.decode("ascii", "replace"))
             else:
-                self.bouncer.ingest(event_id, name, data, prev_id, gap)
+                self.bouncer.ingest(event_id, name, data, prev_id, gap, values.get(b"b"))
             self._read_back(event_id)
             self.last_seen = entry_id.decode("ascii")
 

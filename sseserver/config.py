@@ -106,8 +106,8 @@ KEYS: tuple[Key, ...] = (
         "queue_size",
         int,
         16,
-        "Events a subscriber may have waiting for its socket; one more and it is dropped (it reconnects and "
-        "catches up from history).",
+        "Publishes a subscriber may have waiting for its socket (a batch is one); one more and it is dropped (it "
+        "reconnects and catches up from history).",
         between(1, 1_000_000),
     ),
     Key("history_size", int, 1000, "Events kept for Last-Event-ID replay.", between(0, 10_000_000)),
@@ -129,7 +129,15 @@ KEYS: tuple[Key, ...] = (
         "max_message_bytes",
         int,
         65536,
-        "Largest publish body accepted, in bytes; larger gets 413.",
+        "Largest publish body accepted, in bytes; larger gets 413. In a batch, the largest data of one event.",
+        between(1, 64 * 1024 * 1024),
+    ),
+    Key(
+        "max_batch_bytes",
+        int,
+        1048576,
+        "Largest POST /publish/batch body accepted, in bytes; larger gets 413. The ring keeps up to 4 times "
+        "this for subscribers still taking a burst.",
         between(1, 64 * 1024 * 1024),
     ),
     Key(
@@ -289,6 +297,21 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("publish_burst", int, 20, "Publishes allowed at once before publish_rate applies.", between(1, 1_000_000)),
     Key(
+        "idempotency_ttl",
+        float,
+        300.0,
+        "Seconds an Idempotency-Key is remembered: a publish repeating it within this time gets the original "
+        "reply and publishes nothing.",
+        between(0.01, 30 * 86400),
+    ),
+    Key(
+        "idempotency_max_keys",
+        int,
+        100000,
+        "Idempotency keys remembered at most (per instance, or in Redis); beyond it the oldest is forgotten.",
+        between(1, 10_000_000),
+    ),
+    Key(
         "max_connections",
         int,
         0,
@@ -316,6 +339,7 @@ class Config:
     heartbeat_interval: float
     retry_ms: int
     max_message_bytes: int
+    max_batch_bytes: int
     max_subscribers: int
     request_timeout: float
     keepalive_timeout: float
@@ -341,6 +365,8 @@ class Config:
     max_subscribers_per_ip: int
     publish_rate: float
     publish_burst: int
+    idempotency_ttl: float
+    idempotency_max_keys: int
     max_connections: int
 
     def __repr__(self) -> str:  # never a secret

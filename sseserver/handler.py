@@ -19,10 +19,10 @@ from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
-from . import __version__, access, framing, metrics, page
+from . import __version__, access, framing, metrics, page, publishing
 from .access import Policy
 from .bouncer import EventNames, Refusal
-from .errors import ClientGone, HTTPError, OutcomeUnknown, StoreError
+from .errors import ClientGone, HTTPError
 from .request import Request, RequestReader, body_length, parse_head
 
 if TYPE_CHECKING:  # server.py imports this module
@@ -41,6 +41,7 @@ ROUTES = {
     "/subscribe": ("GET", "OPTIONS"),
     "/history": ("GET", "OPTIONS"),
     "/publish": ("POST", "PUT", "OPTIONS"),
+    "/publish/batch": ("POST", "PUT", "OPTIONS"),
     "/health": ("GET", "HEAD", "OPTIONS"),
     "/metrics": ("GET", "HEAD"),
     "/": ("GET", "HEAD"),
@@ -195,6 +196,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._preflight(methods)
             elif request.path == "/publish":
                 self._publish(request, policy, client)
+            elif request.path == "/publish/batch":
+                self._publish_batch(request, policy, client)
             elif request.path == "/subscribe":
                 self._subscribe(request, policy, client)
             elif request.path == "/history":
@@ -230,49 +233,44 @@ class Handler(BaseHTTPRequestHandler):
         self._respond(204, b"", None, headers)
 
     def _publish(self, request: Request, policy: Policy, client: str) -> None:
-        server = self.server
-        config = policy.config
-        if server.stopping:
+        """POST /publish: what a publish means is publishing.py's; this reads the body and answers."""
+        if self.server.stopping:
             raise HTTPError(503, "shutting down", headers=(("Retry-After", "1"),), close=True)
-        grant = access.authorize(policy.publish_tokens, access.bearer_token(request.headers), client, "publish")
-        names = request.query_values("event")
-        if len(names) > 1:
-            raise HTTPError(400, "give at most one event name")
-        name = names[0] if names else "message"
-        problem = framing.event_name_error(name)
-        if problem:
-            raise HTTPError(400, problem)
-        if not access.scope_allows(grant.scope, name):
-            raise HTTPError(403, f"token does not allow event {name!r}")
-        length = body_length(request, config.max_message_bytes)
+        grant = publishing.authorize(policy, request.headers, client)
+        name = publishing.event_name(request.query_values("event"), grant)
+        key = publishing.idempotency_key(request.headers.get("idempotency-key"), policy, grant)
+        body = self._read_body(request, policy.config.max_message_bytes, "max_message_bytes")
+        publishing.check_rate(policy, grant)
+        data = publishing.body_text(body)
+        if key is None:
+            reply = publishing.publish(self.server, data, name)
+        else:
+            reply = publishing.publish_keyed(self.server, data, name, key)
+        self._respond(200, reply, JSON)
+
+    def _publish_batch(self, request: Request, policy: Policy, client: str) -> None:
+        """POST /publish/batch: NDJSON, one event per line, published all or none (see publishing.py)."""
+        if self.server.stopping:
+            raise HTTPError(503, "shutting down", headers=(("Retry-After", "1"),), close=True)
+        if "idempotency-key" in request.headers:
+            # A header for the whole batch would be silently ignored, and the publisher would think its retries
+            # safe: keys go on the lines, where each event gets its own.
+            raise HTTPError(400, "a batch takes idempotency_key on each line, not an Idempotency-Key header")
+        grant = publishing.authorize(policy, request.headers, client)
+        config = policy.config
+        body = self._read_body(request, config.max_batch_bytes, "max_batch_bytes")
+        publishing.check_rate(policy, grant)
+        drafts, lines = publishing.parse_batch(body, policy, grant, config.max_message_bytes)
+        self._respond(200, publishing.publish_batch(self.server, drafts, lines), JSON)
+
+    def _read_body(self, request: Request, limit: int, limit_name: str) -> bytes:
+        """A publish body of at most `limit` bytes (413 naming the config key beyond it)."""
+        length = body_length(request, limit, limit_name)
         if request.headers.get("expect", "").lower() == "100-continue":
             self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = self.reader.read_body(length, config.max_message_bytes)
+        body = self.reader.read_body(length, limit, limit_name)
         self.body_pending = False
-        # Limited after the body is read, so a throttled keep-alive publisher keeps its connection.
-        wait = policy.limiter.allow(grant.key)
-        if wait:
-            raise HTTPError(429, "publish rate limit exceeded", headers=(("Retry-After", access.retry_after(wait)),))
-        try:
-            data = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise HTTPError(400, "body is not valid UTF-8") from None
-        try:
-            event_id, count = server.publish(data, name)
-        except OutcomeUnknown as exc:
-            log.error("publish unconfirmed: %s", exc)
-            raise HTTPError(
-                504,
-                "the store did not confirm the event in time; it may have been published",
-                headers=(("Retry-After", "1"),),
-            ) from None
-        except StoreError as exc:
-            log.error("publish refused: %s", exc)
-            raise HTTPError(
-                503, "could not store the event; it was not published", headers=(("Retry-After", "1"),)
-            ) from None
-        reply = b'{"id": "%d", "subscribers": %d}' % (event_id, count)
-        self._respond(200, reply, JSON)
+        return body
 
     def _health(self) -> None:
         server = self.server

@@ -97,8 +97,9 @@ def parse_head(head: bytes, max_line: int) -> Request:
     return Request(method.decode("ascii"), target_text, version.decode("ascii"), headers)
 
 
-def body_length(request: Request, max_bytes: int) -> int | None:
-    """The Content-Length to read, None for a chunked body. Raises 411/413/400/501 as the headers demand."""
+def body_length(request: Request, max_bytes: int, limit_name: str = "max_message_bytes") -> int | None:
+    """The Content-Length to read, None for a chunked body. Raises 411/413/400/501 as the headers demand (413
+    names `limit_name`, the config key behind `max_bytes`)."""
     encoding = request.headers.get("transfer-encoding")
     length = request.headers.get("content-length")
     if encoding is not None:
@@ -113,7 +114,7 @@ def body_length(request: Request, max_bytes: int) -> int | None:
         raise HTTPError(400, "Content-Length must be a non-negative integer", close=True)
     size = int(length)
     if size > max_bytes:
-        raise HTTPError(413, f"body is larger than max_message_bytes ({max_bytes})", close=True)
+        raise HTTPError(413, f"body is larger than {limit_name} ({max_bytes})", close=True)
     return size
 
 
@@ -191,15 +192,16 @@ class RequestReader:
             return HTTPError(414, "request line too long", close=True)
         return HTTPError(431, "request headers too large", close=True)
 
-    def read_body(self, length: int | None, max_bytes: int) -> bytes:
-        """The body: `length` bytes, or a chunked body (length None) of at most max_bytes."""
+    def read_body(self, length: int | None, max_bytes: int, limit_name: str = "max_message_bytes") -> bytes:
+        """The body: `length` bytes, or a chunked body (length None) of at most max_bytes (413 naming
+        `limit_name` beyond it)."""
         if length is not None:
             while len(self.buffer) < length:
                 self._fill_or_timeout()
             body = bytes(self.buffer[:length])
             del self.buffer[:length]
             return body
-        return self._read_chunked(max_bytes)
+        return self._read_chunked(max_bytes, limit_name)
 
     def _fill_or_timeout(self) -> None:
         try:
@@ -220,7 +222,7 @@ class RequestReader:
             searched = len(self.buffer)
             self._fill_or_timeout()
 
-    def _read_chunked(self, max_bytes: int) -> bytes:
+    def _read_chunked(self, max_bytes: int, limit_name: str) -> bytes:
         body = bytearray()
         while True:
             size_line = self._line(1024).split(b";", 1)[0].strip()
@@ -233,7 +235,7 @@ class RequestReader:
                     pass
                 return bytes(body)
             if len(body) + size > max_bytes:
-                raise HTTPError(413, f"body is larger than max_message_bytes ({max_bytes})", close=True)
+                raise HTTPError(413, f"body is larger than {limit_name} ({max_bytes})", close=True)
             while len(self.buffer) < size + 1:
                 self._fill_or_timeout()
             body += self.buffer[:size]

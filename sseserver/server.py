@@ -29,12 +29,13 @@ from typing import Any
 
 from . import __version__
 from .access import Policy
-from .bouncer import Bouncer, EventNames, Page, Refusal, Replay, parse_event_id
+from .bouncer import Bouncer, Draft, EventNames, Page, Published, Refusal, Replay, parse_event_id
 from .cluster import RedisBridge, wait_for_replay
 from .config import Config
 from .delivery import Delivery, EndReason
 from .handler import Handler, refusal
 from .history import HistoryFile
+from .idempotency import KeyConflict, KeyTable, first_of_each_key, wall_ms
 from .metrics import Family, StatusCounter
 
 log = logging.getLogger("sseserver")
@@ -46,6 +47,12 @@ FD_RESERVE = 64
 HISTORY_GONE_CHECK = 1.0
 # Reasons /metrics shows even at 0, so a dashboard finds the series before the first drop.
 ALWAYS_SHOWN_REASONS = frozenset({EndReason.SLOW, EndReason.DISCONNECTED, EndReason.SHUTDOWN})
+
+
+def burst_room_bytes(config: Config) -> int:
+    """The ring's room for bursts, in encoded bytes: a batch's events take up to about 4 times its body (a line
+    end in data is 2 bytes of JSON but a 7-byte `data: ` line), so the room holds at least one whole batch."""
+    return 4 * config.max_batch_bytes
 
 
 def connection_limit(configured: int) -> int:
@@ -78,6 +85,7 @@ class SSEServer(ThreadingHTTPServer):
         policy, config, stopping    the access policy and config (read once per request), and the stop flag
         track(h), untrack(h), request_finished(), hand_over(h)    connection bookkeeping for the drain
         publish(data, name)     -> (id, streams it is queued for); StoreError / OutcomeUnknown
+        publish_drafts(drafts)  a batch, or a keyed publish -> Published; KeyConflict / KeyBusy, StoreError ...
         subscribe(wanted, last_event_id, client, config)    -> a Replay, or a Refusal saying why not
         start_stream(replay, sock)  hand a stream whose head is out to the writers
         abandon_stream(replay)  a stream that never started (its head could not be sent)
@@ -109,9 +117,20 @@ class SSEServer(ThreadingHTTPServer):
         # A single instance takes its ids from its own sequence, which starts from the clock (unique across
         # restarts); with Redis the shared stream assigns every id and the bouncer only ingests them.
         self.bouncer = Bouncer(
-            config.history_size, config.queue_size, first_id=1 if config.redis_url else None, store=self.history
+            config.history_size,
+            config.queue_size,
+            first_id=1 if config.redis_url else None,
+            store=self.history,
+            room_bytes=burst_room_bytes(config),
         )
         self.bouncer.restore(stored)
+        # A single instance's idempotency keys (with Redis they live in Redis), and those its history file kept.
+        self.keys = KeyTable(config.idempotency_ttl, config.idempotency_max_keys)
+        if self.history is not None and self.history.key_stamps:
+            log.info(
+                "history: %d idempotency keys still remembered",
+                self.keys.restore(self.history.key_stamps, wall_ms()),
+            )
         self.cluster: RedisBridge | None = None
         if config.redis_url:  # a bad URL is a ConfigError before anything is bound
             self.cluster = RedisBridge(config.redis_url, config.redis_key_prefix, config.history_size, self.bouncer)
@@ -204,7 +223,8 @@ class SSEServer(ThreadingHTTPServer):
     def start(self) -> None:
         self.delivery.start()
         if self.history is not None:
-            self.history.start(self.bouncer.compact_store)
+            keys_before = self.keys.stamps_before
+            self.history.start(lambda: self.bouncer.compact_store(keys_before))
         if self.cluster is not None:
             self.cluster.start()
 
@@ -227,8 +247,13 @@ class SSEServer(ThreadingHTTPServer):
         old, config = self.config, policy.config
         self.policy = policy
         self.max_connections = connection_limit(config.max_connections)
-        if (old.history_size, old.queue_size) != (config.history_size, config.queue_size):
-            self.bouncer.resize(config.history_size, config.queue_size)
+        if (old.history_size, old.queue_size, old.max_batch_bytes) != (
+            config.history_size,
+            config.queue_size,
+            config.max_batch_bytes,
+        ):
+            self.bouncer.resize(config.history_size, config.queue_size, burst_room_bytes(config))
+        self.keys.set_limits(config.idempotency_ttl, config.idempotency_max_keys)
         if old.heartbeat_interval != config.heartbeat_interval:
             self.delivery.set_heartbeat(config.heartbeat_interval)
         self.delivery.set_access_log(config.access_log)
@@ -319,6 +344,46 @@ class SSEServer(ThreadingHTTPServer):
             event, count = self.bouncer.publish(data, name)
             return event.id, count
         return self.cluster.publish(data, name), self.bouncer.queued_for(name)
+
+    def publish_drafts(self, drafts: list[Draft]) -> Published:
+        """Publish events with consecutive ids in one step, all or none (a batch, or one event with an
+        idempotency key). A draft whose key was seen within idempotency_ttl, or that repeats an earlier draft's
+        key, is not published: Published.duplicates gives it the original's Stamp. KeyConflict: a key reused
+        with another name or data (nothing published); KeyBusy: a request holding a key did not finish in time;
+        StoreError / OutcomeUnknown as for publish(). With Redis the script checks the keys and assigns the ids
+        in one atomic step; a single instance claims them in its KeyTable around the bouncer's publish."""
+        repeats = first_of_each_key([draft.key for draft in drafts], [draft.fingerprint for draft in drafts])
+        if self.cluster is not None:
+            config = self.config
+            queued = {name: self.bouncer.queued_for(name) for name in {draft.name for draft in drafts}}
+            return self.cluster.publish_drafts(
+                drafts, repeats, queued, config.idempotency_ttl, config.idempotency_max_keys
+            )
+        claimed: list[int] = []
+        keys: list[str] = []
+        prints: list[bytes] = []
+        for index, draft in enumerate(drafts):
+            if draft.key is not None and draft.fingerprint is not None and index not in repeats:
+                claimed.append(index)
+                keys.append(draft.key)
+                prints.append(draft.fingerprint)
+        try:
+            found = self.keys.claim(keys, prints) if claimed else []
+        except KeyConflict as exc:
+            raise KeyConflict(claimed[exc.index]) from None  # which draft, not which of the keys
+        duplicates = {index: stamp for index, stamp in zip(claimed, found) if stamp is not None}
+        held = [key for key, stamp in zip(keys, found) if stamp is None]
+        fresh = [index for index in range(len(drafts)) if index not in duplicates and index not in repeats]
+        try:
+            events, subscribers = self.bouncer.publish_batch([drafts[index] for index in fresh]) if fresh else ([], 0)
+        except BaseException:
+            self.keys.release(held)  # not published: a retry must publish
+            raise
+        self.keys.complete([event.key for event in events if event.key is not None])
+        by_index = dict(zip(fresh, events))
+        for index, original in repeats.items():
+            duplicates[index] = by_index[original].key if original in by_index else duplicates[original]
+        return Published(events[0].id if events else None, len(events), subscribers, duplicates)
 
     def subscribe(self, wanted: EventNames, last_event_id: str | None, client: str, config: Config) -> Replay | Refusal:
         """Register a stream for the events `wanted` accepts, starting after `last_event_id`, within `config`'s
