@@ -13,7 +13,9 @@ A run, in order (run() below reads the same way):
 3. Warm up: publish "w" events until every open stream has received one, because a server (or a proxy) may
    register a stream lazily, and a stream that is not live yet would count its first events as lost.
 4. Measure: publish --msgs "b" events at --rate over --pub-conns connections to the first URL, then wait up to
-   --drain seconds for every stream to receive every one of them.
+   --drain seconds for every stream to receive every one of them. With --batch N each request is a
+   POST <publish-path>/batch of N events (NDJSON); with --idempotency every event carries a unique idempotency key
+   (the Idempotency-Key header, or idempotency_key on its batch line), to measure what keys cost.
 5. Stop the workers, merge their histograms and counts, and print one JSON line.
 
 Every payload is "<kind>:<seq>:<CLOCK_MONOTONIC ns at send>:<publisher connection>:" padded with "x" to --size
@@ -111,7 +113,7 @@ def merge(histograms: Iterable[Histogram]) -> Histogram:
 class Target:
     """One server or proxy URL, and the requests the bench sends it, built once."""
 
-    def __init__(self, url: str, subscribe_path: str, publish_path: str, token: str | None):
+    def __init__(self, url: str, subscribe_path: str, publish_path: str, token: str | None, batch: int = 0):
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"--url must look like http://HOST:PORT, not {url!r}")
@@ -127,9 +129,19 @@ class Target:
         self._publish_head = (
             f"POST {prefix}{publish_path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: text/plain\r\n{auth}"
         ).encode()
+        self._batch_head = (
+            f"POST {prefix}{publish_path.rstrip('/')}/batch HTTP/1.1\r\nHost: {self.host}\r\n"
+            f"Content-Type: application/x-ndjson\r\n{auth}"
+        ).encode()
+        self.batch = batch
 
-    def publish_request(self, body: bytes) -> bytes:
-        return self._publish_head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    def publish_request(self, body: bytes, key: bytes | None = None) -> bytes:
+        """A single publish of `body` (with an Idempotency-Key header when `key` is given), or with --batch a
+        batch: then `body` is the NDJSON already."""
+        head = self._batch_head if self.batch else self._publish_head
+        if key is not None:
+            head += b"Idempotency-Key: %s\r\n" % key
+        return head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
 
     def probe(self) -> None:
         """Connect once, so that a URL where nothing listens fails the run within seconds, with one clear line."""
@@ -457,10 +469,10 @@ class Connection:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = bytearray()  # received, not yet consumed
 
-    def post(self, body: bytes) -> int:
-        """Publish `body`; returns the response's status code."""
+    def post(self, body: bytes, key: bytes | None = None) -> int:
+        """Publish `body` (see Target.publish_request); returns the response's status code."""
         sock, buffer = self.sock, self._buffer
-        sock.sendall(self.target.publish_request(body))
+        sock.sendall(self.target.publish_request(body, key))
         while b"\r\n\r\n" not in buffer:
             buffer += self._recv()
         head_end = buffer.find(b"\r\n\r\n") + 4
@@ -497,20 +509,32 @@ class Schedule:
         return self.start_ns + int(seq * self.interval_ns)
 
 
+def ndjson(payloads: list[bytes], keys: list[bytes] | None) -> bytes:
+    """A batch body: one line per payload (bench payloads need no JSON escaping), with its key if given."""
+    if keys is None:
+        return b"".join(b'{"data":"%s"}\n' % data for data in payloads)
+    return b"".join(b'{"data":"%s","idempotency_key":"%s"}\n' % pair for pair in zip(payloads, keys, strict=True))
+
+
 class Publisher:
     """Publishes the measured events over `connections` keep-alive connections, a thread each. The threads take
     sequence numbers from one counter and keep one schedule, so together they publish at the rate asked for.
-    Its counts are read after run() returns."""
+    With the target's batch size N each request carries N events (the schedule paces the first of each). Its
+    counts are read after run() returns."""
 
-    def __init__(self, target: Target, connections: int, size: int):
+    def __init__(self, target: Target, connections: int, size: int, idempotency: bool = False):
         self.target = target
         self.connections = connections
         self.size = size
-        # Sequence numbers: next() on an itertools.count is atomic under the GIL, so threads need no lock for it.
-        self._seqs = itertools.count()
+        # Keys unique to this run: a run must not meet an earlier run's keys, which the server still remembers.
+        self.key_prefix = os.urandom(6).hex().encode() if idempotency else None
+        # Sequence numbers, taken a request's worth at a time (the first of them): next() on an itertools.count is
+        # atomic under the GIL, so threads need no lock for it, and each request's events have consecutive numbers.
+        self._seqs = itertools.count(0, max(1, target.batch))
         self._lock = threading.Lock()  # every connection's thread writes what follows
-        self.ok = 0  # publishes answered 2xx
-        self.errors = 0  # publishes answered otherwise, or lost with their connection
+        self.ok = 0  # events in publishes answered 2xx
+        self.requests = 0  # publish requests answered 2xx
+        self.errors = 0  # events in publishes answered otherwise, or lost with their connection
         self.start_ns = 0  # the schedule's start
         self.last_reply_ns = 0
         self.max_lag_ns = 0  # how late, at worst, an event was sent against its schedule
@@ -532,24 +556,31 @@ class Publisher:
 
     def _publish(self, number: int, schedule: Schedule) -> None:
         connection = Connection(self.target)
-        while (seq := next(self._seqs)) < schedule.messages:
+        per_request = max(1, self.target.batch)
+        while seqs := range(first := next(self._seqs), min(first + per_request, schedule.messages)):
             if schedule.interval_ns:  # paced (--rate)
-                self._wait_for_turn(seq, schedule)
+                self._wait_for_turn(seqs[0], schedule)
             if time.monotonic_ns() > schedule.stop_ns:
                 break
+            bodies = [payload(MEASURED, seq, number, self.size) for seq in seqs]
+            keys = None if self.key_prefix is None else [b"%s-%d" % (self.key_prefix, seq) for seq in seqs]
             try:
-                status = connection.post(payload(MEASURED, seq, number, self.size))
+                if self.target.batch:
+                    status = connection.post(ndjson(bodies, keys))
+                else:
+                    status = connection.post(bodies[0], None if keys is None else keys[0])
             except OSError:
                 with self._lock:
-                    self.errors += 1
+                    self.errors += len(seqs)
                 connection.close()
                 connection = Connection(self.target)
                 continue
             with self._lock:
                 if 200 <= status < 300:
-                    self.ok += 1
+                    self.ok += len(seqs)
+                    self.requests += 1
                 else:
-                    self.errors += 1
+                    self.errors += len(seqs)
                 self.last_reply_ns = time.monotonic_ns()
         connection.close()
 
@@ -569,7 +600,8 @@ def warm_up(target: Target, size: int, progress: Progress, connected: int, timeo
     deadline = time.monotonic() + timeout
     seq = 0
     while progress.total_warm() < connected and time.monotonic() < deadline:
-        connection.post(payload(WARM_UP, seq, 0, size))
+        body = payload(WARM_UP, seq, 0, size)
+        connection.post(ndjson([body], None) if target.batch else body)
         seq += 1
         poll_until(lambda: progress.total_warm() >= connected, time.monotonic() + 0.2, 0.01)
     connection.close()
@@ -684,7 +716,10 @@ def summarize(
         "rate": args.rate,
         "pub_conns": args.pub_conns,
         "size": args.size,
+        "batch": args.batch,
+        "idempotency": args.idempotency,
         "published": publisher.ok,
+        "publish_requests": publisher.requests,
         "publish_errors": publisher.errors,
         "expected": expected,
         "delivered": delivered,
@@ -714,7 +749,7 @@ def summarize(
 
 def run(args) -> dict:
     urls = args.url or [DEFAULT_URL]
-    targets = [Target(url, args.subscribe_path, args.publish_path, args.token) for url in urls]
+    targets = [Target(url, args.subscribe_path, args.publish_path, args.token, args.batch) for url in urls]
     for target in targets:
         target.probe()
     workers = Workers(targets, args.subs, args.procs, args.connect_timeout)
@@ -723,14 +758,14 @@ def run(args) -> dict:
     connected = workers.progress.total_streaming()
     # Publishes go to the first URL; subscribers are spread over all of them.
     ready = warm_up(targets[0], args.size, workers.progress, connected, args.connect_timeout)
-    publisher = Publisher(targets[0], args.pub_conns, args.size)
+    publisher = Publisher(targets[0], args.pub_conns, args.size, args.idempotency)
     window = measure(workers, publisher, ready, args)
     reports = workers.stop()
     return summarize(args, urls, connected, ready, publisher, window, reports)
 
 
 # Options that must be at least this much; argparse checks only their type.
-_MINIMUMS = {"subs": 0, "msgs": 0, "pub_conns": 1, "procs": 1}
+_MINIMUMS = {"subs": 0, "msgs": 0, "pub_conns": 1, "procs": 1, "batch": 0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -753,6 +788,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=60, help="stop publishing after this many seconds")
     parser.add_argument("--drain", type=float, default=10, help="seconds to wait for deliveries after publishing")
     parser.add_argument("--connect-timeout", type=float, default=60)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="publish N events per request (POST <publish-path>/batch, NDJSON); 0 = one per POST <publish-path>",
+    )
+    parser.add_argument(
+        "--idempotency", action="store_true", help="give every event a unique idempotency key (header or line field)"
+    )
     return parser
 
 

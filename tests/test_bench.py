@@ -81,6 +81,24 @@ class BenchTest(unittest.TestCase):
                 self.assertIn(key, report)
             self.assertLessEqual(report["p50_ms"], report["p99_ms"])
 
+    def test_batches_with_idempotency_keys_are_counted_per_event(self):
+        with RunningServer(queue_size=1024) as server:
+            argv = ["--subs", "3", "--msgs", "250", "--rate", "0", "--procs", "1", "--pub-conns", "2"]
+            argv += ["--batch", "40", "--idempotency", "--drain", "30", "--connect-timeout", "30"]
+            result = subprocess.run(
+                [sys.executable, "-m", "sseserver.bench", "--url", f"http://127.0.0.1:{server.port}", *argv],
+                cwd=ROOT,
+                capture_output=True,
+                timeout=120,
+            )
+            self.assertEqual(result.returncode, 0, result.stderr)
+            report = json.loads(result.stdout)
+            # 250 events in requests of 40: six full ones and one of 10
+            self.assertEqual((report["published"], report["publish_requests"], report["publish_errors"]), (250, 7, 0))
+            self.assertEqual((report["expected"], report["delivered"], report["duplicates"]), (750, 750, 0))
+            self.assertEqual((report["batch"], report["idempotency"], report["reordered"]), (40, True, 0))
+            self.assertEqual(len(server.server.keys), 250)  # each event had a key of its own
+
     def test_bad_url_is_exit_2(self):
         result = subprocess.run(
             [sys.executable, "-m", "sseserver.bench", "--url", "ftp://x"], cwd=ROOT, capture_output=True, timeout=60
