@@ -89,11 +89,16 @@ class TokenSet:
     def match(self, presented: str) -> tuple[bool, tuple[str, ...] | None, bytes]:
         """(matched, scope, digest)."""
         digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+        found, scope = self.match_digest(digest)
+        return found, scope, digest
+
+    def match_digest(self, digest: bytes) -> tuple[bool, tuple[str, ...] | None]:
+        """(matched, scope) for a token known only by its digest (a stream's, after an upgrade in place)."""
         found, scope = False, None
         for stored, entry_scope in self._entries:
             if hmac.compare_digest(stored, digest) and not found:
                 found, scope = True, entry_scope
-        return found, scope, digest
+        return found, scope
 
 
 def parse_token_entries(lines: list[str], key: str) -> list[tuple[str, tuple[str, ...] | None]]:
@@ -136,13 +141,16 @@ def bearer_token(headers: dict[str, str]) -> str | None:
 
 
 class Grant:
-    """Who a request is: its scope (None = every event) and a key for rate limiting (never the token itself)."""
+    """Who a request is: its scope (None = every event), a key for rate limiting (never the token itself), and
+    the SHA-256 digest of the token it presented (b"" without one), by which an upgrade in place checks an open
+    stream again without keeping the token."""
 
-    __slots__ = ("scope", "key")
+    __slots__ = ("scope", "key", "credential")
 
-    def __init__(self, scope: tuple[str, ...] | None, key: str):
+    def __init__(self, scope: tuple[str, ...] | None, key: str, credential: bytes = b""):
         self.scope = scope
         self.key = key
+        self.credential = credential
 
 
 def authorize(tokens: TokenSet, presented: str | None, client: str, role: str) -> Grant:
@@ -154,7 +162,21 @@ def authorize(tokens: TokenSet, presented: str | None, client: str, role: str) -
     found, scope, digest = tokens.match(presented)
     if not found:
         raise HTTPError(403, "invalid token", headers=(("WWW-Authenticate", 'Bearer error="invalid_token"'),))
-    return Grant(scope, "token:" + digest[:8].hex())
+    return Grant(scope, "token:" + digest[:8].hex(), digest)
+
+
+def recheck_stream(tokens: TokenSet, credential: bytes, requested: frozenset | None) -> frozenset | EventFilter | None:
+    """The filter of a stream taken over from the previous process (an upgrade in place), decided as its
+    reconnect would be under these tokens: the token it presented (`credential`, a digest; b"" for none) must
+    still be valid and the names it asked for (None: all) within that token's scope. HTTPError says why not."""
+    scope = None
+    if tokens:
+        if not credential:
+            raise HTTPError(401, "subscribe needs a token now")
+        found, scope = tokens.match_digest(credential)
+        if not found:
+            raise HTTPError(403, "its token is no longer valid")
+    return stream_filter(sorted(requested) if requested else [], scope)
 
 
 def scope_allows(scope: tuple[str, ...] | None, name: str) -> bool:

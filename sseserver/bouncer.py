@@ -42,7 +42,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import framing
 from .errors import StoreError
@@ -142,6 +142,7 @@ class Refusal(enum.Enum):
 
     FULL = "too many subscribers"
     PEER_FULL = "too many streams from this address"
+    UPGRADING = "upgrading in place; reconnect"  # a request that raced with the hand-over (handover.py)
 
 
 class Replay:
@@ -210,6 +211,27 @@ def _sequenced(
     """An event with its place in the sequence, as the ring holds it: the block every stream gets, encoded once,
     with its id line in front. Its pos is set when it is appended."""
     return Event(-1, event_id, prev_id, name, data, b"id: %d\n" % event_id + body, now_ns, False, batch, key)
+
+
+def adopted_entry(
+    pos: int,
+    event_id: int,
+    prev_id: int,
+    name: str,
+    data: str,
+    published_ns: int,
+    batch: int,
+    notice_wire: bytes | None,
+) -> Event:
+    """A ring entry carried over from the previous process (an upgrade in place): an event is encoded again
+    here; a gap notice keeps the bytes it had."""
+    if notice_wire is not None:
+        event = Event(-1, event_id, prev_id, name, data, notice_wire, published_ns, True, batch)
+    else:
+        body = framing.encode_event(data, None, name)
+        event = _sequenced(event_id, prev_id, name, data, body, published_ns, batch)
+    event.pos = pos
+    return event
 
 
 def _gap_entry(last_id: int, next_id: int, now_ns: int, batch: int = 0) -> Event:
@@ -698,6 +720,47 @@ class Bouncer:
                     compaction.finish(
                         self._retained_events_locked(self._oldest_pos(self.head)) + unsynced, start_over=True
                     )
+
+    # -- an upgrade in place (handover.py carries these to the next process) ---------------------------------
+
+    def export_sequence(self) -> tuple[dict[str, Any], list[Event]]:
+        """The id sequence and the ring's bookkeeping, and every entry the ring holds (oldest first): what the
+        next process needs to continue exactly here. Called while nothing is being published."""
+        with self._lock:
+            first = max(self._first_pos, self.head - self.ring.capacity, 0)
+            sequence = {
+                "head": self.head,
+                "first_pos": first,
+                "next_id": self._next_id,
+                "last_id": self._last_id,
+                "origin": self._origin,
+                "has_events": self._has_events,
+                "batches": self._batches,
+            }
+            return sequence, [self.ring.held(pos) for pos in range(first, self.head)]
+
+    def import_sequence(self, sequence: dict[str, Any], entries: list[Event]) -> None:
+        """Continue the previous process's sequence and ring, with positions unchanged (adopted streams' cursors
+        point into it). A smaller ring keeps the newest entries it has room for."""
+        with self._lock:
+            head = sequence["head"]
+            ring = self.ring
+            first = max(sequence["first_pos"], head - ring.capacity, 0)
+            for event in entries:
+                if event.pos >= first:
+                    ring.slots[event.pos % ring.capacity] = event
+            self.head, self._first_pos = head, first
+            self._next_id, self._last_id = sequence["next_id"], sequence["last_id"]
+            self._origin, self._has_events = sequence["origin"], sequence["has_events"]
+            self._batches = sequence["batches"]
+
+    def readmit(self, names: EventNames, cursor: int, live_from: int, peer: str) -> Subscriber:
+        """A stream adopted from the previous process, counted as subscribe() counts one, at the place in the
+        ring it had reached. No limits: it was admitted already."""
+        subscriber = Subscriber(names, cursor, live_from, peer)
+        with self._lock:
+            self._count_locked(subscriber, 1)
+        return subscriber
 
     # -- used by the delivery layer (lock-free: it reads a ring reference and immutable events) ---------------
 

@@ -5,9 +5,10 @@ code 2 (run-time failures are 1, a clean stop 0). Must not know: HTTP.
 """
 
 import argparse
+import os
 import sys
 
-from . import __version__, logs, resp
+from . import __version__, handover, logs, resp
 from . import config as config_module
 from .access import Policy
 from .daemon import Daemon
@@ -66,12 +67,13 @@ def main(argv: list[str] | None = None) -> int:
             resp.parse_url(config.redis_url)
     except config_module.ConfigError as exc:
         sys.stderr.write(f"sseserver: bad config: {exc}\n")
+        handover.report_failure(os.environ, f"bad config: {exc}")  # started for an upgrade: say why not
         return 2
     if args.check_config:
         print(f"sseserver: config OK ({args.config or 'built-in defaults'})")
         return 0
     logs.configure(config.log_level)
     try:
-        return Daemon(config, args.config, overrides=flags).run()
+        return Daemon(config, args.config, overrides=flags, argv=argv).run()
     except KeyboardInterrupt:
         return 1  # a Ctrl-C before the handlers were installed

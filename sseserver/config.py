@@ -177,6 +177,13 @@ KEYS: tuple[Key, ...] = (
         between(0, 3600),
     ),
     Key(
+        "upgrade_timeout",
+        float,
+        10.0,
+        "Seconds a new process gets on SIGUSR2 to take over the streams; past it the running one keeps serving.",
+        between(0.1, 600),
+    ),
+    Key(
         "writer_threads",
         int,
         1,
@@ -345,6 +352,7 @@ class Config:
     keepalive_timeout: float
     max_header_bytes: int
     shutdown_timeout: float
+    upgrade_timeout: float
     writer_threads: int
     log_level: str
     access_log: bool

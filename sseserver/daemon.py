@@ -1,4 +1,5 @@
-"""The daemon's life: start, serve, reload on SIGHUP, drain on SIGTERM/SIGINT, tell systemd at each step.
+"""The daemon's life: start, serve, reload on SIGHUP, upgrade in place on SIGUSR2, drain on SIGTERM/SIGINT, tell
+systemd at each step.
 
 Owns: the only `import signal` in the package, the main thread's control loop, the accept thread, and the
 process-wide setup (file-descriptor limit). Signal handlers only enqueue the signal number on a SimpleQueue
@@ -15,12 +16,13 @@ import os
 import queue
 import resource
 import signal
+import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from . import config as config_module
-from . import logs, systemd
+from . import handover, logs, systemd
 from .access import Policy
 from .config import Config
 from .server import SSEServer
@@ -34,10 +36,18 @@ class Command(enum.Enum):
     STOP = "stop"  # SIGTERM, SIGINT, request_stop(): drain and exit 0 (a second one: exit 1 at once)
     RELOAD = "reload"  # SIGHUP
     DRAINED = "drained"  # from the drain thread: every stream has ended, or the deadline passed
+    UPGRADE = "upgrade"  # SIGUSR2: hand everything to a new process running the code and config on disk
 
 
 # What each handled signal asks for. A dict lookup is all a handler does besides the enqueue.
-SIGNAL_COMMANDS = {signal.SIGTERM: Command.STOP, signal.SIGINT: Command.STOP, signal.SIGHUP: Command.RELOAD}
+SIGNAL_COMMANDS = {
+    signal.SIGTERM: Command.STOP,
+    signal.SIGINT: Command.STOP,
+    signal.SIGHUP: Command.RELOAD,
+    signal.SIGUSR2: Command.UPGRADE,
+}
+# How long requests still open in the old process get to be answered after an upgrade committed.
+RETIRE_TIMEOUT = 1.0
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -59,8 +69,10 @@ class Daemon:
         config_path: str | None,
         environ: Mapping[str, str] = os.environ,
         overrides: dict | None = None,
+        argv: Sequence[str] | None = None,
     ):
         self.config = config
+        self.argv = None if argv is None else list(argv)  # to start the next process with (SIGUSR2)
         self.config_path = config_path
         self.overrides = dict(overrides or {})  # command-line keys, layered over the file again on each reload
         self.environ = environ
@@ -75,40 +87,61 @@ class Daemon:
     def run(self) -> int:
         """Serve until stopped. Returns the process exit code."""
         soft, _ = raise_open_file_limit()
+        adoption = handover.Adoption.incoming(self.environ)
+        state: handover.State | None = None
+        inherited: list[socket.socket] = []
+        if adoption is not None:  # started by SIGUSR2 in the previous process: take over its sockets
+            try:
+                state = adoption.state()
+            except handover.HandoverError as exc:
+                log.error("upgrade refused: %s", exc)
+                adoption.fail(str(exc))
+                return 2
+            os.set_inheritable(state.listen_fd, False)
+            inherited = [socket.socket(fileno=state.listen_fd)]
+        else:
+            inherited = systemd.listen_sockets(self.environ)
         try:
             policy = Policy(self.config)
-        except config_module.ConfigError as exc:
-            log.error("bad config: %s", exc)
-            return 2
-        inherited = systemd.listen_sockets(self.environ)
-        try:
             self.server = SSEServer(policy, inherited[0] if inherited else None)
         except config_module.ConfigError as exc:  # history.HistoryFileError: unreadable, in use, or corrupt
-            log.error("%s", exc)
+            log.error("bad config: %s", exc)
+            if adoption is not None:
+                adoption.fail(f"bad config: {exc}")
             return 2
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", self.config.host, self.config.port, exc.strerror or exc)
             return 1
         server = self.server
+        how = "inherited socket" if inherited else "bound"
+        if adoption is not None and state is not None:
+            if not self._adopt(server, adoption, state):
+                return 1
+            how = "adopted from the previous process"
         # Before the daemon announces itself (the log line, READY=1): whoever saw it may stop us at once, and
         # a SIGTERM must then drain and exit 0, not kill the process with the default action.
         self._install_signal_handlers()
         server.start()
-        self._accept_thread = accept = threading.Thread(
-            target=server.serve_forever, name="sseserver-accept", kwargs={"poll_interval": 0.5}, daemon=True
-        )
-        accept.start()
+        self._start_accepting(server)
         host = server.server_address[0]
         shown = f"[{host!s}]" if ":" in str(host) else str(host)
-        how = "inherited socket" if inherited else "bound"
         log.info("listening on http://%s:%d (%s; open-file limit %d)", shown, server.port, how, soft)
         self.ready.set()
-        systemd.notify(f"READY=1\nSTATUS={server.status()}", self.environ)
+        if adoption is not None:
+            # The old process tells systemd our pid and lets go; only then is READY=1 ours to send.
+            adoption.wait_released(time.monotonic() + self.config.upgrade_timeout)
+            systemd.notify(f"MAINPID={os.getpid()}\nREADY=1\nSTATUS={server.status()}", self.environ)
+        else:
+            systemd.notify(f"READY=1\nSTATUS={server.status()}", self.environ)
         return self._control_loop(server)
 
     def request_stop(self) -> None:
         """Ask for a graceful stop from any thread (what SIGTERM does)."""
         self.events.put(Command.STOP)
+
+    def request_upgrade(self) -> None:
+        """Ask for an upgrade in place from any thread (what SIGUSR2 does)."""
+        self.events.put(Command.UPGRADE)
 
     # -- the control loop ------------------------------------------------------------------------------------
 
@@ -128,6 +161,8 @@ class Daemon:
                 self._begin_stop(server)
             elif command is Command.RELOAD:
                 self._reload(server)
+            elif command is Command.UPGRADE and self._upgrade(server):
+                return 0  # the next process serves everything now
             elif command is Command.DRAINED and self._drain_thread is not None:
                 self._drain_thread.join()
                 server.server_close()
@@ -160,6 +195,97 @@ class Daemon:
         self._drain_thread = threading.Thread(target=drain, name="sseserver-drain", daemon=True)
         self._drain_thread.start()
 
+    def _start_accepting(self, server: SSEServer) -> None:
+        self._accept_thread = accept = threading.Thread(
+            target=server.serve_forever, name="sseserver-accept", kwargs={"poll_interval": 0.5}, daemon=True
+        )
+        accept.start()
+
+    # -- an upgrade in place (the format and the handshake: handover.py) --------------------------------------
+
+    def _upgrade(self, server: SSEServer) -> bool:
+        """SIGUSR2, in order: (1) RELOADING=1; (2) stop accepting (connections wait in the listen queue) and let
+        publishes and stream starts in progress finish, turning new ones away with 503 + Retry-After; (3) stop
+        the writers at an event boundary and write the state; (4) start the new process with every socket and
+        wait until it has adopted them and committed, within upgrade_timeout; (5) tell systemd its pid, let go
+        of the streams without closing them, answer what is still open here, and leave. If anything fails
+        before the commit, the new process is killed (it has written nothing) and this one resumes where it
+        stopped: one log line says why. True when the new process took over."""
+        if self._drain_thread is not None:
+            return False
+        why = self._cannot_upgrade()
+        if why:
+            log.warning("upgrade not attempted, still serving: %s", why)
+            return False
+        started = time.monotonic()
+        deadline = started + self.config.upgrade_timeout
+        systemd.notify(
+            f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}", self.environ
+        )
+        state = server.handover_state(deadline) if server.pause(deadline) else None
+        if state is None:
+            return self._upgrade_failed(server, "publishes or writers did not pause in time")
+        blob = handover.encode(state)
+        assert self.argv is not None  # _cannot_upgrade() checked
+        try:
+            successor = handover.Successor(self.argv, os.getcwd(), self.environ, state, blob)
+        except OSError as exc:
+            return self._upgrade_failed(server, f"cannot start the new process: {exc.strerror or exc}")
+        why = successor.adopt(deadline)
+        if why is not None:
+            return self._upgrade_failed(server, why)
+        took = time.monotonic() - started
+        systemd.notify(f"MAINPID={successor.pid}", self.environ)
+        server.release(time.monotonic() + RETIRE_TIMEOUT)
+        successor.release()
+        log.info(
+            "upgraded in place: pid %d took over %d stream(s) and %d event(s) in %.0f ms (state %d bytes)",
+            successor.pid,
+            len(state.streams),
+            len(state.entries),
+            took * 1000,
+            len(blob),
+        )
+        return True
+
+    def _cannot_upgrade(self) -> str | None:
+        if self.argv is None:
+            return "this daemon was not started from the command line"
+        if self.config.history_file:
+            return "history_file is set (the file stays locked by this process; restart instead)"
+        if self.config.redis_url:
+            return "redis_url is set (the Redis follower's position is not handed over yet; restart instead)"
+        return None
+
+    def _upgrade_failed(self, server: SSEServer, why: str) -> bool:
+        server.resume()
+        self._start_accepting(server)
+        log.error("upgrade failed, still serving: %s", why)
+        systemd.notify(f"READY=1\nSTATUS={server.status()}", self.environ)
+        return False
+
+    def _adopt(self, server: SSEServer, adoption: handover.Adoption, state: handover.State) -> bool:
+        """The new process's side: take over the streams, then ask the old process to commit. False: it did not
+        (it keeps serving) and this process must leave without writing anything."""
+        started = time.monotonic()
+        try:
+            count = server.adopt(state)
+        except (handover.HandoverError, OSError, ValueError) as exc:
+            log.error("upgrade: cannot adopt the streams: %s", exc)
+            adoption.fail(f"cannot adopt the streams: {exc}")
+            return False
+        if not adoption.adopted(time.monotonic() + self.config.upgrade_timeout):
+            log.error("upgrade: the previous process did not commit; leaving the streams to it")
+            return False
+        log.info(
+            "upgrade: adopted %d stream(s) and %d event(s), ids continue after %d (%.0f ms)",
+            count,
+            len(state.entries),
+            state.sequence.last_id,
+            (time.monotonic() - started) * 1000,
+        )
+        return True
+
     def _reload(self, server: SSEServer) -> None:
         if self._drain_thread is not None:
             return
@@ -191,7 +317,7 @@ class Daemon:
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in SIGNAL_COMMANDS:
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: object) -> None:

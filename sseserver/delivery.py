@@ -91,6 +91,8 @@ class State(enum.Enum):
                 watched for EVENT_WRITE, and its backlog counts toward the slow rule
     CLOSING     shutdown: it gets no more events, only the farewell `retry:` (queued behind `out`)
     FINISHED    socket closed, subscriber gone from the bouncer's counts; `reason` says why
+    HANDED_OVER an upgrade in place committed: the next process owns the socket (handover.py); this process only
+                lets go of its descriptor, which sends nothing to the client
 
     NEW -> LIVE (registered) | FINISHED (the socket is already dead, or the writer has stopped)
     LIVE -> BLOCKED (send() left bytes, or more events are waiting than one batch holds)
@@ -98,6 +100,8 @@ class State(enum.Enum):
     LIVE -> FINISHED (slow: the events it still needs left the ring before it was even blocked)
     LIVE, BLOCKED -> CLOSING (close_all) -> FINISHED (the farewell is out and FIN sent, or the deadline passed)
     any -> FINISHED (peer gone, flooding, the writer thread failing)
+    LIVE, BLOCKED -> HANDED_OVER (Delivery.release(), only while the writers are frozen: see Writer._freeze)
+    NEW with unsent bytes (adopted from the previous process) -> LIVE -> BLOCKED at once, so they go out first
     """
 
     NEW = "new"
@@ -105,6 +109,7 @@ class State(enum.Enum):
     BLOCKED = "blocked"
     CLOSING = "closing"
     FINISHED = "finished"
+    HANDED_OVER = "handed over"
 
 
 class Stream:
@@ -129,6 +134,7 @@ class Stream:
         "events_sent",
         "received",
         "reason",
+        "credential",
     )
 
     def __init__(self, subscriber: Subscriber, sock: socket.socket):
@@ -149,6 +155,7 @@ class Stream:
         self.events_sent = 0
         self.received = 0  # bytes the client sent on its stream, which nobody reads
         self.reason: EndReason | None = None  # FINISHED: why
+        self.credential = b""  # the digest of the token it presented (an upgrade in place checks it again)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -164,6 +171,15 @@ class CloseAll:
 
     retry_ms: int
     deadline: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Freeze:
+    """Inbox message: send what has been published, then stop at an event boundary and list the streams in
+    `streams` (nothing else touches them until Delivery.thaw() or release())."""
+
+    frozen: threading.Event
+    streams: list
 
 
 class WriterStats:
@@ -238,13 +254,16 @@ class Writer(threading.Thread):
         self._wake_lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_fd, selectors.EVENT_READ, None)
-        self._inbox: collections.deque[Add | CloseAll] = collections.deque()  # from other threads
+        self._inbox: collections.deque[Add | CloseAll | Freeze] = collections.deque()  # from other threads
         self._streams: dict[int, Stream] = {}  # by socket fd: every stream that is LIVE, BLOCKED or CLOSING
         self._swept_head = bouncer.head
         self.access_log = False
         self._closing_deadline: float | None = None
         self._retry_ms = 0
         self._stopped = threading.Event()
+        self._thaw = threading.Event()  # set by thaw() / release() while frozen
+        self._release = False  # with _thaw: the next process has the streams; end without closing them
+        self._released = False
 
     # -- methods for other threads ---------------------------------------------------------------------------
 
@@ -276,7 +295,14 @@ class Writer(threading.Thread):
     def join_stopped(self, timeout: float) -> bool:
         return self._stopped.wait(timeout)
 
-    def _tell(self, message: Add | CloseAll) -> None:
+    def freeze(self, message: Freeze) -> None:
+        self._tell(message)
+
+    def thaw(self, release: bool) -> None:
+        self._release = release
+        self._thaw.set()
+
+    def _tell(self, message: Add | CloseAll | Freeze) -> None:
         self._inbox.append(message)
         self.wake_pending = False  # force a write: the inbox must be seen even if a wake is pending
         self.wake()
@@ -299,7 +325,7 @@ class Writer(threading.Thread):
 
     def _loop(self) -> None:
         next_tick = time.monotonic()
-        while True:
+        while not self._released:
             timeout = max(0.0, next_tick - time.monotonic())
             if self._inbox:
                 timeout = 0
@@ -354,6 +380,10 @@ class Writer(threading.Thread):
             message = self._inbox.popleft()
             if isinstance(message, Add):
                 self._register(message.stream, now)
+            elif isinstance(message, Freeze):
+                self._freeze(message, now)
+                if self._released:
+                    return
             else:
                 self._retry_ms, self._closing_deadline = message.retry_ms, message.deadline
                 self._begin_closing()
@@ -371,7 +401,9 @@ class Writer(threading.Thread):
         self._streams[sock.fileno()] = stream
         stream.state = State.LIVE
         stream.last_write = now
-        if self._closing_deadline is not None:
+        if stream.out:  # adopted with bytes the previous process could not send: they go first
+            self._block(stream, stream.out)
+        elif self._closing_deadline is not None:
             self._close_gracefully(stream)
         else:
             self._catch_up(stream, self.bouncer.head, now)
@@ -543,6 +575,28 @@ class Writer(threading.Thread):
         for stream in failed:
             self._drop(stream, EndReason.DISCONNECTED)
 
+    # -- an upgrade in place ---------------------------------------------------------------------------------
+
+    def _freeze(self, message: Freeze, now: float) -> None:
+        """Send everything published so far (publishing is paused), so every stream stands at an event boundary
+        or holds the rest of its last send in `out`, which travels with it; list the streams and wait, touching
+        nothing, until thaw(): resume as before, or (release) let go of every stream without closing it."""
+        self._sweep(self.bouncer.head, now)
+        message.streams.extend(self._streams.values())
+        message.frozen.set()
+        while not self._thaw.wait(1.0):
+            pass  # the control loop thaws or releases us within the hand-over's deadline
+        self._thaw.clear()
+        if self._release:
+            for stream in self._streams.values():
+                try:
+                    self._selector.unregister(stream.sock)
+                except (KeyError, ValueError):
+                    pass
+                stream.state = State.HANDED_OVER
+            self._streams.clear()
+            self._released = True
+
     # -- ending streams --------------------------------------------------------------------------------------
 
     def _begin_closing(self) -> None:
@@ -611,6 +665,7 @@ class Delivery:
         self.first_writes = FirstWrites()
         self.heartbeat_interval = heartbeat_interval
         self.writers = [Writer(i, bouncer, heartbeat_interval, self.first_writes) for i in range(writer_threads)]
+        self._adopted = 0  # streams taken over from a previous process (adopt())
         bouncer.on_publish(self.wake)
 
     def start(self) -> None:
@@ -621,12 +676,15 @@ class Delivery:
         for writer in self.writers:
             writer.wake()
 
-    def add(self, replay: Replay, sock: socket.socket) -> None:
-        """Take over a stream whose response head is out: `sock` is its connection, detached from the request."""
+    def add(self, replay: Replay, sock: socket.socket, credential: bytes = b"") -> None:
+        """Take over a stream whose response head is out: `sock` is its connection, detached from the request;
+        `credential` the digest of the token it presented."""
         tune_for_dead_peers(sock, self.heartbeat_interval)
         # The least-loaded writer; ties and races only cost balance, never correctness.
         writer = min(self.writers, key=Writer.count) if len(self.writers) > 1 else self.writers[0]
-        writer.add(Stream(replay.subscriber, sock))
+        stream = Stream(replay.subscriber, sock)
+        stream.credential = credential
+        writer.add(stream)
 
     def set_heartbeat(self, interval: float) -> None:
         self.heartbeat_interval = interval
@@ -652,6 +710,56 @@ class Delivery:
         for writer in self.writers:
             total.update(writer.stats.dropped)
         return dict(total)
+
+    def freeze(self, deadline: float) -> list[Stream] | None:
+        """An upgrade in place: stop every writer at an event boundary (after sending what was published) and
+        return every open stream; None when a writer did not stop by `deadline` (then thaw())."""
+        messages = [Freeze(threading.Event(), []) for _ in self.writers]
+        for writer, message in zip(self.writers, messages, strict=True):
+            writer.freeze(message)
+        streams: list[Stream] = []
+        for message in messages:
+            if not message.frozen.wait(max(0.0, deadline - time.monotonic())):
+                return None
+            streams += message.streams
+        return streams
+
+    def thaw(self) -> None:
+        """The hand-over failed: every writer goes on as before (a writer that had not frozen yet does so
+        later and is thawed by this same call, as the flag stays set until it is seen)."""
+        for writer in self.writers:
+            writer.thaw(release=False)
+
+    def release(self) -> None:
+        """The hand-over committed: every writer lets go of its streams without closing them, and ends."""
+        for writer in self.writers:
+            writer.thaw(release=True)
+        for writer in self.writers:
+            writer.join(timeout=5.0)
+
+    def adopt(
+        self,
+        subscriber: Subscriber,
+        sock: socket.socket,
+        unsent: bytes,
+        last_id_sent: int | None,
+        age: float,
+        events_sent: int,
+        received: int,
+        credential: bytes,
+    ) -> None:
+        """Take over a stream from the previous process (handover.py): `unsent` (whole events, or the rest of
+        one already begun) goes out before anything else."""
+        tune_for_dead_peers(sock, self.heartbeat_interval)
+        stream = Stream(subscriber, sock)
+        stream.out = memoryview(unsent) if unsent else None
+        stream.last_id_sent = last_id_sent
+        stream.started = time.monotonic() - age
+        stream.events_sent, stream.received = events_sent, received
+        stream.credential = credential
+        # Round robin: before the writers start, Writer.count() does not see what waits in their inboxes.
+        self._adopted += 1
+        self.writers[self._adopted % len(self.writers)].add(stream)
 
     def close_all(self, retry_ms: int, deadline: float) -> bool:
         """End every stream gracefully and stop the writers; True if all finished before the deadline."""

@@ -279,6 +279,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _reader_filter(self, request: Request, policy: Policy, client: str) -> EventNames:
         """The event filter of a reader (/subscribe, /history): its ?event= names within its token's scope."""
+        return self._reader_access(request, policy, client)[0]
+
+    def _reader_access(self, request: Request, policy: Policy, client: str) -> tuple[EventNames, bytes]:
+        """A reader's filter and the digest of the token it presented (b"" for none): a stream keeps the digest
+        so that an upgrade in place can check it against the next process's tokens."""
         names = request.query_values("event")
         for name in names:
             if not framing.EVENT_NAME.fullmatch(name):
@@ -287,7 +292,7 @@ class Handler(BaseHTTPRequestHandler):
         if token is None:
             token = request.query_value("token")  # EventSource cannot set headers
         grant = access.authorize(policy.subscribe_tokens, token, client, "subscribe")
-        return access.stream_filter(names, grant.scope)
+        return access.stream_filter(names, grant.scope), grant.credential
 
     def _history(self, request: Request, policy: Policy, client: str) -> None:
         """Catch up without a stream: JSON of the retained events after ?after=, optionally held (?wait=) until
@@ -314,7 +319,7 @@ class Handler(BaseHTTPRequestHandler):
     def _subscribe(self, request: Request, policy: Policy, client: str) -> None:
         server = self.server
         config = policy.config
-        wanted = self._reader_filter(request, policy, client)
+        wanted, credential = self._reader_access(request, policy, client)
         last_event_id = request.headers.get("last-event-id")
         if last_event_id is not None:
             # EventSource sends the id as UTF-8 and the parser keeps header octets as latin-1: decode it the way
@@ -343,7 +348,7 @@ class Handler(BaseHTTPRequestHandler):
             server.abandon_stream(replay)
             return
         self.detached = True
-        server.start_stream(replay, stream)
+        server.start_stream(replay, stream, credential)
 
     # -- responses ---------------------------------------------------------------------------------------------
 

@@ -14,8 +14,10 @@ Traps in the base classes this class steps around, on purpose:
 - shutdown() deadlocks unless serve_forever() runs on another thread: daemon.py runs it on "sseserver-accept".
 """
 
+import dataclasses
 import email.utils
 import logging
+import os
 import platform
 import resource
 import socket
@@ -27,12 +29,13 @@ from http.server import ThreadingHTTPServer
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__
-from .access import Policy
-from .bouncer import Bouncer, Draft, EventNames, Page, Published, Refusal, Replay, parse_event_id
+from . import __version__, framing, handover
+from .access import EventFilter, Policy, recheck_stream
+from .bouncer import Bouncer, Draft, EventNames, Page, Published, Refusal, Replay, adopted_entry, parse_event_id
 from .cluster import RedisBridge, wait_for_replay
 from .config import Config
-from .delivery import Delivery, EndReason
+from .delivery import Delivery, EndReason, State
+from .errors import HTTPError
 from .handler import Handler, refusal
 from .history import HistoryFile
 from .idempotency import KeyConflict, KeyTable, first_of_each_key, wall_ms
@@ -80,6 +83,12 @@ class SSEServer(ThreadingHTTPServer):
         close_listener()        stop the accept loop and close the listening socket
         drain(deadline)         end every stream and request by the deadline
         server_close()          release the rest (after drain)
+      an upgrade in place (SIGUSR2; the steps are daemon.py's, the format and handshake handover.py's):
+        pause(deadline)         stop the accept loop, let publishes and stream starts in progress finish
+        handover_state(deadline)    freeze the writers at an event boundary -> handover.State (or None)
+        resume()                the hand-over failed: writers and publishes go on (restart serve_forever)
+        release(deadline)       it committed: let go of every stream unclosed, answer what is in progress
+        adopt(state)            the new process's side: continue the ring and take over the streams
 
     Methods a handler uses (handler.py):
         policy, config, stopping    the access policy and config (read once per request), and the stop flag
@@ -87,7 +96,7 @@ class SSEServer(ThreadingHTTPServer):
         publish(data, name)     -> (id, streams it is queued for); StoreError / OutcomeUnknown
         publish_drafts(drafts)  a batch, or a keyed publish -> Published; KeyConflict / KeyBusy, StoreError ...
         subscribe(wanted, last_event_id, client, config)    -> a Replay, or a Refusal saying why not
-        start_stream(replay, sock)  hand a stream whose head is out to the writers
+        start_stream(replay, sock, credential)  hand a stream whose head is out to the writers
         abandon_stream(replay)  a stream that never started (its head could not be sent)
         history_page(wanted, after, limit, wait)    GET /history: retained events after an id (a long poll)
         count_status(status)    every response's status, for /metrics
@@ -152,6 +161,11 @@ class SSEServer(ThreadingHTTPServer):
         self._request_threads: set[threading.Thread] = set()
         self._thread_warning_due = 0.0  # the accept thread's own: when it may warn again that threads fail
         self._date = (0, b"")
+        # An upgrade in place pauses publishing and stream starts; these count the ones in progress.
+        self._gate = threading.Condition()
+        self._paused = False
+        self._in_flight = 0
+        self._refused: list[tuple[socket.socket, bytes, str, str]] = []  # adopt() -> start(): streams to end
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         if listen_socket is None:
             super().__init__((config.host, config.port), Handler)
@@ -221,6 +235,7 @@ class SSEServer(ThreadingHTTPServer):
         return self.server_address[1]
 
     def start(self) -> None:
+        self._end_refused()
         self.delivery.start()
         if self.history is not None:
             keys_before = self.keys.stamps_before
@@ -315,6 +330,161 @@ class SSEServer(ThreadingHTTPServer):
             log.warning("shutdown: %d request thread(s) did not finish", len(stuck))
         return clean and not leftover and not stuck
 
+    # -- an upgrade in place ------------------------------------------------------------------------------------
+
+    def pause(self, deadline: float) -> bool:
+        """Stop the accept loop (the listening socket stays open, so new connections wait in its queue for
+        whichever process serves next) and wait for the publishes and stream starts in progress; the ones that
+        come later are turned away (503 + Retry-After; a stream gets a jittered retry). False when some were
+        still in progress at `deadline` (call resume())."""
+        self.shutdown()
+        with self._gate:
+            self._paused = True
+            return self._gate.wait_for(lambda: self._in_flight == 0, max(0.0, deadline - time.monotonic()))
+
+    def handover_state(self, deadline: float) -> handover.State | None:
+        """Freeze the writers at an event boundary and describe everything the next process needs; None when a
+        writer did not stop by `deadline` (call resume())."""
+        streams = self.delivery.freeze(deadline)
+        if streams is None:
+            return None
+        sequence, events = self.bouncer.export_sequence()
+        now = time.monotonic()
+        kept = []
+        for stream in streams:
+            if stream.state is not State.LIVE and stream.state is not State.BLOCKED:
+                continue
+            names, patterns = _filter_fields(stream.names)
+            kept.append(
+                handover.StreamState(
+                    stream.sock.fileno(),
+                    names,
+                    patterns,
+                    stream.cursor,
+                    stream.live_from,
+                    bytes(stream.out or b""),
+                    stream.last_id_sent,
+                    stream.peer,
+                    now - stream.started,
+                    stream.events_sent,
+                    stream.received,
+                    stream.credential.hex(),
+                )
+            )
+        return handover.State(
+            self.socket.fileno(),
+            self.config.retry_ms,
+            handover.IdSequence(**sequence),
+            tuple(
+                handover.Entry(
+                    e.pos,
+                    e.id,
+                    e.prev_id,
+                    e.name,
+                    e.data,
+                    e.published_ns,
+                    e.notice,
+                    e.wire.decode() if e.notice else "",
+                    e.batch,
+                )
+                for e in events
+            ),
+            tuple(kept),
+        )
+
+    def resume(self) -> None:
+        """The hand-over failed: the writers go on where they stopped, publishes and stream starts are taken
+        again. The caller starts serve_forever() again."""
+        with self._gate:
+            self._paused = False
+        self.delivery.thaw()
+
+    def release(self, deadline: float) -> None:
+        """The hand-over committed: the writers let go of every stream without closing it (the next process
+        has them), and the requests still open here are answered (stopping: 503 to publishes, `Connection:
+        close`) or closed when idle, until `deadline`."""
+        self.delivery.release()
+        self.stopping = True
+        self.bouncer.wake_waiters()
+        self._close_connections(idle_only=True)
+        with self._idle:
+            self._idle.wait_for(lambda: not self._busy_connections(), max(0.0, deadline - time.monotonic()))
+
+    def adopt(self, state: handover.State) -> int:
+        """The new process's side, before start(): continue the previous ring and id sequence, and give every
+        stream to the writers, its unsent bytes first. A changed retry_ms goes to each stream as a `retry:`
+        block after those bytes (an event boundary). The new config's tokens decide again, as for a reconnect:
+        a stream whose token is gone, or whose names left its token's scope, is not adopted; start() ends it
+        (its unsent bytes, then FIN) with a logged reason. Returns how many streams were adopted."""
+        self.bouncer.import_sequence(
+            dataclasses.asdict(state.sequence),
+            [
+                adopted_entry(
+                    e.pos,
+                    e.id,
+                    e.prev_id,
+                    e.name,
+                    e.data,
+                    e.published_ns,
+                    e.batch,
+                    e.wire.encode() if e.notice else None,
+                )
+                for e in state.entries
+            ],
+        )
+        retry = framing.encode_retry(self.config.retry_ms) if state.retry_ms != self.config.retry_ms else b""
+        adopted = 0
+        for stream in state.streams:
+            os.set_inheritable(stream.fd, False)
+            sock = socket.socket(fileno=stream.fd)
+            requested = None if stream.names is None else frozenset(stream.names)
+            try:
+                wanted = recheck_stream(self.policy.subscribe_tokens, bytes.fromhex(stream.credential), requested)
+            except HTTPError as refused:
+                self._refused.append((sock, stream.unsent, stream.peer, refused.message))
+                continue
+            names = self._intern_filter(wanted)
+            adopted += 1
+            subscriber = self.bouncer.readmit(names, stream.cursor, stream.live_from, stream.peer)
+            self.delivery.adopt(
+                subscriber,
+                sock,
+                stream.unsent + retry,
+                stream.last_id_sent,
+                stream.age,
+                stream.events_sent,
+                stream.received,
+                bytes.fromhex(stream.credential),
+            )
+        return adopted
+
+    def _end_refused(self) -> None:
+        """Streams the new config no longer allows (adopt()): what the previous process had not sent yet (so
+        the last event is whole), then a clean end; the client's reconnect gets the 401 or 403."""
+        for sock, unsent, peer, why in self._refused:
+            log.warning("upgrade: ended the stream of %s: %s", peer, why)
+            try:
+                sock.settimeout(1.0)
+                sock.sendall(unsent)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            sock.close()
+        self._refused.clear()
+
+    def _enter(self) -> None:
+        """A publish or a stream start begins (HTTPError 503 while paused for a hand-over)."""
+        with self._gate:
+            if self._paused:
+                raise HTTPError(503, "upgrading in place; retry", headers=(("Retry-After", "1"),), close=True)
+            self._in_flight += 1
+
+    def _leave(self) -> None:
+        with self._gate:
+            self._in_flight -= 1
+            if self._paused and not self._in_flight:
+                self._gate.notify_all()
+
     # -- methods a handler uses --------------------------------------------------------------------------------
 
     def track(self, handler) -> None:
@@ -339,11 +509,16 @@ class SSEServer(ThreadingHTTPServer):
 
     def publish(self, data: str, name: str) -> tuple[int, int]:
         """(id, streams here it is queued for). With Redis the id comes from the shared stream and the event
-        reaches local streams through the follower, like everyone else's. StoreError: not published."""
-        if self.cluster is None:
-            event, count = self.bouncer.publish(data, name)
-            return event.id, count
-        return self.cluster.publish(data, name), self.bouncer.queued_for(name)
+        reaches local streams through the follower, like everyone else's. StoreError: not published.
+        During an upgrade in place: 503 with Retry-After (never a 200 for an event the next process lacks)."""
+        self._enter()
+        try:
+            if self.cluster is None:
+                event, count = self.bouncer.publish(data, name)
+                return event.id, count
+            return self.cluster.publish(data, name), self.bouncer.queued_for(name)
+        finally:
+            self._leave()
 
     def publish_drafts(self, drafts: list[Draft]) -> Published:
         """Publish events with consecutive ids in one step, all or none (a batch, or one event with an
@@ -351,7 +526,15 @@ class SSEServer(ThreadingHTTPServer):
         key, is not published: Published.duplicates gives it the original's Stamp. KeyConflict: a key reused
         with another name or data (nothing published); KeyBusy: a request holding a key did not finish in time;
         StoreError / OutcomeUnknown as for publish(). With Redis the script checks the keys and assigns the ids
-        in one atomic step; a single instance claims them in its KeyTable around the bouncer's publish."""
+        in one atomic step; a single instance claims them in its KeyTable around the bouncer's publish. During
+        an upgrade in place: 503 with Retry-After, like publish()."""
+        self._enter()
+        try:
+            return self._publish_drafts(drafts)
+        finally:
+            self._leave()
+
+    def _publish_drafts(self, drafts: list[Draft]) -> Published:
         repeats = first_of_each_key([draft.key for draft in drafts], [draft.fingerprint for draft in drafts])
         if self.cluster is not None:
             config = self.config
@@ -390,17 +573,30 @@ class SSEServer(ThreadingHTTPServer):
         limits (the request's own config: a reload mid-request must not mix two). Its head is not sent yet: follow
         with start_stream(), or abandon_stream() if the head cannot be sent."""
         self._prepare_replay(last_event_id)
-        return self.bouncer.subscribe(
+        try:
+            self._enter()  # left by start_stream() or abandon_stream()
+        except HTTPError:
+            return Refusal.UPGRADING
+        replay = self.bouncer.subscribe(
             self._intern_filter(wanted), last_event_id, client, config.max_subscribers, config.max_subscribers_per_ip
         )
+        if isinstance(replay, Refusal):
+            self._leave()
+        return replay
 
-    def start_stream(self, replay: Replay, sock: socket.socket) -> None:
+    def start_stream(self, replay: Replay, sock: socket.socket, credential: bytes = b"") -> None:
         """The stream's head is out and `sock` is its connection, detached from the request: the writers own it
-        from now on."""
-        self.delivery.add(replay, sock)
+        from now on. `credential`: the digest of the token it presented (b"" for none)."""
+        try:
+            self.delivery.add(replay, sock, credential)
+        finally:
+            self._leave()
 
     def abandon_stream(self, replay: Replay) -> None:
-        self.bouncer.unsubscribe(replay.subscriber)
+        try:
+            self.bouncer.unsubscribe(replay.subscriber)
+        finally:
+            self._leave()
 
     def history_page(
         self, names: EventNames, after: str | None, limit: int, wait: float, gone: Callable[[], bool]
@@ -576,3 +772,19 @@ class SSEServer(ThreadingHTTPServer):
             except OSError:
                 pass
         return len(handlers)
+
+
+def _filter_fields(names: EventNames) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+    """A stream's filter as the hand-over state keeps it: (exact names, scope patterns)."""
+    if names is None:
+        return None, None
+    if isinstance(names, frozenset):
+        return tuple(sorted(names)), None
+    if isinstance(names, EventFilter):
+        return (None if names.names is None else tuple(sorted(names.names))), names.patterns
+    raise handover.HandoverError(f"a stream's filter cannot be handed over: {names!r}")
+
+
+def _filter_from(names: tuple[str, ...] | None, patterns: tuple[str, ...] | None) -> EventNames:
+    wanted = None if names is None else frozenset(names)
+    return wanted if patterns is None else EventFilter(wanted, patterns)

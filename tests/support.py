@@ -61,6 +61,24 @@ def sseserver_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("sseserver-") and t.is_alive()]
 
 
+def children(pid: int) -> list[int]:
+    """The process's child processes (its threads' /proc children lists)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            found += [int(child) for child in handle.read().split()]
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie nobody has reaped yet (its parent died; init reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 class RunningServer:
     """The real daemon (Daemon.run: server, writers, accept thread) on a thread, listening on port 0."""
 
@@ -484,11 +502,16 @@ def listening_socket() -> socket.socket:
 
 @contextlib.contextmanager
 def daemon_process(
-    *args, env: dict | None = None, listen_socket: socket.socket | None = None, prefix: list[str] | tuple = ()
+    *args,
+    env: dict | None = None,
+    listen_socket: socket.socket | None = None,
+    prefix: list[str] | tuple = (),
+    cwd: str = ROOT,
 ):
     """The daemon as a real subprocess; yields (process, port) once it logs its `listening on` line. With
     `listen_socket` it inherits that socket as fd 3 through LISTEN_FDS, as under systemd socket activation.
-    `prefix` runs it under another command (strace, nsenter: see tests/faults.py)."""
+    `prefix` runs it under another command (strace, nsenter: see tests/faults.py). `cwd`: where `python3 -m
+    sseserver` finds the package (a copy a test can break)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     command = [*prefix, sys.executable, "-m", "sseserver", *args]
@@ -503,7 +526,7 @@ def daemon_process(
     # process group of its own, so that cleanup kills the daemon too and never leaves it running unparented.
     process = subprocess.Popen(
         command,
-        cwd=ROOT,
+        cwd=cwd,
         env=full_env,
         start_new_session=bool(prefix),
         stderr=subprocess.PIPE,

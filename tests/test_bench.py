@@ -12,25 +12,7 @@ import time
 import unittest
 
 from sseserver import bench
-from tests.support import ROOT, STOP_TIMEOUT, RunningServer, wait_for_subscribers, wait_until
-
-
-def children(pid: int) -> list[int]:
-    """The process's child processes (its threads' /proc children lists)."""
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as handle:
-            found += [int(child) for child in handle.read().split()]
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Running, as opposed to gone or a zombie nobody has reaped yet (its parent died; init reaps it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+from tests.support import ROOT, STOP_TIMEOUT, RunningServer, alive, children, wait_for_subscribers, wait_until
 
 
 class BenchTest(unittest.TestCase):
