@@ -15,6 +15,7 @@ import unittest
 
 from sseserver import handover
 from tests import ssereader
+from tests.browser import Browser
 from tests.test_systemd import NotifySocket
 from tests.support import (
     IO_TIMEOUT,
@@ -304,6 +305,36 @@ class SystemdNotifyTest(unittest.TestCase):
             notify.next_matching(r"^STOPPING=1$")
         kinds = [m.split("=")[0] for m in notify.messages if not m.startswith(("STATUS=", "WATCHDOG="))]
         self.assertEqual(kinds, ["READY", "RELOADING", "MAINPID", "MAINPID", "STOPPING"])
+
+
+class BrowserTest(unittest.TestCase):
+    def test_a_browser_eventsource_sees_no_error_through_upgrades_and_gets_every_event_once(self):
+        browser = Browser()
+        self.addCleanup(browser.close)
+        with daemon_process("--port", "0") as (process, port):
+            daemons = Daemons(self, process)
+            browser.open(f"http://127.0.0.1:{port}/")
+            browser.evaluate(
+                "window.errors = 0; window.got = [];"
+                "window.es = new EventSource('/subscribe');"
+                "window.es.onerror = () => { window.errors += 1; };"
+                "window.es.onmessage = (e) => { window.got.push(e.lastEventId + ' ' + e.data); };"
+            )
+            browser.wait_for("window.es.readyState === 1", what="the EventSource to open")
+            wait_for_subscribers(port, 2)  # the demo page's own stream and ours
+            published = []
+            for round_ in range(UPGRADES):
+                for n in range(5):
+                    data = f"round-{round_}-{n}"
+                    published.append(f"{publish(port, data)} {data}")
+                daemons.upgrade()
+            published.append(f"{publish(port, 'last')} last")
+            browser.wait_for(f"window.got.length >= {len(published)}", what="every event in the browser")
+            self.assertEqual(browser.evaluate("window.got"), published)
+            self.assertEqual(browser.evaluate("window.errors"), 0)
+            self.assertEqual(browser.evaluate("window.es.readyState"), 1)  # OPEN all along: never reconnected
+            self.assertEqual(browser.evaluate("document.getElementById('state').textContent"), "connected")
+            daemons.stop()
 
 
 class FailedUpgradeTest(unittest.TestCase):
