@@ -323,6 +323,13 @@ def parse_event_id(text: str) -> int | None:
     return None
 
 
+def ring_capacity(history_size: int, queue_size: int) -> int:
+    """Slots for the newest history_size + queue_size, the room for bursts, and one more burst: the slots a publish
+    of up to BURST_ROOM events overwrites are then always ones the room has already released, so the room's byte
+    count stays exact and nothing is counted twice (see _trim_room_locked)."""
+    return history_size + queue_size + 2 * BURST_ROOM
+
+
 def lifetime_first_id() -> int:
     """The first id of a process lifetime with nothing stored before it: the wall clock in microseconds."""
     return time.time_ns() // 1000
@@ -344,7 +351,7 @@ class Bouncer:
         self._arrived = threading.Condition(self._lock)  # ingest() -> wait_for_id()
         self._history_size = history_size
         self._queue_size = queue_size
-        self.ring = Ring(history_size + queue_size + BURST_ROOM)
+        self.ring = Ring(ring_capacity(history_size, queue_size))
         self.head = 0  # pos the next entry will take; read without the lock by the delivery layer
         self._first_pos = 0  # no entry below this pos exists (a ring resized larger holds nothing older)
         # The room for bursts: entries in [_room_from, _room_to) are older than the newest history_size +
@@ -402,7 +409,7 @@ class Bouncer:
         with self._lock:
             if room_bytes is not None:
                 self._room_bytes = room_bytes
-            ring = Ring(history_size + queue_size + BURST_ROOM)
+            ring = Ring(ring_capacity(history_size, queue_size))
             first = max(self._first_pos, self.head - self.ring.capacity, self.head - ring.capacity, 0)
             for pos in range(first, self.head):
                 ring.slots[pos % ring.capacity] = self.ring.get(pos)
@@ -835,28 +842,30 @@ class Bouncer:
         """After appends: count the entries that have just become older than the newest history_size +
         queue_size into the room for bursts, then release the oldest of the room while it holds more than
         BURST_ROOM entries or room_bytes encoded bytes. What is released no longer exists (_first_pos)."""
-        ring = self.ring
-        floor = max(self._first_pos, self.head - ring.capacity)
-        if self._room_from < floor:  # the ring was replaced or its floor moved (a reload): count afresh
-            self._room_from = self._room_to = floor
-            self._room_held = 0
-        edge = self.head - self._history_size - self._queue_size
-        while self._room_to < edge:
-            event = ring.get(self._room_to)
-            if event is not None:
-                self._room_held += len(event.wire)
-            self._room_to += 1
-        start = self._room_from
-        while start < self._room_to and (self._room_to - start > BURST_ROOM or self._room_held > self._room_bytes):
-            slot = start % ring.capacity
-            event = ring.slots[slot]
-            if event is not None and event.pos == start:
-                self._room_held -= len(event.wire)
-                ring.slots[slot] = None
-            start += 1
-        self._room_from = start
-        if start > self._first_pos:
-            self._first_pos = start
+        ring, head = self.ring, self.head
+        room_from, room_to, held = self._room_from, self._room_to, self._room_held
+        if room_from < self._first_pos or room_from < head - ring.capacity:
+            # The ring was replaced or its floor moved (a reload, a ring taken over): count afresh. (An append never
+            # overwrites what the room counts: ring_capacity() leaves a burst's worth of slots for it.)
+            room_from = room_to = max(self._first_pos, head - ring.capacity)
+            held = 0
+        edge = head - self._history_size - self._queue_size
+        slots, capacity = ring.slots, ring.capacity
+        while room_to < edge:  # once per entry, in the publish that pushed it out of the newest
+            event = slots[room_to % capacity]
+            if event is not None and event.pos == room_to:
+                held += len(event.wire)
+            room_to += 1
+        if held > self._room_bytes or room_to - room_from > BURST_ROOM:
+            while room_from < room_to and (room_to - room_from > BURST_ROOM or held > self._room_bytes):
+                event = slots[room_from % capacity]
+                if event is not None and event.pos == room_from:
+                    held -= len(event.wire)
+                    slots[room_from % capacity] = None
+                room_from += 1
+            if room_from > self._first_pos:
+                self._first_pos = room_from
+        self._room_from, self._room_to, self._room_held = room_from, room_to, held
 
     def _settle_locked(self, failed: bool) -> None:
         """After an fsync ("always"): move every event now on disk from _unsynced into the ring, in id order. On

@@ -111,6 +111,22 @@ class BouncerTest(unittest.TestCase):
         bouncer.publish("x", "a")
         self.assertTrue(bouncer.is_slow(bouncer.publishes_waiting(bouncer.ring, None, 0, bouncer.head)[0]))
 
+    def test_the_room_stays_full_and_bounded_as_the_ring_wraps_many_times(self):
+        """Singles and batches, far past the ring's capacity: the room keeps holding as much as its bytes allow
+        (its count of bytes never drifts, which would release too early or too late), and never more."""
+        bouncer = Bouncer(history_size=10, queue_size=2, first_id=1, room_bytes=50_000)
+        rng = random.Random(5)
+        while bouncer.head < 5 * bouncer.ring.capacity:
+            if rng.random() < 0.2:
+                bouncer.publish_batch([Draft("message", "y" * rng.randint(0, 80)) for _ in range(rng.randint(1, 3000))])
+            else:
+                bouncer.publish("x" * rng.randint(0, 80))
+            held = [bouncer.ring.get(pos) for pos in range(bouncer.head - bouncer.ring.capacity, bouncer.head - 12)]
+            size = sum(len(event.wire) for event in held if event is not None)
+            self.assertLessEqual(size, 50_000)
+            if bouncer.head > 2000:
+                self.assertGreater(size, 50_000 - 100)  # full, but for less than one event
+
     def test_the_room_for_bursts_is_bounded_in_events_and_bytes(self):
         bouncer = Bouncer(history_size=10, queue_size=2, first_id=1, room_bytes=1000)
         for _ in range(300):
