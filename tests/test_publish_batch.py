@@ -76,6 +76,10 @@ BAD_BODIES = [
     (b'{"data": "a"}\n{"data": "\xff"}\n', 400, 2, "not valid UTF-8"),
     (b'{"data": "a"}\r\n\r\n{"data": "\xc3"}', 400, 3, "not valid UTF-8"),
     (b'{"data": "\\ud800"}\n', 400, 1, "lone surrogate"),
+    (b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", 400, 1, "not valid JSON"),  # deeper than the stack
+    (b'{"data": ' + b"7" * 5000 + b"}\n", 400, 1, "not valid JSON"),  # more digits than int() takes
+    (b'{"data": NaN}\n', 400, 1, '"data" must be given'),
+    (b'\n\n  \n\t\r\n{"data"\n', 400, 5, "not valid JSON"),
     (b'{"data": "a", "idempotency_key": 7}\n', 400, 1, '"idempotency_key" must be'),
     (b'{"data": "a", "idempotency_key": ""}\n', 400, 1, '"idempotency_key" must be'),
     (b'{"data": "a", "idempotency_key": "has space"}\n', 400, 1, '"idempotency_key" must be'),
@@ -120,7 +124,7 @@ class BatchFormatTest(unittest.TestCase):
         self.assertEqual(len(draft.data.encode()), MAX_MESSAGE_BYTES)
 
     def test_a_body_without_events_is_refused(self):
-        for body in (b"", b"\n", b" \r\n\t\n"):
+        for body in (b"", b"\n", b" \r\n\t\n", b"\n" * (1 << 20)):
             with self.subTest(body=body), self.assertRaisesRegex(HTTPError, "no events"):
                 self.parse(body)
 
