@@ -222,18 +222,25 @@ class Daemon:
         systemd.notify(
             f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}", self.environ
         )
-        state = server.handover_state(deadline) if server.pause(deadline) else None
-        if state is None:
-            return self._upgrade_failed(server, "publishes or writers did not pause in time")
-        blob = handover.encode(state)
-        assert self.argv is not None  # _cannot_upgrade() checked
+        successor: handover.Successor | None = None
+        state: handover.State | None = None
+        blob = b""
         try:
+            state = server.handover_state(deadline) if server.pause(deadline) else None
+            if state is None:
+                return self._upgrade_failed(server, "publishes or writers did not pause in time")
+            blob = handover.encode(state)
+            assert self.argv is not None  # _cannot_upgrade() checked
             successor = handover.Successor(self.argv, os.getcwd(), self.environ, state, blob)
-        except OSError as exc:
-            return self._upgrade_failed(server, f"cannot start the new process: {exc.strerror or exc}")
-        why = successor.adopt(deadline)
+            why = successor.adopt(deadline)
+        except Exception as exc:  # a bug or a resource limit here must not take the serving daemon down
+            log.debug("upgrade failed", exc_info=True)
+            if successor is not None:
+                successor.abort()
+            why = f"{type(exc).__name__}: {exc}"
         if why is not None:
             return self._upgrade_failed(server, why)
+        assert successor is not None and state is not None  # no reason to fail: both were made
         took = time.monotonic() - started
         systemd.notify(f"MAINPID={successor.pid}", self.environ)
         server.release(time.monotonic() + RETIRE_TIMEOUT)

@@ -666,6 +666,7 @@ class Delivery:
         self.heartbeat_interval = heartbeat_interval
         self.writers = [Writer(i, bouncer, heartbeat_interval, self.first_writes) for i in range(writer_threads)]
         self._adopted = 0  # streams taken over from a previous process (adopt())
+        self._freezing = False  # freeze() asked the writers to stop; thaw() or release() has not answered yet
         bouncer.on_publish(self.wake)
 
     def start(self) -> None:
@@ -715,6 +716,7 @@ class Delivery:
         """An upgrade in place: stop every writer at an event boundary (after sending what was published) and
         return every open stream; None when a writer did not stop by `deadline` (then thaw())."""
         messages = [Freeze(threading.Event(), []) for _ in self.writers]
+        self._freezing = True
         for writer, message in zip(self.writers, messages, strict=True):
             writer.freeze(message)
         streams: list[Stream] = []
@@ -726,7 +728,11 @@ class Delivery:
 
     def thaw(self) -> None:
         """The hand-over failed: every writer goes on as before (a writer that had not frozen yet does so
-        later and is thawed by this same call, as the flag stays set until it is seen)."""
+        later and is thawed by this same call, as the flag stays set until it is seen). Nothing to do when no
+        freeze was asked for (the hand-over failed before): a flag set then would let the next freeze through."""
+        if not self._freezing:
+            return
+        self._freezing = False
         for writer in self.writers:
             writer.thaw(release=False)
 

@@ -34,7 +34,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import select
 import socket
 import subprocess
 import sys
@@ -238,17 +237,18 @@ def _send(sock: socket.socket, message: str) -> None:
 
 
 def _receive(sock: socket.socket, deadline: float) -> str | None:
-    """One line from the other process, or None at EOF, on an error, or at the deadline."""
+    """One line from the other process, or None at EOF, on an error, or at the deadline. (A socket timeout, not
+    select(): with thousands of streams open the control socket's fd is far above select()'s 1024.)"""
     data = b""
     while not data.endswith(b"\n"):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
-        ready, _, _ = select.select([sock], [], [], remaining)
-        if not ready:
-            continue
+        sock.settimeout(remaining)
         try:
             chunk = sock.recv(1)  # a byte at a time: nothing after the line may be consumed
+        except TimeoutError:
+            continue
         except OSError:
             return None
         if not chunk:
@@ -294,6 +294,16 @@ class Successor:
         if answer != "committed":
             return self._abort(answer, "committing")
         return None
+
+    def abort(self) -> None:
+        """Give up on the new process because of a failure on our side: kill and reap it (it has written
+        nothing to any stream)."""
+        self._control.close()
+        self.process.kill()
+        try:
+            self.process.wait(10.0)
+        except subprocess.TimeoutExpired:
+            pass
 
     def release(self) -> None:
         """The hand-over is done: our end closes, which tells the new process it is the only one now."""

@@ -6,6 +6,7 @@ slow), the old one keeps serving and nothing acknowledged is lost. The state for
 
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -34,7 +35,8 @@ from tests.support import (
     write_config,
 )
 
-RAW_STREAMS = 300
+# More than select()'s 1,024 descriptors: the daemon's own sockets (the handshake's among them) then sit above it.
+RAW_STREAMS = 1100
 UPGRADES = 3
 UPGRADE_TIMEOUT = 30.0  # a generous bound on one hand-over on a busy 2-core machine
 PUBLISH_PAUSE = 0.01  # pacing of the background publisher (about 100 events/s), not synchronisation
@@ -192,6 +194,9 @@ class StreamSet:
 class UpgradeInPlaceTest(unittest.TestCase):
     def test_streams_survive_several_upgrades_in_a_row_while_a_publisher_runs(self):
         curl = require_binary("curl")
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 2 * RAW_STREAMS + 200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
         with daemon_process("--port", "0") as (process, port):
             daemons = Daemons(self, process)
             streams = StreamSet(self, port, RAW_STREAMS)
