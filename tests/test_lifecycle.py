@@ -247,12 +247,15 @@ class ThreadExhaustionTest(unittest.TestCase):
             if REQUIRE_ALL:
                 raise AssertionError("needs root, to run the daemon as another user")
             self.skipTest("needs root, to run the daemon as another user")
+        # A uid of its own, not `nobody`: RLIMIT_NPROC counts every process of the uid machine-wide, and nginx
+        # workers (this suite's or anyone's) run as nobody, which would eat the few threads this test leaves.
+        uid = 60000 + os.getpid() % 5000
         limited = [
             require_binary("prlimit"),
             f"--nproc={THREAD_LIMIT}",
             require_binary("setpriv"),
-            "--reuid=65534",
-            "--regid=65534",
+            f"--reuid={uid}",
+            f"--regid={uid}",
             "--clear-groups",
         ]
         with tempfile.TemporaryDirectory() as tmp:
