@@ -23,7 +23,7 @@ from .config import Config, ConfigError, IPNetwork, ip_networks
 from .errors import HTTPError
 
 WILDCARD = "*"
-ALLOWED_REQUEST_HEADERS = "Authorization, Content-Type, Last-Event-ID, Cache-Control"
+ALLOWED_REQUEST_HEADERS = "Authorization, Content-Type, Last-Event-ID, Cache-Control, Idempotency-Key"
 
 
 class EventFilter:

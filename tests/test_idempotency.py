@@ -16,6 +16,7 @@ import unittest
 import zlib
 
 from sseserver import history
+from sseserver.idempotency import KeyBusy, KeyConflict, KeyTable, Stamp
 from tests.support import (
     IO_TIMEOUT,
     RunningServer,
@@ -66,7 +67,78 @@ def marked(client: SSEClient, port, timeout: float = IO_TIMEOUT) -> list:
     return events[:-1]
 
 
+class KeyTableTest(unittest.TestCase):
+    """idempotency.KeyTable on its own, on a clock the test moves (nothing waits for real time)."""
+
+    def setUp(self):
+        self.now = [100.0]
+        self.table = KeyTable(ttl=10, max_keys=3, clock=lambda: self.now[0])
+
+    def stamp(self, key: str, event_id: int) -> Stamp:
+        return Stamp(key, b"f" * 16, event_id, 2, 0)
+
+    def test_a_completed_key_is_a_duplicate_until_the_ttl_then_forgotten(self):
+        self.assertEqual(self.table.claim(["k"], [b"f" * 16]), [None])
+        self.table.complete([self.stamp("k", 7)])
+        self.now[0] += 9.9
+        (stamp,) = self.table.claim(["k"], [b"f" * 16])
+        self.assertEqual((stamp.event_id, stamp.subscribers), (7, 2))
+        with self.assertRaises(KeyConflict) as raised:
+            self.table.claim(["other", "k"], [b"g" * 16, b"g" * 16])
+        self.assertEqual(raised.exception.index, 1)
+        self.assertEqual(len(self.table), 1)  # the conflict held nothing
+        self.now[0] += 0.1
+        self.assertEqual(self.table.claim(["k"], [b"g" * 16]), [None])  # expired: like a key never seen
+
+    def test_a_released_key_can_be_claimed_again(self):
+        self.table.claim(["k"], [b"f" * 16])
+        self.table.release(["k"])
+        self.assertEqual(self.table.claim(["k"], [b"f" * 16]), [None])
+
+    def test_a_duplicate_waits_for_the_pending_claim_and_gets_its_outcome(self):
+        self.table.claim(["k"], [b"f" * 16])
+        with self.assertRaises(KeyBusy):
+            self.table.claim(["k"], [b"f" * 16], timeout=0)
+        got = []
+        waiting = threading.Thread(target=lambda: got.append(self.table.claim(["k"], [b"f" * 16], timeout=IO_TIMEOUT)))
+        waiting.start()  # whether it is waiting yet or comes after the outcome, it gets the outcome
+        self.table.complete([self.stamp("k", 9)])
+        waiting.join(IO_TIMEOUT)
+        self.assertEqual([[stamp.event_id for stamp in found] for found in got], [[9]])
+
+    def test_the_oldest_completed_keys_go_first_and_pending_ones_never(self):
+        self.table.claim(["pending"], [b"f" * 16])
+        for n, key in enumerate(["a", "b", "c", "d"]):
+            self.table.claim([key], [b"f" * 16])
+            self.table.complete([self.stamp(key, n)])
+        self.assertEqual(len(self.table), 3)
+        self.assertEqual(self.table.claim(["a"], [b"f" * 16]), [None])  # forgotten first
+        with self.assertRaises(KeyBusy):
+            self.table.claim(["pending"], [b"f" * 16], timeout=0)  # still held, never evicted
+        self.assertEqual([s.key for s in self.table.stamps_before(None)], ["d"])
+        self.assertEqual([s.key for s in self.table.stamps_before(3)], [])
+
+    def test_restored_keys_keep_their_age(self):
+        stamps = [Stamp("old", b"f" * 16, 1, 0, 1_000), Stamp("new", b"f" * 16, 2, 0, 9_000)]
+        self.assertEqual(self.table.restore(stamps, now_ms=15_000), 1)  # "old" is 14 s old: past the TTL
+        self.assertEqual(self.table.claim(["new"], [b"f" * 16])[0].event_id, 2)
+        self.now[0] += 4.1  # "new" was 6 s old at the restore
+        self.assertEqual(self.table.claim(["new"], [b"f" * 16]), [None])
+
+
 class SingleInstanceTest(unittest.TestCase):
+    def test_a_browser_may_send_a_key_cross_origin(self):
+        with RunningServer(cors_origins=["https://app.example.com"]) as server:
+            for path in ("/publish", "/publish/batch"):
+                status, headers, _ = request(
+                    server.port,
+                    "OPTIONS",
+                    path,
+                    headers={"Origin": "https://app.example.com", "Access-Control-Request-Headers": "idempotency-key"},
+                )
+                self.assertEqual(status, 204)
+                self.assertIn("Idempotency-Key", headers["access-control-allow-headers"])
+
     def test_a_repeated_key_gets_the_original_reply_and_publishes_nothing(self):
         with RunningServer() as server, server.subscribe() as client:
             wait_for_subscribers(server.port, 1)
