@@ -199,6 +199,11 @@ class NginxTest(unittest.TestCase):
                     self.assertLess(elapsed_ms, UNBUFFERED_MS, "nginx buffered the stream")
             with SSEClient(nginx.connect, headers={"Last-Event-ID": ids[6]}) as replay:
                 self.assertEqual([e.data for e in replay.read_events(3)], ["event 7", "event 8", "event 9"])
+                # A batch of ~700 KB: more than a single publish may be, within the block's client_max_body_size.
+                lines = [json.dumps({"data": f"batch {n} " + "x" * 680}) for n in range(1000)]
+                status, _, body = request(nginx.connect, "POST", "/publish/batch", "\n".join(lines))
+                self.assertEqual((status, json.loads(body)["count"]), (200, 1000), body)
+                self.assertEqual(replay.read_events(1000)[-1].data, "batch 999 " + "x" * 680)
 
     def test_http2_towards_the_client(self):
         curl = require_binary("curl")
