@@ -48,6 +48,9 @@ SIGNAL_COMMANDS = {
 }
 # How long requests still open in the old process get to be answered after an upgrade committed.
 RETIRE_TIMEOUT = 1.0
+# How often the accept loop looks whether it is asked to stop (socketserver's poll_interval): an upgrade in place
+# waits that long, on average half of it, before the hand-over can begin. 20 wake-ups a second cost nothing.
+ACCEPT_POLL = 0.05
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -197,7 +200,7 @@ class Daemon:
 
     def _start_accepting(self, server: SSEServer) -> None:
         self._accept_thread = accept = threading.Thread(
-            target=server.serve_forever, name="sseserver-accept", kwargs={"poll_interval": 0.5}, daemon=True
+            target=server.serve_forever, name="sseserver-accept", kwargs={"poll_interval": ACCEPT_POLL}, daemon=True
         )
         accept.start()
 
