@@ -108,6 +108,8 @@ class State:
     sequence: IdSequence
     entries: tuple[Entry, ...]
     streams: tuple[StreamState, ...]
+    # Idempotency keys remembered: (key, fingerprint hex, event id, subscribers, published at, wall ms)
+    keys: tuple[tuple[str, str, int, int, int], ...] = ()
 
     def fds(self) -> list[int]:
         return [self.listen_fd, *(stream.fd for stream in self.streams)]
@@ -147,6 +149,7 @@ def encode(state: State) -> bytes:
                 ]
                 for s in state.streams
             ],
+            "keys": [list(key) for key in state.keys],
         },
         ensure_ascii=False,
         separators=(",", ":"),
@@ -174,6 +177,10 @@ def decode(blob: bytes) -> State:
                 for pos, id_, prev, name, data, ns, notice, wire, batch in document["entries"]
             ),
             tuple(_stream_state(row) for row in document["streams"]),
+            tuple(
+                (str(key), str(fp), int(id_), int(n), int(at))
+                for key, fp, id_, n, at in document.get("keys", ())  # absent: written before keys travelled
+            ),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise HandoverError(f"the hand-over state is damaged: {exc!r}") from None

@@ -38,7 +38,7 @@ from .delivery import Delivery, EndReason, State
 from .errors import HTTPError
 from .handler import Handler, refusal
 from .history import HistoryFile
-from .idempotency import KeyConflict, KeyTable, first_of_each_key, wall_ms
+from .idempotency import KeyConflict, KeyTable, Stamp, first_of_each_key, wall_ms
 from .metrics import Family, StatusCounter
 
 log = logging.getLogger("sseserver")
@@ -390,6 +390,10 @@ class SSEServer(ThreadingHTTPServer):
                 for e in events
             ),
             tuple(kept),
+            tuple(
+                (stamp.key, stamp.fingerprint.hex(), stamp.event_id, stamp.subscribers, stamp.at_ms)
+                for stamp in self.keys.stamps_before(None)
+            ),
         )
 
     def resume(self) -> None:
@@ -456,6 +460,8 @@ class SSEServer(ThreadingHTTPServer):
                 stream.received,
                 bytes.fromhex(stream.credential),
             )
+        # Idempotency keys (publishing is paused, so none is pending): a retry after the upgrade is still a repeat.
+        self.keys.restore([Stamp(key, bytes.fromhex(fp), id_, n, at) for key, fp, id_, n, at in state.keys], wall_ms())
         return adopted
 
     def _end_refused(self) -> None:

@@ -4,6 +4,7 @@ over (a bad config, new code that fails at import, a state format it cannot read
 slow), the old one keeps serving and nothing acknowledged is lost. The state format itself is checked in-process.
 """
 
+import json
 import os
 import re
 import resource
@@ -29,6 +30,7 @@ from tests.support import (
     daemon_process,
     health,
     read_response,
+    request,
     require_binary,
     wait_for_subscribers,
     wait_until,
@@ -229,11 +231,16 @@ class UpgradeInPlaceTest(unittest.TestCase):
             self.assertEqual(health(port)["subscribers"], RAW_STREAMS + 1)
             daemons.stop()
 
-    def test_ids_and_replay_history_continue_in_the_new_process(self):
+    def test_ids_replay_history_and_idempotency_keys_continue_in_the_new_process(self):
         with daemon_process("--port", "0") as (process, port):
             daemons = Daemons(self, process)
+            keyed = lambda: request(port, "POST", "/publish", "once", headers={"Idempotency-Key": "k-1"})  # noqa: E731
+            first = keyed()
+            self.assertEqual(first[0], 200)
             before = [publish(port, f"old-{n}") for n in range(5)]
             daemons.upgrade()
+            status, _, body = keyed()  # the retry of a publish from before the upgrade is still a repeat
+            self.assertEqual((status, json.loads(body)), (200, {**json.loads(first[2]), "duplicate": True}))
             after = publish(port, "new")
             self.assertGreater(after, before[-1])
             # a reconnect with an id from the old process replays from the new one's history, without a reset
@@ -454,6 +461,7 @@ class StateFormatTest(unittest.TestCase):
                 ),
                 handover.StreamState(10, None, ("orders.*",), 7, 7, b"", None, "::1", 0.0, 0, 12, ""),
             ),
+            keys=(("token:ab12/k-1", "00ff" * 8, 105, 2, 1795590000000),),
         )
 
     def test_a_state_survives_encoding_and_decoding_unchanged(self):
