@@ -249,12 +249,15 @@ class Daemon:
         server.release(time.monotonic() + RETIRE_TIMEOUT)
         successor.release()
         log.info(
-            "upgraded in place: pid %d took over %d stream(s) and %d event(s) in %.0f ms (state %d bytes)",
+            "upgraded in place: pid %d took over %d stream(s) and %d event(s) in %.0f ms (state %d bytes, of which"
+            " %d unsent to %d blocked stream(s))",
             successor.pid,
             len(state.streams),
             len(state.entries),
             took * 1000,
             len(blob),
+            sum(len(stream.unsent) for stream in state.streams),
+            sum(1 for stream in state.streams if stream.unsent),
         )
         return True
 

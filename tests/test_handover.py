@@ -110,10 +110,17 @@ class Publisher:
 class Daemons:
     """The daemon started by the test and every process that took over from it, each stopped at the end."""
 
-    def __init__(self, test: unittest.TestCase, process: subprocess.Popen):
+    def __init__(self, process: subprocess.Popen):
         self.process = process
         self.pids = [process.pid]
-        test.addCleanup(self.kill_all)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        # Before daemon_process() ends: a process that took over shares the old one's stderr pipe, which the
+        # helper reads to its end.
+        self.kill_all()
 
     @property
     def current(self) -> int:
@@ -199,8 +206,7 @@ class UpgradeInPlaceTest(unittest.TestCase):
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < 2 * RAW_STREAMS + 200:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
-        with daemon_process("--port", "0") as (process, port):
-            daemons = Daemons(self, process)
+        with daemon_process("--port", "0") as (process, port), Daemons(process) as daemons:
             streams = StreamSet(self, port, RAW_STREAMS)
             browser_like = subprocess.Popen(
                 [curl, "-N", "-s", f"http://127.0.0.1:{port}/subscribe"], stdout=subprocess.PIPE
@@ -227,13 +233,38 @@ class UpgradeInPlaceTest(unittest.TestCase):
             self.assertEqual(data_lines, [data for _, data in acknowledged])
             # one log line per hand-over with its time and state size; nothing was cut
             log = "\n".join(process.log_lines)
-            self.assertEqual(len(re.findall(r"upgraded in place: .* in \d+ ms \(state \d+ bytes\)", log)), UPGRADES)
+            self.assertEqual(len(re.findall(r"upgraded in place: .* in \d+ ms \(state \d+ bytes", log)), UPGRADES)
             self.assertEqual(health(port)["subscribers"], RAW_STREAMS + 1)
             daemons.stop()
 
+    def test_a_stream_whose_socket_is_full_carries_its_unsent_bytes_and_gets_them_first_and_whole(self):
+        tmp = tempfile.mkdtemp(prefix="sseserver-handover-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        path = write_config(tmp, queue_size=1000)  # a stalled reader stays (it is not slow yet)
+        with daemon_process("--port", "0", "-c", path) as (process, port), Daemons(process) as daemons:
+            reader = ssereader.StreamReader()
+            self.addCleanup(reader.stop)
+            headers = {"Accept": "text/event-stream"}
+            _, _, stalled = ssereader.open_stream(port, "/subscribe", headers, IO_TIMEOUT, rcvbuf=4096)
+            self.addCleanup(stalled.sock.close)
+            reader.add(stalled, active=False)  # nobody reads it: the daemon's sends fill both buffers
+            wait_for_subscribers(port, 1)
+            # 6 MB: more than the kernel buffers of a loopback connection whose reader keeps a 4 KB window
+            expected = [(publish(port, f"{n:04d}" + "x" * 60000), f"{n:04d}" + "x" * 60000) for n in range(100)]
+            daemons.upgrade()
+            carried = re.findall(r"of which (\d+) unsent to 1 blocked stream", "\n".join(process.log_lines))
+            self.assertTrue(carried and int(carried[0]) > 0, "no unsent bytes were carried")
+            expected.append((publish(port, "after"), "after"))
+            reader.resume(stalled)
+            events = lambda: StreamSet.events(stalled)  # noqa: E731
+            reader.wait(lambda: len(events()) >= len(expected), IO_TIMEOUT)
+            with reader.lock:
+                self.assertEqual(events(), expected)  # every event whole, once, in order, across two processes
+                self.assertFalse(stalled.ended)
+            daemons.stop()
+
     def test_ids_replay_history_and_idempotency_keys_continue_in_the_new_process(self):
-        with daemon_process("--port", "0") as (process, port):
-            daemons = Daemons(self, process)
+        with daemon_process("--port", "0") as (process, port), Daemons(process) as daemons:
             keyed = lambda: request(port, "POST", "/publish", "once", headers={"Idempotency-Key": "k-1"})  # noqa: E731
             first = keyed()
             self.assertEqual(first[0], 200)
@@ -264,8 +295,7 @@ class NewConfigTest(unittest.TestCase):
         tmp = tempfile.mkdtemp(prefix="sseserver-handover-")
         self.addCleanup(shutil.rmtree, tmp, True)
         path = write_config(tmp, subscribe_tokens=["keep-all-1", "scoped-22 news.* sports.*"], retry_ms=3000)
-        with daemon_process("--port", "0", "-c", path) as (process, port):
-            daemons = Daemons(self, process)
+        with daemon_process("--port", "0", "-c", path) as (process, port), Daemons(process) as daemons:
             reader = ssereader.StreamReader()
             self.addCleanup(reader.stop)
 
@@ -302,8 +332,10 @@ class SystemdNotifyTest(unittest.TestCase):
     def test_systemd_hears_reloading_then_the_new_main_pid_and_ready_from_the_new_process(self):
         notify = NotifySocket()
         self.addCleanup(notify.close)
-        with daemon_process("--port", "0", env={"NOTIFY_SOCKET": notify.address}) as (process, port):
-            daemons = Daemons(self, process)
+        with (
+            daemon_process("--port", "0", env={"NOTIFY_SOCKET": notify.address}) as (process, port),
+            Daemons(process) as daemons,
+        ):
             notify.next_matching(r"^READY=1")
             streams = StreamSet(self, port, 1)
             wait_for_subscribers(port, 1)
@@ -323,8 +355,7 @@ class BrowserTest(unittest.TestCase):
     def test_a_browser_eventsource_sees_no_error_through_upgrades_and_gets_every_event_once(self):
         browser = Browser()
         self.addCleanup(browser.close)
-        with daemon_process("--port", "0") as (process, port):
-            daemons = Daemons(self, process)
+        with daemon_process("--port", "0") as (process, port), Daemons(process) as daemons:
             browser.open(f"http://127.0.0.1:{port}/")
             browser.evaluate(
                 "window.errors = 0; window.got = [];"
@@ -376,8 +407,10 @@ class FailedUpgradeTest(unittest.TestCase):
         """Start the daemon (from the copy), open streams, publish, make `attempt(daemons)` fail an upgrade while
         publishing goes on, then check every stream got every acknowledged event once, in order, and that a
         later upgrade (the copy restored) still works."""
-        with daemon_process("--port", "0", *args, cwd=self.tmp, env=self.env) as (process, port):
-            daemons = Daemons(self, process)
+        with (
+            daemon_process("--port", "0", *args, cwd=self.tmp, env=self.env) as (process, port),
+            Daemons(process) as daemons,
+        ):
             streams = StreamSet(self, port, 20)
             wait_for_subscribers(port, 20)
             with Publisher(port) as publisher:
