@@ -221,6 +221,10 @@ return reply
 BATCH_SHA = hashlib.sha1(BATCH_SCRIPT.encode()).hexdigest()
 
 COMMAND_TIMEOUT = 5.0  # a Redis command that takes longer than this counts as Redis being down
+# Entries the follower takes per XREAD: a whole batch at once, so a batch costs one round trip to read too.
+READ_COUNT = BURST_ROOM
+# Entries the stream keeps beyond history_size for followers that fall behind (see RedisBridge.maxlen).
+FOLLOWER_ROOM = 10 * BURST_ROOM
 BLOCK_MS = 1000  # the follower's XREAD BLOCK: also how soon it notices a stop request
 BACKOFF_START, BACKOFF_MAX = 0.1, 5.0
 REPEAT_LOG_INTERVAL = 30.0  # an unchanged failure is logged again after this long, with how often it recurred
@@ -244,9 +248,12 @@ class RedisBridge:
         self.stream_key = f"{key_prefix}:events"
         self.keys_key = f"{key_prefix}:keys"  # idempotency keys (a hash), and their order by age (a sorted set)
         self.keys_order_key = f"{key_prefix}:keys-by-age"
-        # MAXLEN ~ of the stream: the history, and room for a whole batch, so that no XADD of the next publish
-        # trims a batch's entries before every follower has read them.
-        self.maxlen = max(1, history_size) + BURST_ROOM
+        # MAXLEN ~ of the stream: the history, and room for followers to fall FOLLOWER_ROOM entries behind, so
+        # that the next publishes do not trim entries before every follower has read them. Room for one batch
+        # was not enough: a follower reads and ingests in Python, slower than batches arrive, and a review saw
+        # most of a run of 10,000-event batches trimmed unread (streams reset, nothing replayable). A follower
+        # further behind than this still loses entries, and its streams are told (a gap), never silently.
+        self.maxlen = max(1, history_size) + FOLLOWER_ROOM
         self.bouncer = bouncer
         self.up = False  # the follower's last read succeeded (a failed publish also clears it)
         self.last_error: str | None = None  # why the link is down, for /health
@@ -519,7 +526,9 @@ class RedisBridge:
                 # The first read of a session does not block, so /health says "up" as soon as the link works.
                 block = () if since is None else ("BLOCK", BLOCK_MS)
                 sent = time.monotonic()
-                reply = connection.command("XREAD", "COUNT", 1000, *block, "STREAMS", self.stream_key, self.last_seen)
+                reply = connection.command(
+                    "XREAD", "COUNT", READ_COUNT, *block, "STREAMS", self.stream_key, self.last_seen
+                )
                 self._beat = time.monotonic()
                 if since is None:
                     since = self._beat

@@ -441,6 +441,28 @@ class BatchRedisTest(unittest.TestCase):
                 for process in (a, b):
                     stop_daemon(process)
 
+    def test_back_to_back_full_batches_reach_every_instance_without_a_reset(self):
+        """No fault, so nothing may be lost: an earlier version kept room for one batch beyond history_size in
+        the stream (MAXLEN ~), and its followers, reading 1,000 entries at a time, fell further behind than that
+        while full batches kept coming: most of them were trimmed before any instance read them (resets)."""
+        with daemon_process("--port", "0", "-c", self.config) as (a, port_a):
+            with daemon_process("--port", "0", "-c", self.config) as (b, port_b):
+                with SSEClient(port_a) as on_a, SSEClient(port_b) as on_b:
+                    wait_for_subscribers(port_a, 1)
+                    wait_for_subscribers(port_b, 1)
+                    sent = []
+                    for number in range(6):
+                        data = [f"b{number}:{i}" for i in range(BURST_ROOM)]
+                        status, reply = batch(port_a, lines(*({"data": d} for d in data)))
+                        self.assertEqual(status, 200, reply)
+                        sent += data
+                    for client in (on_a, on_b):
+                        events = client.read_events(len(sent), timeout=120)
+                        self.assertEqual([e.type for e in events if e.type != "message"], [])
+                        self.assertEqual([e.data for e in events], sent)
+                for process in (a, b):
+                    stop_daemon(process)
+
 
 if __name__ == "__main__":
     unittest.main()
