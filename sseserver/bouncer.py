@@ -371,6 +371,7 @@ class Bouncer:
         self._by_peer: dict[str, int] = {}
         self._pattern_filters: dict = {}
         self._listeners: list[Callable[[], None]] = []
+        self._keys_stored: Callable[[list[Stamp]], None] | None = None  # see on_keys_stored()
         # With fsync "always", events written but not yet on disk wait here (id order) until their fsync
         # succeeds; only then do they enter the ring, so a failed fsync leaves nothing to deliver or replay.
         self._unsynced: list[tuple[int, Event]] = []
@@ -402,6 +403,13 @@ class Bouncer:
     def on_publish(self, listener: Callable[[], None]) -> None:
         """Call `listener()` after every publish, outside the lock. It must not block."""
         self._listeners.append(listener)
+
+    def on_keys_stored(self, callback: Callable[[list[Stamp]], None]) -> None:
+        """`callback(stamps)` runs under the lock as keyed events enter the ring, i.e. once they are published
+        (with fsync "always": on disk), with their Stamps (the server completes the keys in its KeyTable). Under
+        the lock, so a key is remembered before any compaction can see its event: one that drops the event's
+        record then finds the key there and keeps it as a key record. It must not call the bouncer."""
+        self._keys_stored = callback
 
     def resize(self, history_size: int, queue_size: int, room_bytes: int | None = None) -> None:
         """Apply new history/queue sizes and room for bursts (a reload). Keeps every entry the new ring has room
@@ -573,6 +581,7 @@ class Bouncer:
                 for event in events:
                     self._append_locked(event)
                 self._trim_room_locked()
+                self._report_keys_locked(events)
         if store is not None and ticket and store.must_sync():
             self._await_fsync(store, ticket, events[-1])
         for listener in self._listeners:
@@ -706,12 +715,13 @@ class Bouncer:
         without the lock; what was published meanwhile (in the ring, or written and waiting for its fsync) is
         appended under it, and the files are swapped there, so no publish is half in and half out.
         `keys_before(id)`: the idempotency keys still remembered for events older than that id (None: all),
-        whose records the rewrite drops: the file keeps them as key records (idempotency.KeyTable).
+        whose records the rewrite drops: the file keeps them as key records (idempotency.KeyTable). Every key
+        of an event in the ring is already there (on_keys_stored), so no key can fall between the two.
 
         The file must never skip an event between two it keeps (after a restart with a larger history_size,
         replay would cross the hole). So everything published since the snapshot is appended, retained or not;
         if a burst pushed some of it out of the ring meanwhile, the new file is started over from what is
-        retained now."""
+        retained now, with the key records taken anew for the events it drops now."""
         store = self._store
         assert store is not None, "compaction without a history file"
         with self._lock:
@@ -724,9 +734,9 @@ class Bouncer:
                 if all(self.ring.get(pos) is not None for pos in range(snapshot_head, self.head)):
                     compaction.finish(self._retained_events_locked(snapshot_head) + unsynced)
                 else:
-                    compaction.finish(
-                        self._retained_events_locked(self._oldest_pos(self.head)) + unsynced, start_over=True
-                    )
+                    kept = self._retained_events_locked(self._oldest_pos(self.head))
+                    stamps = keys_before(kept[0].id if kept else None) if keys_before is not None else ()
+                    compaction.finish(kept + unsynced, start_over=stamps)
 
     # -- an upgrade in place (handover.py carries these to the next process) ---------------------------------
 
@@ -878,6 +888,7 @@ class Bouncer:
             self._append_locked(self._unsynced[settled][1])
             settled += 1
         if settled:
+            self._report_keys_locked([event for _, event in self._unsynced[:settled]])
             del self._unsynced[:settled]  # at once: a batch settles a thousand events
             self._trim_room_locked()
         if not failed:
@@ -889,6 +900,13 @@ class Bouncer:
             self._has_events = self._last_id != self._origin
             self.published -= len(self._unsynced)
             self._unsynced.clear()
+
+    def _report_keys_locked(self, events: list[Event]) -> None:
+        """Published events entered the ring: hand their keys to on_keys_stored()."""
+        if self._keys_stored is not None:
+            stamps = [event.key for event in events if event.key is not None]
+            if stamps:
+                self._keys_stored(stamps)
 
     def _retained_events_locked(self, start: int) -> list[Event]:
         return [

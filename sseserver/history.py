@@ -356,9 +356,10 @@ class HistoryFile:
         # Group commit: each append takes the next ticket. (_appended, _size) are replaced together as one tuple
         # so that sync() can read a consistent pair without the bouncer's lock.
         self._appended = 0
-        self._tail = (0, 0)
+        self._tail = (0, 0, 0)  # (_appended, _size, records)
         self.synced = 0  # every ticket up to this one is on disk
         self._synced_size = 0  # the file's size at that fsync: where a failed fsync cuts the file back to
+        self._synced_records = 0  # and the records it then holds (a ticket may stand for a batch's many)
         self._state = FileState.OK  # changed only under _sync_lock
         self._why = ""  # the failure that left OK, for the log and the 503
         self._sync_lock = threading.Lock()
@@ -455,7 +456,7 @@ class HistoryFile:
         self._size += len(record)
         self.records += count
         self._appended += 1
-        self._tail = (self._appended, self._size)
+        self._tail = (self._appended, self._size, self.records)
         if self.records > 2 * (self.keep + self.key_records) + 100:
             self.compact_requested.set()
         return self._appended
@@ -472,13 +473,13 @@ class HistoryFile:
                 return
             if self._state is not FileState.OK:
                 raise OSError(errno.EIO, f"{self._why} ({self._state.value})")
-            target, size = self._tail
+            target, size, records = self._tail
             try:
                 os.fsync(self._fd)
             except OSError as exc:
                 self._enter(FileState.FAILED, f"fsync failed: {exc.strerror or exc}")
                 raise
-            self.synced, self._synced_size = target, size
+            self.synced, self._synced_size, self._synced_records = target, size, records
 
     def discard_unsynced(self) -> None:
         """After a failed fsync (under the bouncer's lock, so no append runs meanwhile): cut the file back to the
@@ -499,13 +500,13 @@ class HistoryFile:
                 )
                 self._enter(FileState.REWRITE, self._why)
                 return
-            dropped = self._appended - self.synced
+            dropped = self.records - self._synced_records  # records, not tickets: a batch is one ticket
             self._size = self._synced_size
-            self.records -= dropped
+            self.records = self._synced_records
             # Tickets never go back (a publisher may still hold one of the cut records'): the file now holds
             # exactly the records up to `synced`, and every ticket so far is settled, one way or the other.
             self.synced = self._appended
-            self._tail = (self._appended, self._size)
+            self._tail = (self._appended, self._size, self.records)
             self._enter(FileState.CUT, self._why)
             log.error(
                 "history file %s: %s; %d unacknowledged record(s) removed, publishing refused until an fsync succeeds",
@@ -523,7 +524,7 @@ class HistoryFile:
                 os.fsync(self._fd)
             except OSError:
                 return
-            self._synced_size = self._size
+            self._synced_size, self._synced_records = self._size, self.records
             self._enter(FileState.OK, "")
         log.warning("history file %s: fsync works again; publishing resumes", self.path)
 
@@ -544,9 +545,9 @@ class HistoryFile:
         """Make `fd` the file appends go to; everything in it is on disk."""
         self._fd = fd
         self._size = self._synced_size = size
-        self.records = records
+        self.records = self._synced_records = records
         self.synced = self._appended  # every ticket so far is in this file and durable
-        self._tail = (self._appended, size)
+        self._tail = (self._appended, size, records)
         stat = os.fstat(fd)
         self._identity = (stat.st_dev, stat.st_ino)
 
@@ -592,12 +593,12 @@ class HistoryFile:
 
     def _sync_in_background(self) -> None:
         with self._sync_lock:
-            target, size = self._tail
+            target, size, records = self._tail
             if self.synced >= target:
                 return
             try:
                 os.fsync(self._fd)
-                self.synced, self._synced_size = target, size
+                self.synced, self._synced_size, self._synced_records = target, size, records
             except OSError as exc:
                 log.error("history fsync failed: %s", exc.strerror or exc)
 
@@ -655,7 +656,6 @@ class Compaction:
         self._temp = store.path + ".compact"
         self._fd = -1
         self._size = self._records = 0  # what the new file holds so far
-        self._keys_end = 0  # where its key records end
         self._swapped = False
 
     def __enter__(self) -> "Compaction":
@@ -668,18 +668,21 @@ class Compaction:
         except BaseException:
             self._discard()
             raise
-        self._keys_end = len(keys)
         self._size, self._records = len(bulk), len(self._stamps) + len(self._kept)
         return self
 
-    def finish(self, newer: Sequence[Record], start_over: bool = False) -> None:
-        """Step 2, under the bouncer's lock. `start_over`: drop the bulk and write only `newer` (what was written
-        since no longer follows on from `kept`)."""
+    def finish(self, newer: Sequence[Record], start_over: Sequence[Stamp] | None = None) -> None:
+        """Step 2, under the bouncer's lock. `start_over`: drop the bulk and write only these key records and
+        `newer` (what was written since no longer follows on from `kept`, and the events between are dropped
+        too: their keys must be among these)."""
         store, fd = self._store, self._fd
-        if start_over:  # the key records stay
-            os.ftruncate(fd, self._keys_end)
-            self._size, self._records = self._keys_end, len(self._stamps)
-        rest = encode_records(newer)
+        rest = b""
+        if start_over is not None:
+            os.ftruncate(fd, len(MAGIC))
+            self._stamps = start_over
+            rest = b"".join(encode_key_record(stamp) for stamp in start_over)
+            self._size, self._records = len(MAGIC), len(start_over)
+        rest += encode_records(newer)
         write_all(fd, rest)
         os.fsync(fd)
         with store._sync_lock:  # no fsync of the old file may count for the new one

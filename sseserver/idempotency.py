@@ -5,7 +5,9 @@ table of keys a single instance has seen (KeyTable: the TTL, the bound on its si
 the claim that makes racing duplicates publish once), the rule for keys repeated within one batch
 (first_of_each_key), and the fingerprint.
 Must not know: HTTP, sockets, Redis, the history file's format. The server claims keys here around a publish; the
-bouncer writes a Stamp into the event's history record, and the history file gives Stamps back at start.
+bouncer writes a Stamp into the event's history record and completes the key here as the event enters its ring
+(under its lock, so a compaction never drops the record of an event whose key is still pending), and the history
+file gives Stamps back at start.
 
 A key is scoped to its publisher before it gets here (see publishing.scoped_key): two tokens never share one, so
 one token's keys can neither answer nor block another's publishes.

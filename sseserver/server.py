@@ -135,6 +135,9 @@ class SSEServer(ThreadingHTTPServer):
         self.bouncer.restore(stored)
         # A single instance's idempotency keys (with Redis they live in Redis), and those its history file kept.
         self.keys = KeyTable(config.idempotency_ttl, config.idempotency_max_keys)
+        # A key is completed as its event enters the ring, under the bouncer's lock: a compaction that drops the
+        # event's record then always finds the key in the table (Bouncer.on_keys_stored).
+        self.bouncer.on_keys_stored(self.keys.complete)
         if self.history is not None and self.history.key_stamps:
             log.info(
                 "history: %d idempotency keys still remembered",
@@ -568,7 +571,7 @@ class SSEServer(ThreadingHTTPServer):
         except BaseException:
             self.keys.release(held)  # not published: a retry must publish
             raise
-        self.keys.complete([event.key for event in events if event.key is not None])
+        # The keys of `events` are completed already: by the bouncer, as they entered the ring.
         by_index = dict(zip(fresh, events))
         for index, original in repeats.items():
             duplicates[index] = by_index[original].key if original in by_index else duplicates[original]

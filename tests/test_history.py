@@ -12,7 +12,8 @@ import unittest
 import zlib
 
 from sseserver import history
-from sseserver.bouncer import Bouncer
+from sseserver.bouncer import Bouncer, Draft
+from sseserver.idempotency import fingerprint
 from tests.faults import PrivateTmpfs, strace_prefix
 from tests.support import (
     IO_TIMEOUT,
@@ -284,6 +285,100 @@ class CompactionBurstTest(unittest.TestCase):
                 self.assertEqual([e.id for e in events], ids[-len(events) :])  # the newest, none skipped
                 self.assertTrue(all(a[1] == b[0] for a, b in zip(chain, chain[1:])), chain)
                 self.assertGreaterEqual(len(events), 2)
+
+
+def keyed_drafts(tag, count):
+    """A batch of `count` events, each with its own idempotency key (scoped as with open publishing)."""
+    return [Draft("message", f"{tag}{i}", f"\n{tag}{i}", fingerprint("message", f"{tag}{i}")) for i in range(count)]
+
+
+def keys_in_file(path):
+    """The idempotency keys a history file gives back at start (key records and keyed events)."""
+    store = history.HistoryFile(path, "never", 1.0, keep=2)
+    store.load()
+    store.close()
+    return {stamp.key for stamp in store.key_stamps}
+
+
+class KeysDuringCompactionTest(unittest.TestCase):
+    """A compaction drops the records of events older than the retained ones and must write their keys as key
+    records instead. An earlier version lost acknowledged keys two ways (a retry after a restart then published
+    the events again): it took the keys from the key table, where a batch's keys were still pending between
+    the bouncer's publish and the server completing them, and a compaction that started over (a burst pushed
+    the snapshot out of the ring) dropped the events published meanwhile without writing their keys."""
+
+    def test_the_keys_of_a_batch_published_just_before_a_compaction_are_kept(self):
+        for fsync in ("always", "never"):
+            with self.subTest(fsync=fsync), tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "history.log")
+                acknowledged = set()
+                with RunningServer(history_file=path, history_size=2, history_fsync=fsync) as running:
+                    server = running.server
+                    publish_batch = server.bouncer.publish_batch
+
+                    def publish_then_compact(drafts):
+                        published = publish_batch(drafts)
+                        server.bouncer.compact_store(server.keys.stamps_before)  # what the history thread runs
+                        return published
+
+                    server.bouncer.publish_batch = publish_then_compact
+                    for round_ in range(3):
+                        drafts = keyed_drafts(f"r{round_}-", 10)
+                        self.assertEqual(server.publish_drafts(drafts).count, 10)
+                        acknowledged.update(draft.key for draft in drafts)
+                self.assertEqual(acknowledged - keys_in_file(path), set())
+
+    def test_the_keys_of_a_burst_that_makes_a_compaction_start_over_are_kept(self):
+        for fsync in ("always", "never"):
+            with self.subTest(fsync=fsync), tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "history.log")
+                acknowledged = set()
+                # max_batch_bytes=1: no room for bursts, so a burst pushes the compaction's snapshot out of the ring
+                config = {"history_size": 2, "queue_size": 1, "max_batch_bytes": 1, "history_fsync": fsync}
+                with RunningServer(history_file=path, **config) as running:
+                    server = running.server
+
+                    def publish(tag):
+                        drafts = keyed_drafts(tag, 10)
+                        self.assertEqual(server.publish_drafts(drafts).count, 10)
+                        acknowledged.update(draft.key for draft in drafts)
+
+                    compaction = server.history.compaction
+                    bursts = [lambda: [publish(f"b{i}-") for i in range(4)]]
+
+                    @contextlib.contextmanager
+                    def burst_during(kept, stamps=()):
+                        with compaction(kept, stamps) as finish:
+                            if bursts:
+                                bursts.pop()()
+                            yield finish
+
+                    server.history.compaction = burst_during
+                    publish("a-")
+                    publish("c-")
+                    server.bouncer.compact_store(server.keys.stamps_before)
+                    self.assertEqual(bursts, [])
+                self.assertEqual(acknowledged - keys_in_file(path), set())
+
+    def test_a_failed_fsync_of_a_batch_takes_its_events_off_the_record_count(self):
+        """The records count events, but a batch is one ticket: the cut-back subtracted tickets."""
+        with tempfile.TemporaryDirectory() as tmp:
+            store = history.HistoryFile(os.path.join(tmp, "history.log"), "always", 1.0, keep=2)
+            store.load()
+            try:
+                bouncer = Bouncer(history_size=2, queue_size=1, store=store)
+                bouncer.publish("before")
+                self.assertEqual(store.records, 1)
+                events = [history.StoredEvent(i, i - 1, "message", "x") for i in range(10**15, 10**15 + 5)]
+                store.append_many(events)
+                store.append_many(events[:2])
+                self.assertEqual(store.records, 8)
+                with store._sync_lock:
+                    store._enter(history.FileState.FAILED, "a simulated fsync failure")
+                store.discard_unsynced()
+                self.assertEqual(store.records, 1)
+            finally:
+                store.close()
 
 
 class WatchdogTest(unittest.TestCase):
