@@ -98,7 +98,8 @@ class SSEServer(ThreadingHTTPServer):
         subscribe(wanted, last_event_id, client, config)    -> a Replay, or a Refusal saying why not
         start_stream(replay, sock, credential)  hand a stream whose head is out to the writers
         abandon_stream(replay)  a stream that never started (its head could not be sent)
-        history_page(wanted, after, limit, wait)    GET /history: retained events after an id (a long poll)
+        history_page(wanted, after, limit, wait, gone)    GET /history: retained events after an id (a long
+                                poll, given up when gone() says the client hung up)
         count_status(status)    every response's status, for /metrics
         health(), metric_families(), http_date()    what /health and /metrics show; the Date header
     """
