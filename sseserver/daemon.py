@@ -2,7 +2,7 @@
 systemd at each step.
 
 Owns: the only `import signal` in the package, the main thread's control loop, the accept thread, and the
-process-wide setup (file-descriptor limit). Signal handlers only enqueue the signal number on a SimpleQueue
+process-wide setup (file-descriptor limit). Signal handlers only enqueue the signal's Command in the Mailbox
 (reentrant-safe); everything else happens in the loop, on the main thread, where logging and locks are safe.
 Must not know: HTTP or how events are delivered.
 
@@ -10,11 +10,12 @@ A run inside a test thread installs no signal handlers (they are process state, 
 the main thread); tests stop such a server with Daemon.request_stop().
 """
 
+import collections
 import enum
 import logging
 import os
-import queue
 import resource
+import select
 import signal
 import socket
 import threading
@@ -53,6 +54,44 @@ RETIRE_TIMEOUT = 1.0
 ACCEPT_POLL = 0.05
 
 
+class Mailbox:
+    """The control loop's queue, which a signal delivered to any thread wakes at once.
+
+    Python runs signal handlers on the main thread only, between bytecodes. The kernel may deliver SIGTERM to any
+    thread that does not block it (it does under strace, for one), and a main thread asleep in a lock wait
+    (queue.get) is not woken by that: the stop waited for the loop's next tick, up to 5 s. Here the main thread
+    sleeps in select() on a socket that put() and, through signal.set_wakeup_fd(), every signal write to."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Command] = collections.deque()  # append/popleft are thread-safe
+        self._reader, self._writer = socket.socketpair()  # not inherited: an upgrade's next process has its own
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def put(self, command: "Command") -> None:
+        """From any thread, or a signal handler (no locks here)."""
+        self._items.append(command)
+        try:
+            self._writer.send(b"\0")
+        except OSError:  # full: a wake-up is pending already
+            pass
+
+    def get(self, timeout: float) -> "Command | None":
+        """The next command, waiting at most `timeout`; None when there is none."""
+        if not self._items:
+            select.select([self._reader], [], [], timeout)
+            try:
+                while self._reader.recv(4096):
+                    pass
+            except BlockingIOError:
+                pass
+        return self._items.popleft() if self._items else None
+
+    def wake_on_signals(self) -> None:
+        """Main thread only: every signal, whichever thread the kernel gives it to, wakes get()."""
+        signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+
+
 def raise_open_file_limit() -> tuple[int, int]:
     """Raise the soft RLIMIT_NOFILE to the hard limit: every subscriber is a file descriptor."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -79,7 +118,7 @@ class Daemon:
         self.config_path = config_path
         self.overrides = dict(overrides or {})  # command-line keys, layered over the file again on each reload
         self.environ = environ
-        self.events: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self.events = Mailbox()
         self.server: SSEServer | None = None
         self.ready = threading.Event()  # set once listening (tests wait on it)
         self._accept_thread: threading.Thread | None = None
@@ -153,10 +192,7 @@ class Daemon:
         tick = min(watchdog, 5.0) if watchdog else 5.0
         next_watchdog = time.monotonic()
         while True:
-            try:
-                command = self.events.get(timeout=tick)
-            except queue.Empty:
-                command = None
+            command = self.events.get(tick)
             if command is Command.STOP:
                 if self._drain_thread is not None:
                     log.warning("second stop signal: exiting now without waiting for streams")
@@ -332,6 +368,7 @@ class Daemon:
             return
         for signum in SIGNAL_COMMANDS:
             signal.signal(signum, self._on_signal)
+        self.events.wake_on_signals()
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.events.put(SIGNAL_COMMANDS[signal.Signals(signum)])  # only this: no logging, no locks (see the top)
