@@ -47,6 +47,8 @@ SIGNAL_COMMANDS = {
     signal.SIGHUP: Command.RELOAD,
     signal.SIGUSR2: Command.UPGRADE,
 }
+# What a command that arrived during an upgrade is passed on as, to the process that took over.
+FORWARDED_SIGNALS = {Command.STOP: signal.SIGTERM, Command.RELOAD: signal.SIGHUP, Command.UPGRADE: signal.SIGUSR2}
 # How long requests still open in the old process get to be answered after an upgrade committed.
 RETIRE_TIMEOUT = 1.0
 # How often the accept loop looks whether it is asked to stop (socketserver's poll_interval): an upgrade in place
@@ -87,9 +89,30 @@ class Mailbox:
                 pass
         return self._items.popleft() if self._items else None
 
+    def drain(self) -> list["Command"]:
+        """Every command still waiting (the old process's last look after an upgrade)."""
+        pending = []
+        while self._items:
+            pending.append(self._items.popleft())
+        return pending
+
     def wake_on_signals(self) -> None:
         """Main thread only: every signal, whichever thread the kernel gives it to, wakes get()."""
         signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+
+
+def start_directory(environ: Mapping[str, str]) -> str:
+    """Where an upgrade's next process starts, so that it runs "the code now on disk": $PWD when, at start, it
+    names the directory we run in (a path through a symlink that a deploy swaps later, as nginx and unicorn take
+    it; os.getcwd() has the symlink resolved), else the cwd."""
+    here = os.getcwd()
+    given = environ.get("PWD")
+    try:
+        if given and os.path.samefile(given, here):
+            return given
+    except OSError:
+        pass
+    return here
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -115,6 +138,8 @@ class Daemon:
     ):
         self.config = config
         self.argv = None if argv is None else list(argv)  # to start the next process with (SIGUSR2)
+        self._successor_pid: int | None = None  # the process an upgrade handed everything to
+        self._start_directory = start_directory(environ)  # where an upgrade's next process starts
         self.config_path = config_path
         self.overrides = dict(overrides or {})  # command-line keys, layered over the file again on each reload
         self.environ = environ
@@ -129,6 +154,10 @@ class Daemon:
     def run(self) -> int:
         """Serve until stopped. Returns the process exit code."""
         soft, _ = raise_open_file_limit()
+        # Before anything is announced or adopted: whoever saw the log line or READY=1 may stop us at once, and a
+        # SIGTERM must then drain and exit 0, not kill the process with the default action; and an upgrade's
+        # previous process passes on the signals that arrived during the hand-over (they only enqueue here).
+        self._install_signal_handlers()
         adoption = handover.Adoption.incoming(self.environ)
         state: handover.State | None = None
         inherited: list[socket.socket] = []
@@ -138,6 +167,13 @@ class Daemon:
             except handover.HandoverError as exc:
                 log.error("upgrade refused: %s", exc)
                 adoption.fail(str(exc))
+                return 2
+            if self.config.history_file or self.config.redis_url:
+                # The previous process checked its own config; the new one may add durable history or Redis,
+                # which the adopted in-memory events would never reach: a restart is the way there.
+                why = "the new config sets history_file or redis_url: restart instead of upgrading"
+                log.error("upgrade refused: %s", why)
+                adoption.fail(why)
                 return 2
             os.set_inheritable(state.listen_fd, False)
             inherited = [socket.socket(fileno=state.listen_fd)]
@@ -160,9 +196,6 @@ class Daemon:
             if not self._adopt(server, adoption, state):
                 return 1
             how = "adopted from the previous process"
-        # Before the daemon announces itself (the log line, READY=1): whoever saw it may stop us at once, and
-        # a SIGTERM must then drain and exit 0, not kill the process with the default action.
-        self._install_signal_handlers()
         server.start()
         self._start_accepting(server)
         host = server.server_address[0]
@@ -201,6 +234,7 @@ class Daemon:
             elif command is Command.RELOAD:
                 self._reload(server)
             elif command is Command.UPGRADE and self._upgrade(server):
+                self._pass_on_pending()
                 return 0  # the next process serves everything now
             elif command is Command.DRAINED and self._drain_thread is not None:
                 self._drain_thread.join()
@@ -270,7 +304,7 @@ class Daemon:
                 return self._upgrade_failed(server, "publishes or writers did not pause in time")
             blob = handover.encode(state)
             assert self.argv is not None  # _cannot_upgrade() checked
-            successor = handover.Successor(self.argv, os.getcwd(), self.environ, state, blob)
+            successor = handover.Successor(self.argv, self._start_directory, self.environ, state, blob)
             why = successor.adopt(deadline)
         except Exception as exc:  # a bug or a resource limit here must not take the serving daemon down
             log.debug("upgrade failed", exc_info=True)
@@ -282,6 +316,7 @@ class Daemon:
         assert successor is not None and state is not None  # no reason to fail: both were made
         took = time.monotonic() - started
         systemd.notify(f"MAINPID={successor.pid}", self.environ)
+        self._successor_pid = successor.pid
         server.release(time.monotonic() + RETIRE_TIMEOUT)
         successor.release()
         log.info(
@@ -296,6 +331,15 @@ class Daemon:
             sum(1 for stream in state.streams if stream.unsent),
         )
         return True
+
+    def _pass_on_pending(self) -> None:
+        """Signals that arrived during the hand-over were meant for the service, which the next process now is:
+        pass them on (it installed its handlers before adopting, so they only enqueue there too)."""
+        for command in self.events.drain():
+            signum = FORWARDED_SIGNALS.get(command)
+            if signum is not None and self._successor_pid is not None:
+                log.warning("%s arrived during the upgrade: passed on to pid %d", signum.name, self._successor_pid)
+                os.kill(self._successor_pid, signum)
 
     def _cannot_upgrade(self) -> str | None:
         if self.argv is None:

@@ -44,7 +44,10 @@ FORMAT = "sseserver-handover"
 VERSION = 1
 ENV = "SSESERVER_HANDOVER"  # "CONTROL_FD,STATE_FD" in the new process's environment
 # Variables the successor must not inherit: socket activation addressed to the old process.
-DROPPED_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+# WATCHDOG_PID names the old process: kept, it would make the new one (the main pid after MAINPID=) send no
+# WATCHDOG=1 at all, and systemd would kill the service one WatchdogSec after every upgrade. Without it the
+# watchdog applies to whichever process reads WATCHDOG_USEC.
+DROPPED_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_PID")
 MESSAGE_LIMIT = 4096  # one handshake line, with a failure's reason
 EXIT_GRACE = 1.0  # seconds a new process that closed the handshake gets to exit before we kill it
 

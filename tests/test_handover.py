@@ -350,6 +350,20 @@ class SystemdNotifyTest(unittest.TestCase):
         kinds = [m.split("=")[0] for m in notify.messages if not m.startswith(("STATUS=", "WATCHDOG="))]
         self.assertEqual(kinds, ["READY", "RELOADING", "MAINPID", "MAINPID", "STOPPING"])
 
+    def test_the_new_process_keeps_the_watchdog_fed(self):
+        """Under systemd, WATCHDOG_PID names the process systemd started. An earlier version passed it on, so the
+        process that took over never sent WATCHDOG=1 and systemd killed the service one WatchdogSec later."""
+        notify = NotifySocket()
+        self.addCleanup(notify.close)
+        watched = ["bash", "-c", 'WATCHDOG_PID=$$ exec "$@"', "bash"]  # the daemon's own pid, as systemd sets it
+        env = {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "1000000"}
+        with daemon_process("--port", "0", env=env, prefix=watched) as (process, port), Daemons(process) as daemons:
+            notify.next_matching(r"^WATCHDOG=1$")
+            new = daemons.upgrade()
+            notify.next_matching(rf"^MAINPID={new}\nREADY=1")
+            notify.next_matching(r"^WATCHDOG=1$")  # from the new process: the old one pings no more
+            daemons.stop()
+
 
 class BrowserTest(unittest.TestCase):
     def test_a_browser_eventsource_sees_no_error_through_upgrades_and_gets_every_event_once(self):
@@ -438,6 +452,34 @@ class FailedUpgradeTest(unittest.TestCase):
             daemons.attempt_failing("the new process exited with code 1 while adopting the streams")
 
         self.serve_through(attempt)
+
+    def test_a_new_config_that_adds_a_history_file_is_refused_and_the_old_process_keeps_serving(self):
+        """The adopted events are in memory only: a new process that would write history to a file (or follow
+        Redis) would leave them out of it. An earlier version upgraded anyway."""
+        path = write_config(self.tmp, heartbeat_interval=15.0)
+
+        def attempt(daemons):
+            write_config(self.tmp, heartbeat_interval=15.0, history_file=os.path.join(self.tmp, "history.log"))
+            daemons.attempt_failing("history_file or redis_url")
+            write_config(self.tmp, heartbeat_interval=15.0)
+
+        self.serve_through(attempt, "--config", path)
+
+    def test_a_stop_that_arrives_during_the_hand_over_reaches_the_process_that_took_over(self):
+        """SIGTERM right behind SIGUSR2: an earlier version's old process exited after the upgrade and dropped
+        the stop, and the new process served on. It is passed on, and the new process drains and exits."""
+        with daemon_process("--port", "0") as (process, port), Daemons(process) as daemons:
+            streams = StreamSet(self, port, 1)
+            wait_for_subscribers(port, 1)
+            os.kill(process.pid, signal.SIGUSR2)
+            os.kill(process.pid, signal.SIGTERM)
+            wait_until(lambda: upgraded_pids(process.log_lines), UPGRADE_TIMEOUT, "the upgrade")
+            new = upgraded_pids(process.log_lines)[0]
+            daemons.pids.append(new)
+            assert_exit(process, 0)
+            wait_until(lambda: not alive(new), STOP_TIMEOUT, f"pid {new}, which took over, to stop")
+            self.assertTrue(any("passed on to pid" in line for line in process.log_lines))
+            del streams
 
     def test_a_state_from_a_future_version_is_refused_and_the_old_process_keeps_serving(self):
         self.edit("handover.py", "\nVERSION = 1\n", "\nVERSION = 2\n")  # the running code writes version 2
