@@ -69,6 +69,7 @@ class Mailbox:
         self._reader, self._writer = socket.socketpair()  # not inherited: an upgrade's next process has its own
         self._reader.setblocking(False)
         self._writer.setblocking(False)
+        self._waking = False  # set_wakeup_fd() points at _writer
 
     def put(self, command: "Command") -> None:
         """From any thread, or a signal handler (no locks here)."""
@@ -99,6 +100,16 @@ class Mailbox:
     def wake_on_signals(self) -> None:
         """Main thread only: every signal, whichever thread the kernel gives it to, wakes get()."""
         signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        self._waking = True
+
+    def close(self) -> None:
+        """At the end of a run: signals no longer write here (the fd number may be reused), and the sockets are
+        freed now, not whenever the garbage collector gets to a Daemon (a test process runs hundreds)."""
+        if self._waking:
+            signal.set_wakeup_fd(-1)
+            self._waking = False
+        self._reader.close()
+        self._writer.close()
 
 
 def start_directory(environ: Mapping[str, str]) -> str:
@@ -153,6 +164,12 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until stopped. Returns the process exit code."""
+        try:
+            return self._run()
+        finally:
+            self.events.close()
+
+    def _run(self) -> int:
         soft, _ = raise_open_file_limit()
         # Before anything is announced or adopted: whoever saw the log line or READY=1 may stop us at once, and a
         # SIGTERM must then drain and exit 0, not kill the process with the default action; and an upgrade's

@@ -41,7 +41,7 @@ class Browser:
         # fds 3 and 4 in the child, whatever numbers they have here.
         script = f'exec 3<&{to_browser_r} 4>&{from_browser_w}; exec "$@"'
         self.process = subprocess.Popen(
-            ["sh", "-c", script, "sh", self.binary, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+            ["bash", "-c", script, "bash", self.binary, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
             pass_fds=(to_browser_r, from_browser_w),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

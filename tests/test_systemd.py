@@ -123,7 +123,8 @@ class SocketActivationTest(unittest.TestCase):
             f"exec 3<&{fd}; LISTEN_FDS=1 LISTEN_PID=$$ exec {activate} -E PYTHONPATH={ROOT} "
             f"{sys.executable} -m sseserver --port 1 --log-level info"
         )
-        process = subprocess.Popen(["sh", "-c", script], pass_fds=(fd,), cwd=ROOT, stderr=subprocess.PIPE)
+        # bash, not sh: dash cannot redirect from a descriptor above 9, which a test process may well hand out.
+        process = subprocess.Popen(["bash", "-c", script], pass_fds=(fd,), cwd=ROOT, stderr=subprocess.PIPE)
         listener.close()
         try:
             status, _, body = request(port, "GET", "/health")  # the first connection makes it exec the daemon
