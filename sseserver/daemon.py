@@ -1,5 +1,5 @@
-"""The daemon's life: start, serve, reload on SIGHUP, upgrade in place on SIGUSR2, drain on SIGTERM/SIGINT, tell
-systemd at each step.
+"""The daemon's life: start, serve, reload on SIGHUP, upgrade in place on SIGUSR2, drain on SIGTERM/SIGINT (or,
+with systemd's fd store, leave the streams and the state there for the next start), tell systemd at each step.
 
 Owns: the only `import signal` in the package, the main thread's control loop, the accept thread, and the
 process-wide setup (file-descriptor limit). Signal handlers only enqueue the signal's Command in the Mailbox
@@ -11,6 +11,7 @@ the main thread); tests stop such a server with Daemon.request_stop().
 """
 
 import collections
+import dataclasses
 import enum
 import logging
 import os
@@ -23,7 +24,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from . import config as config_module
-from . import handover, logs, systemd
+from . import fdstore, handover, logs, systemd
 from .access import Policy
 from .config import Config
 from .server import SSEServer
@@ -178,6 +179,7 @@ class Daemon:
         adoption = handover.Adoption.incoming(self.environ)
         state: handover.State | None = None
         inherited: list[socket.socket] = []
+        restored = 0  # bytes of state read from systemd's fd store
         if adoption is not None:  # started by SIGUSR2 in the previous process: take over its sockets
             try:
                 state = adoption.state()
@@ -194,8 +196,8 @@ class Daemon:
                 return 2
             os.set_inheritable(state.listen_fd, False)
             inherited = [socket.socket(fileno=state.listen_fd)]
-        else:
-            inherited = systemd.listen_sockets(self.environ)
+        else:  # socket activation, and what a stop left in systemd's fd store
+            state, inherited, restored = self._restore(fdstore.sort(systemd.listen_fds(self.environ)))
         try:
             policy = Policy(self.config)
             self.server = SSEServer(policy, inherited[0] if inherited else None)
@@ -213,6 +215,10 @@ class Daemon:
             if not self._adopt(server, adoption, state):
                 return 1
             how = "adopted from the previous process"
+        elif state is not None:
+            if not self._adopt_stored(server, state, restored):
+                return 1
+            how = "adopted from systemd's fd store"
         server.start()
         self._start_accepting(server)
         host = server.server_address[0]
@@ -247,6 +253,8 @@ class Daemon:
                 if self._drain_thread is not None:
                     log.warning("second stop signal: exiting now without waiting for streams")
                     return 1
+                if self._store(server):
+                    return 0  # the next start adopts the streams from systemd's fd store
                 self._begin_stop(server)
             elif command is Command.RELOAD:
                 self._reload(server)
@@ -271,7 +279,7 @@ class Daemon:
         listening for a second signal, which exits at once."""
         deadline = time.monotonic() + self.config.shutdown_timeout
         log.info("stopping: %d stream(s) to end within %gs", server.subscriber_count(), self.config.shutdown_timeout)
-        systemd.notify("STOPPING=1", self.environ)
+        systemd.notify("STOPPING=1", self.environ)  # again after a failed _store(): harmless, and in order
         server.stop_accepting()
         server.close_listener()
 
@@ -336,17 +344,7 @@ class Daemon:
         self._successor_pid = successor.pid
         server.release(time.monotonic() + RETIRE_TIMEOUT)
         successor.release()
-        log.info(
-            "upgraded in place: pid %d took over %d stream(s) and %d event(s) in %.0f ms (state %d bytes, of which"
-            " %d unsent to %d blocked stream(s))",
-            successor.pid,
-            len(state.streams),
-            len(state.entries),
-            took * 1000,
-            len(blob),
-            sum(len(stream.unsent) for stream in state.streams),
-            sum(1 for stream in state.streams if stream.unsent),
-        )
+        log.info("upgraded in place: pid %d took over %s", successor.pid, handover.summary(state, blob, took))
         return True
 
     def _pass_on_pending(self) -> None:
@@ -393,6 +391,113 @@ class Daemon:
             len(state.entries),
             state.sequence.last_id,
             (time.monotonic() - started) * 1000,
+        )
+        return True
+
+    # -- a restart through systemd's fd store (the names and the protocol: fdstore.py) ---------------------------
+
+    def _store(self, server: SSEServer) -> bool:
+        """SIGTERM with an fd store, in order: (1) STOPPING=1; (2) pause and freeze the writers at an event
+        boundary, as for an upgrade (connections wait in the listening socket's queue, which systemd keeps);
+        (3) push the listener, every stream and the state into the store and wait until systemd has them;
+        (4) let go of the streams without closing them (systemd holds a copy of each: no FIN), answer what is
+        still open here, and exit 0. Anything failing before (3) completes resumes and drains as without a store,
+        with one line saying why. False: drain."""
+        room = fdstore.capacity(self.environ)
+        if not room:
+            return False  # no store: drain, as always
+        if self.config.history_file or self.config.redis_url:
+            log.info("stopping without the fd store: history_file or redis_url is set (its streams drain instead)")
+            return False
+        started = time.monotonic()
+        deadline = started + self.config.upgrade_timeout
+        log.info("stopping: storing %d stream(s) in systemd's fd store", server.subscriber_count())
+        systemd.notify("STOPPING=1", self.environ)
+        try:
+            state = server.handover_state(deadline) if server.pause(deadline) else None
+            if state is None:
+                return self._store_failed(server, "publishes or writers did not pause in time")
+            if fdstore.needed(state) > room:
+                why = f"the fd store holds {room} descriptors, {fdstore.needed(state)} needed (FileDescriptorStoreMax=)"
+                return self._store_failed(server, why)
+            blob = handover.encode(state)
+            fdstore.store(state, blob, self.environ, deadline)
+        except Exception as exc:  # OSError from the store, or a bug: the streams must still end cleanly
+            log.debug("fd store failed", exc_info=True)
+            return self._store_failed(server, f"{type(exc).__name__}: {exc}")
+        took = time.monotonic() - started
+        server.release(time.monotonic() + RETIRE_TIMEOUT)
+        log.info("stopped, streams kept in systemd's fd store: %s", handover.summary(state, blob, took))
+        return True
+
+    def _store_failed(self, server: SSEServer, why: str) -> bool:
+        server.resume()  # the writers go on, so that the drain ends every stream with a `retry:`
+        log.error("fd store not used, ending the streams instead: %s", why)
+        return False
+
+    def _restore(self, passed: fdstore.Passed) -> tuple[handover.State | None, list[socket.socket], int]:
+        """At start: the listener (a socket unit's, else the one a stop stored) and the state to adopt, with each
+        stream's fd as passed to us; and the state's size. The store is emptied before anything is adopted (see
+        fdstore.py); what is not adopted is closed, a stream with a FIN so that its client reconnects."""
+        for fd in (*passed.listeners, *passed.listen, *passed.states, *passed.stream_fds(), *passed.unknown):
+            os.set_inheritable(fd, False)
+        listeners = list(passed.listeners) or list(passed.listen[:1])
+        # A stored listener next to a socket unit's is that same socket (or one the unit replaced): not ours to use.
+        fdstore.close([*(fd for fd in passed.listen if fd not in listeners), *passed.unknown])
+        inherited = [socket.socket(fileno=fd) for fd in listeners]
+        if not passed.stored:
+            return None, inherited, 0
+        blobs = [handover.read_fd(fd) for fd in passed.states]
+        fdstore.close(passed.states)
+        emptied = fdstore.empty(passed.stored, self.environ, time.monotonic() + self.config.upgrade_timeout)
+        state: handover.State | None = None
+        why = None
+        if not blobs:
+            why = "no state was stored with them"
+        elif len(blobs) > 1:
+            why = f"{len(blobs)} states were stored, and which one is current cannot be told"
+        elif not emptied:
+            why = "systemd did not confirm removing them from its fd store (after a crash they could be adopted twice)"
+        elif self.config.history_file or self.config.redis_url:
+            why = "history_file or redis_url is set (a restart with either does not keep streams)"
+        else:
+            try:
+                state = handover.decode(blobs[0])
+            except handover.HandoverError as exc:
+                why = str(exc)
+        unclaimed = dict(passed.streams)  # fd in the stopping process -> fd here
+        if state is not None:
+            kept = tuple(
+                dataclasses.replace(stream, fd=unclaimed.pop(stream.fd))
+                for stream in state.streams
+                if stream.fd in unclaimed
+            )
+            listen_fd = inherited[0].fileno() if inherited else -1
+            state = dataclasses.replace(state, listen_fd=listen_fd, streams=kept)
+        if why is not None:
+            log.error("restart: ending %d stored stream(s), which reconnect: %s", len(unclaimed), why)
+        elif unclaimed:
+            log.warning("restart: ending %d stored stream(s) the state does not describe", len(unclaimed))
+        for fd in unclaimed.values():
+            fdstore.hang_up(fd)
+        return state, inherited, sum(len(blob) for blob in blobs)
+
+    def _adopt_stored(self, server: SSEServer, state: handover.State, size: int) -> bool:
+        """Take over the streams a stop left in the fd store (already emptied: nothing is written before)."""
+        started = time.monotonic()
+        try:
+            count = server.adopt(state)
+        except (handover.HandoverError, OSError, ValueError) as exc:
+            log.error("restart: cannot adopt the stored streams, exiting (they reconnect): %s", exc)
+            return False
+        log.info(
+            "restart: adopted %d stream(s) and %d event(s) from systemd's fd store, ids continue after %d (%.0f ms,"
+            " state %d bytes)",
+            count,
+            len(state.entries),
+            state.sequence.last_id,
+            (time.monotonic() - started) * 1000,
+            size,
         )
         return True
 

@@ -159,6 +159,16 @@ def encode(state: State) -> bytes:
     ).encode("utf-8")
 
 
+def summary(state: State, blob: bytes, took: float) -> str:
+    """What a hand-over carried, for its log line: its duration and the memory its state took."""
+    unsent = sum(len(stream.unsent) for stream in state.streams)
+    blocked = sum(1 for stream in state.streams if stream.unsent)
+    return (
+        f"{len(state.streams)} stream(s) and {len(state.entries)} event(s) in {took * 1000:.0f} ms (state"
+        f" {len(blob)} bytes, of which {unsent} unsent to {blocked} blocked stream(s))"
+    )
+
+
 def decode(blob: bytes) -> State:
     """The blob back as a State. HandoverError for anything else than our format at our version, or damage."""
     try:

@@ -507,9 +507,12 @@ def daemon_process(
     listen_socket: socket.socket | None = None,
     prefix: list[str] | tuple = (),
     cwd: str = ROOT,
+    fds: list[tuple[int, str]] | tuple = (),
 ):
     """The daemon as a real subprocess; yields (process, port) once it logs its `listening on` line. With
-    `listen_socket` it inherits that socket as fd 3 through LISTEN_FDS, as under systemd socket activation.
+    `listen_socket` it inherits that socket as fd 3 through LISTEN_FDS, as under systemd socket activation. With
+    `fds` ((fd, name) pairs) it inherits them as fds 3, 4, ... with LISTEN_FDS and LISTEN_FDNAMES, as systemd
+    passes a socket unit's sockets and the fd store's descriptors.
     `prefix` runs it under another command (strace, nsenter: see tests/faults.py). `cwd`: where `python3 -m
     sseserver` finds the package (a copy a test can break)."""
     full_env = dict(os.environ)
@@ -522,6 +525,23 @@ def daemon_process(
         # fd 3 in the child, and LISTEN_PID = the shell's pid, which exec keeps for the daemon. bash, not sh:
         # dash redirects only fds 0-9, and a test with several daemons at once holds higher ones.
         command = ["bash", "-c", f'exec 3<&{fd}; LISTEN_FDS=1 LISTEN_PID=$$ exec "$@"', "bash", *command]
+    elif fds:
+        sources = [fd for fd, _ in fds]
+        pass_fds = tuple(sources)
+        # Each descriptor is first copied above every source and target number, the sources closed, and only
+        # then the copies moved to 3, 4, ...: moving directly could overwrite a source not yet moved.
+        high = max(*sources, 2 + len(fds)) + 1
+        copies = range(high, high + len(fds))
+        script = " ; ".join(
+            [
+                "exec " + " ".join(f"{copy}<&{fd}" for copy, fd in zip(copies, sources)),
+                "exec " + " ".join(f"{fd}<&-" for fd in sources),
+                "exec " + " ".join(f"{3 + index}<&{copy}" for index, copy in enumerate(copies)),
+                "exec " + " ".join(f"{copy}<&-" for copy in copies),
+                f'LISTEN_FDS={len(fds)} LISTEN_FDNAMES={":".join(name for _, name in fds)} LISTEN_PID=$$ exec "$@"',
+            ]
+        )
+        command = ["bash", "-c", script, "bash", *command]
     # Under a prefix the daemon is the wrapper's child (strace) or the wrapper itself (nsenter execs): give it a
     # process group of its own, so that cleanup kills the daemon too and never leaves it running unparented.
     process = subprocess.Popen(

@@ -67,6 +67,26 @@ def publish(port: int, data: str, event: str = "") -> int | None:
     return int(reply.split(b'"id": "')[1].split(b'"')[0])
 
 
+def curl_stream(test: unittest.TestCase, curl: str, port: int) -> subprocess.Popen:
+    """`curl -N` subscribed, as a person would test a stream; stopped at the test's end."""
+    process = subprocess.Popen([curl, "-N", "-s", f"http://127.0.0.1:{port}/subscribe"], stdout=subprocess.PIPE)
+    test.addCleanup(process.stdout.close)
+    test.addCleanup(process.wait, IO_TIMEOUT)
+    test.addCleanup(process.kill)
+    return process
+
+
+def curl_data(test: unittest.TestCase, process: subprocess.Popen, count: int) -> list[str]:
+    """The data of the next `count` events curl printed (fails if its stream ends first)."""
+    data_lines: list[str] = []
+    while len(data_lines) < count:
+        line = process.stdout.readline()
+        test.assertTrue(line, "curl's stream ended")
+        if line.startswith(b"data: "):
+            data_lines.append(line[6:].decode().rstrip("\n"))
+    return data_lines
+
+
 class Publisher:
     """Publishes numbered events until stopped, keeping the acknowledged ones (in order) and counting refusals."""
 
@@ -208,12 +228,7 @@ class UpgradeInPlaceTest(unittest.TestCase):
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
         with daemon_process("--port", "0") as (process, port), Daemons(process) as daemons:
             streams = StreamSet(self, port, RAW_STREAMS)
-            browser_like = subprocess.Popen(
-                [curl, "-N", "-s", f"http://127.0.0.1:{port}/subscribe"], stdout=subprocess.PIPE
-            )
-            self.addCleanup(browser_like.stdout.close)
-            self.addCleanup(browser_like.wait, IO_TIMEOUT)
-            self.addCleanup(browser_like.kill)
+            browser_like = curl_stream(self, curl, port)
             wait_for_subscribers(port, RAW_STREAMS + 1)
             with Publisher(port) as publisher:
                 publisher.wait_for(20)
@@ -224,13 +239,7 @@ class UpgradeInPlaceTest(unittest.TestCase):
             streams.assert_received_exactly(self, acknowledged)
             self.assertEqual(len(set(daemons.pids)), UPGRADES + 1)
             # curl saw the same, on one connection that never ended
-            data_lines = []
-            while len(data_lines) < len(acknowledged):
-                line = browser_like.stdout.readline()
-                self.assertTrue(line, "curl's stream ended")
-                if line.startswith(b"data: "):
-                    data_lines.append(line[6:].decode().rstrip("\n"))
-            self.assertEqual(data_lines, [data for _, data in acknowledged])
+            self.assertEqual(curl_data(self, browser_like, len(acknowledged)), [data for _, data in acknowledged])
             # one log line per hand-over with its time and state size; nothing was cut
             log = "\n".join(process.log_lines)
             self.assertEqual(len(re.findall(r"upgraded in place: .* in \d+ ms \(state \d+ bytes", log)), UPGRADES)

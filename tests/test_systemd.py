@@ -189,6 +189,7 @@ class UnitFileTest(unittest.TestCase):
             "WatchdogSec=",
             "/etc/sseserver/sseserver.toml",
             "LimitNOFILE=",
+            "FileDescriptorStoreMax=",
             "DynamicUser=yes",
             "ProtectSystem=strict",
             "ProtectHome=yes",

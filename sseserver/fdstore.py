@@ -1,0 +1,172 @@
+"""`systemctl restart` without disconnects: systemd's fd store keeps the sockets and the state while no process
+runs (issue #12, item 2; the upgrade in place of item 1 is handover.py's).
+
+Owns: the names stored descriptors get, sorting what systemd passes at start into roles (pure), pushing a stop's
+sockets and state into the store, and emptying the store at the next start.
+Must not know: HTTP, signals, config files. The state format and its sealed memfd are handover.py's (the same
+State, encode()/decode() and version as an upgrade in place); sd_notify is systemd.py's; daemon.py drives the
+steps and decides when the store is used at all.
+
+A stop with a store (SIGTERM, and the unit sets FileDescriptorStoreMax=, which systemd >= 254 announces as
+$FDSTORE): the server pauses and freezes its writers at an event boundary exactly as for an upgrade, then
+
+    FDSTORE=1 FDNAME=sseserver-listen           the listening socket
+    FDSTORE=1 FDNAME=sseserver-stream-<fd>      one message per stream (its fd number in the state names it)
+    FDSTORE=1 FDNAME=sseserver-state            the sealed memfd, last: a store without it holds no hand-over
+    BARRIER=1                                   systemd has taken all of it; only then do we exit 0
+
+and the next start finds them in LISTEN_FDS/LISTEN_FDNAMES, after any socket unit's listeners. It removes every
+stored name from the store (FDSTOREREMOVE=1, then a barrier) *before* it writes a byte to any stream, and only
+then adopts: a process that crashes after writing can never leave a state behind for its successor to deliver
+a second time, and a stream the new process ends gets its FIN (a socket whose copy systemd still held would not).
+So the store is empty while a process serves; only a stopping process fills it.
+
+Why one message per stream: a message carries one FDNAME for all its descriptors, and systemd neither keeps
+their order (it also drops duplicates) nor says which came in which message, so only a name of its own tells
+the next process which stream in the state a descriptor is. SCM_RIGHTS's limit of 253 descriptors per message
+therefore never applies. A stream's name uses the fd number it had in the stopping process, which the state
+records; names are at most 255 characters without ':' (systemd's rule), which these are.
+
+Not stored, on purpose: with history_file or redis_url set the stop drains as before (daemon.py decides), as an
+upgrade in place refuses then. A push that fails part way takes back what it stored and the stop drains.
+"""
+
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+
+from . import handover, systemd
+
+log = logging.getLogger("sseserver")
+
+PREFIX = "sseserver-"  # every name we store starts so; a socket unit's default name "sseserver.socket" does not
+LISTEN = PREFIX + "listen"
+STATE = PREFIX + "state"
+STREAM = PREFIX + "stream-"
+TAKE_BACK_TIMEOUT = 1.0  # seconds to ask systemd to drop what a failed store() had sent
+
+
+def capacity(environ: Mapping[str, str]) -> int:
+    """How many descriptors the service's fd store holds: systemd (>= 254) sets $FDSTORE to FileDescriptorStoreMax
+    when that is above 0; 0 means no store (an older systemd, no such line in the unit, or not under systemd)."""
+    try:
+        return max(0, int(environ.get("FDSTORE", "0")))
+    except ValueError:
+        return 0
+
+
+def needed(state: handover.State) -> int:
+    """Descriptors a stop stores: the listener, every stream, the state."""
+    return len(state.streams) + 2
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Passed:
+    """What systemd passed at start, by role. `stored` holds every name from our store, to be removed."""
+
+    listeners: tuple[int, ...] = ()  # a socket unit's (any name not ours), in LISTEN_FDS order
+    listen: tuple[int, ...] = ()  # stored listening sockets (one, normally)
+    states: tuple[int, ...] = ()  # stored state memfds (one, normally)
+    streams: tuple[tuple[int, int], ...] = ()  # (fd in the stopping process, fd here)
+    unknown: tuple[int, ...] = ()  # our prefix, a name this code does not know (another version's): closed
+    stored: tuple[str, ...] = ()
+
+    def stream_fds(self) -> list[int]:
+        return [fd for _, fd in self.streams]
+
+
+def sort(passed: Sequence[tuple[int, str]]) -> Passed:
+    """(fd, name) pairs from systemd.listen_fds() -> their roles. Pure."""
+    listeners, listen, states, streams, unknown, stored = [], [], [], [], [], []
+    for fd, name in passed:
+        if not name.startswith(PREFIX):
+            listeners.append(fd)
+            continue
+        if name not in stored:
+            stored.append(name)
+        if name == LISTEN:
+            listen.append(fd)
+        elif name == STATE:
+            states.append(fd)
+        elif name.startswith(STREAM) and name[len(STREAM) :].isdigit():
+            streams.append((int(name[len(STREAM) :]), fd))
+        else:
+            unknown.append(fd)
+    return Passed(tuple(listeners), tuple(listen), tuple(states), tuple(streams), tuple(unknown), tuple(stored))
+
+
+def store(state: handover.State, blob: bytes, environ: Mapping[str, str], deadline: float) -> None:
+    """Push the listener, every stream and the state (as a sealed memfd) into the fd store and wait until systemd
+    has taken them. OSError (a send failed, no NOTIFY_SOCKET, the deadline): what was stored is taken back, so
+    that the drain's clients are not held open by systemd's copies and the next start finds no partial set."""
+    pushed: list[str] = []
+    with systemd.Channel(environ, deadline) as channel:
+        try:
+            channel.send(f"FDSTORE=1\nFDNAME={LISTEN}", [state.listen_fd])
+            pushed.append(LISTEN)
+            for stream in state.streams:
+                name = f"{STREAM}{stream.fd}"
+                channel.send(f"FDSTORE=1\nFDNAME={name}", [stream.fd])
+                pushed.append(name)
+            memfd = handover.sealed_memfd(blob)
+            try:
+                channel.send(f"FDSTORE=1\nFDNAME={STATE}", [memfd])
+            finally:
+                os.close(memfd)  # systemd holds its own copy now
+            pushed.append(STATE)
+            channel.barrier()
+        except OSError:
+            channel.deadline = time.monotonic() + TAKE_BACK_TIMEOUT  # the store's own may have passed
+            _remove(channel, reversed(pushed))  # the state first: without it nothing stored is adopted
+            raise
+
+
+def empty(names: Sequence[str], environ: Mapping[str, str], deadline: float) -> bool:
+    """Remove these names from the store and wait until systemd has. True when done (or nothing to do: no
+    NOTIFY_SOCKET means no store reached us); False when systemd may still hold them."""
+    if not names:
+        return True
+    try:
+        with systemd.Channel(environ, deadline) as channel:
+            _remove(channel, names)
+            channel.barrier()
+    except OSError as exc:
+        if environ.get("NOTIFY_SOCKET"):
+            log.debug("fd store: removing %d name(s) failed: %s", len(names), exc)
+            return False
+    return True
+
+
+def _remove(channel: systemd.Channel, names) -> None:
+    for name in names:
+        try:
+            channel.send(f"FDSTOREREMOVE=1\nFDNAME={name}")
+        except OSError:
+            return  # best effort: the caller already reports a failure
+
+
+def hang_up(fd: int) -> None:
+    """A stored stream that is not adopted: FIN now (shutdown() reaches the client even while some other copy of
+    the socket is still open), then close. Its client reconnects with Last-Event-ID. Never writes: the stopping
+    process may have left the stream inside an event."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:  # not a socket (the store held something else under a stream's name)
+        os.close(fd)
+        return
+    with sock:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def close(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,361 @@
+"""`systemctl restart` without disconnects, at the protocol level: the test plays systemd. Its notify socket keeps
+the descriptors a stopping daemon sends with FDSTORE=1 (by FDNAME), drops them on FDSTOREREMOVE=1 and answers
+BARRIER=1, and the test starts the next daemon with them at fds 3, 4, ... and LISTEN_FDS/LISTEN_FDNAMES/LISTEN_PID,
+as systemd does. Real processes, real sockets, a stream held by real `curl -N`; the same checks as the upgrade
+tests: no stream closed, every acknowledged event received exactly once, in order. Then the ways it can fail:
+a state from a future version, no state at all, a client gone while its socket sat in the store, no store.
+"""
+
+import array
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+
+from sseserver import fdstore, handover, systemd
+from tests import ssereader
+from tests.support import (
+    IO_TIMEOUT,
+    assert_exit,
+    daemon_process,
+    health,
+    listening_socket,
+    require_binary,
+    wait_for_subscribers,
+    write_config,
+)
+from tests.test_handover import Publisher, StreamSet, curl_data, curl_stream, publish
+
+STORE_SIZE = 4096  # FileDescriptorStoreMax= of the emulated unit
+RECEIVE_POLL = 0.05  # how often the emulated systemd looks whether it is closed (not synchronisation)
+
+
+class FakeSystemd:
+    """systemd's side of sd_notify with descriptors, on a thread: FDSTORE=1 keeps the descriptors under their
+    FDNAME in arrival order, FDSTOREREMOVE=1 closes every one of that name, BARRIER=1's descriptor is closed (which
+    is the answer), and every message is recorded."""
+
+    def __init__(self):
+        self._dir = tempfile.mkdtemp(prefix="sseserver-fdstore-")
+        self.address = os.path.join(self._dir, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.address)
+        self.sock.settimeout(RECEIVE_POLL)
+        self.store: list[tuple[str, int]] = []
+        self.messages: list[str] = []
+        self.changed = threading.Condition()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="test-systemd", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(253 * 4))
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            fds = array.array("i")
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            message = data.decode()
+            fields = dict(line.partition("=")[::2] for line in message.split("\n") if line)
+            with self.changed:
+                self.messages.append(message)
+                if fields.get("FDSTORE") == "1":
+                    self.store += [(fields.get("FDNAME", "stored"), fd) for fd in fds]
+                    fds = array.array("i")
+                elif fields.get("FDSTOREREMOVE") == "1":
+                    removed = [fd for name, fd in self.store if name == fields.get("FDNAME")]
+                    self.store = [(name, fd) for name, fd in self.store if name != fields.get("FDNAME")]
+                    fds.extend(removed)
+                for fd in fds:  # a barrier's, or removed ones
+                    os.close(fd)
+                self.changed.notify_all()
+
+    def names(self) -> list[str]:
+        with self.changed:
+            return [name for name, _ in self.store]
+
+    def passed(self) -> list[tuple[int, str]]:
+        """The store as the next start gets it: (fd, name) pairs (ours; systemd's copies stay in the store)."""
+        with self.changed:
+            return [(fd, name) for name, fd in self.store]
+
+    def replace(self, name: str, fds: list[int]) -> None:
+        """Change the store behind the daemons' backs (a state from elsewhere, none, or two)."""
+        with self.changed:
+            for old_name, old_fd in [item for item in self.store if item[0] == name]:
+                os.close(old_fd)
+                self.store.remove((old_name, old_fd))
+            self.store += [(name, fd) for fd in fds]
+
+    def wait_for(self, predicate, what: str) -> None:
+        with self.changed:
+            if not self.changed.wait_for(predicate, IO_TIMEOUT):
+                raise AssertionError(f"timed out waiting for {what}; messages: {self.messages[-10:]}")
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(IO_TIMEOUT)
+        self.sock.close()
+        for _, fd in self.store:
+            os.close(fd)
+        self.store.clear()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def log_of(*processes) -> str:
+    return "\n".join(line for process in processes for line in list(process.log_lines))
+
+
+class RestartTest(unittest.TestCase):
+    def setUp(self):
+        self.systemd = FakeSystemd()
+        self.addCleanup(self.systemd.close)
+        self.env = {"NOTIFY_SOCKET": self.systemd.address, "FDSTORE": str(STORE_SIZE)}
+
+    def stop_into_store(self, process: subprocess.Popen, streams: int) -> list[str]:
+        """SIGTERM: the daemon stores its listener, `streams` streams and the state, then exits 0."""
+        os.kill(process.pid, signal.SIGTERM)
+        assert_exit(process, 0)
+        names = self.systemd.names()
+        self.assertEqual(names[0], fdstore.LISTEN)
+        self.assertEqual(names[-1], fdstore.STATE)  # last: a store without it holds no hand-over
+        self.assertEqual(len(names), streams + 2)
+        self.assertTrue(all(name.startswith(fdstore.STREAM) for name in names[1:-1]))
+        self.assertEqual(self.systemd.messages[-1], "BARRIER=1")  # it waited for systemd before exiting
+        return names
+
+    def started(self, process: subprocess.Popen) -> None:
+        """The next process said READY=1, by which time it has emptied the store."""
+        self.systemd.wait_for(
+            lambda: any(m.startswith("READY=1") for m in self.systemd.messages[self.mark :]), "READY=1"
+        )
+        self.assertEqual(self.systemd.names(), [], "the next start left descriptors in the store")
+
+    def next_start(self, fds=None, **kwargs):
+        self.mark = len(self.systemd.messages)
+        return daemon_process("--port", "0", env=self.env, fds=self.systemd.passed() if fds is None else fds, **kwargs)
+
+    def test_streams_survive_two_restarts_in_a_row_while_a_publisher_runs(self):
+        curl = require_binary("curl")
+        with daemon_process("--port", "0", env=self.env) as (first, port):
+            streams = StreamSet(self, port, 40)
+            browser_like = curl_stream(self, curl, port)
+            wait_for_subscribers(port, 41)
+            with Publisher(port) as publisher:
+                publisher.wait_for(10)
+                self.stop_into_store(first, 41)
+                with self.next_start() as (second, second_port):
+                    self.assertEqual(second_port, port)  # the stored listener: nobody bound anything
+                    self.started(second)
+                    publisher.wait_for(10)  # publishes queued in the listener during the gap, and new ones
+                    self.stop_into_store(second, 41)
+                    with self.next_start() as (third, _):
+                        self.started(third)
+                        publisher.wait_for(10)
+                        acknowledged = publisher.stop()
+                        streams.assert_received_exactly(self, acknowledged)
+                        self.assertEqual(health(port)["subscribers"], 41)
+                        log = log_of(first, second, third)
+            # curl saw the same, on one connection that never ended
+            self.assertEqual(curl_data(self, browser_like, len(acknowledged)), [data for _, data in acknowledged])
+        # the time and the memory of each hand-over are in the log
+        self.assertEqual(
+            len(re.findall(r"streams kept in systemd's fd store: 41 stream\(s\).* in \d+ ms \(state \d+ bytes", log)), 2
+        )
+        self.assertEqual(len(re.findall(r"restart: adopted 41 stream\(s\) .*\(\d+ ms, state \d+ bytes\)", log)), 2)
+        self.assertEqual(log.count("adopted from systemd's fd store"), 2)
+        self.assertNotIn("Traceback", log)
+
+    def test_a_state_from_a_future_version_ends_the_streams_so_they_reconnect_and_the_daemon_starts(self):
+        def future(blob: bytes) -> int:
+            self.assertIn(b'"version":1,', blob)
+            return [handover.sealed_memfd(blob.replace(b'"version":1,', b'"version":99,', 1))]
+
+        self.serve_without_adopting(future, "the hand-over state has format version 99; this code reads only 1")
+
+    def test_stored_streams_without_a_state_end_so_they_reconnect_and_the_daemon_starts(self):
+        self.serve_without_adopting(lambda blob: [], "no state was stored with them")
+
+    def test_two_stored_states_are_both_refused(self):
+        """Only a lost FDSTOREREMOVE could leave an older state next to the current one; adopting the older one
+        would send its events a second time, so neither is used."""
+        two = lambda blob: [handover.sealed_memfd(blob), handover.sealed_memfd(blob)]  # noqa: E731
+        self.serve_without_adopting(two, "2 states were stored, and which one is current cannot be told")
+
+    def serve_without_adopting(self, new_state, why: str) -> None:
+        """The next start cannot use the stored state (`new_state(blob)` gives the memfds it finds instead): one
+        log line says why, every stored stream ends (a FIN, no bytes that could split an event), and
+        the daemon serves on the stored listener."""
+        with daemon_process("--port", "0", env=self.env) as (first, port):
+            streams = StreamSet(self, port, 5)
+            wait_for_subscribers(port, 5)
+            before = publish(port, "before")
+            self.stop_into_store(first, 5)
+            (state_fd,) = [fd for fd, name in self.systemd.passed() if name == fdstore.STATE]
+            self.systemd.replace(fdstore.STATE, new_state(handover.read_fd(state_fd)))
+            with self.next_start() as (second, _):
+                self.started(second)
+                self.assertTrue(streams.reader.wait(lambda: all(s.ended for s in streams.streams), IO_TIMEOUT))
+                with streams.reader.lock:
+                    for stream in streams.streams:
+                        self.assertEqual(StreamSet.events(stream), [(before, "before")])
+                (line,) = [line for line in second.log_lines if "restart: ending" in line]
+                self.assertIn(f"restart: ending 5 stored stream(s), which reconnect: {why}", line)
+                wait_for_subscribers(port, 0)
+                reconnected = StreamSet(self, port, 1)  # the daemon serves as after any restart
+                after = publish(port, "after")
+                reconnected.assert_received_exactly(self, [(after, "after")])
+
+    def test_a_client_gone_while_its_socket_sat_in_the_store_is_dropped_and_the_others_stay(self):
+        with daemon_process("--port", "0", env=self.env) as (first, port):
+            streams = StreamSet(self, port, 6)
+            wait_for_subscribers(port, 6)
+            self.stop_into_store(first, 6)
+            gone = streams.streams.pop()
+            gone.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # close = RST
+            gone.sock.close()
+            with self.next_start() as (second, _):
+                self.started(second)
+                first_id = publish(port, "one")  # the write to the gone client fails: it is dropped
+                wait_for_subscribers(port, 5)
+                second_id = publish(port, "two")
+                streams.assert_received_exactly(self, [(first_id, "one"), (second_id, "two")])
+                self.assertNotIn("Traceback", log_of(second))
+
+    def test_a_socket_units_listener_is_served_and_the_stored_copy_of_it_closed(self):
+        listener = listening_socket()
+        self.addCleanup(listener.close)
+        port = listener.getsockname()[1]
+        inode = f"socket:[{os.fstat(listener.fileno()).st_ino}]"
+        with daemon_process("--port", "1", env=self.env, listen_socket=listener) as (first, _):
+            streams = StreamSet(self, port, 3)
+            wait_for_subscribers(port, 3)
+            self.stop_into_store(first, 3)
+            unit = [(listener.fileno(), "sseserver.socket")]  # systemd passes a socket unit's sockets first
+            with self.next_start(fds=unit + self.systemd.passed()) as (second, _):
+                self.started(second)
+                fds = os.listdir(f"/proc/{second.pid}/fd")
+                holding = [fd for fd in fds if os.readlink(f"/proc/{second.pid}/fd/{fd}") == inode]
+                self.assertEqual(holding, ["3"])  # the socket unit's, once; the stored copy is closed
+                event_id = publish(port, "via the socket unit")
+                streams.assert_received_exactly(self, [(event_id, "via the socket unit")])
+
+    def test_without_a_usable_store_sigterm_drains_as_before(self):
+        tmp = tempfile.mkdtemp(prefix="sseserver-fdstore-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        cases = [
+            ("no FDSTORE", {"NOTIFY_SOCKET": self.systemd.address}, (), None),
+            ("too small", {**self.env, "FDSTORE": "2"}, (), "the fd store holds 2 descriptors, 3 needed"),
+            ("history_file", self.env, ("-c", write_config(tmp, history_file=f"{tmp}/h.log")), "history_file"),
+        ]
+        for case, env, args, why in cases:
+            with self.subTest(case), daemon_process("--port", "0", *args, env=env) as (process, port):
+                streams = StreamSet(self, port, 1)
+                wait_for_subscribers(port, 1)
+                os.kill(process.pid, signal.SIGTERM)
+                assert_exit(process, 0)
+                self.assertTrue(streams.reader.wait(lambda: streams.streams[0].ended, IO_TIMEOUT))
+                retries = [item for item in streams.streams[0].items if isinstance(item, ssereader.Retry)]
+                self.assertTrue(retries, "the stream ended without a jittered retry:")
+                self.assertEqual(self.systemd.names(), [])
+                if why:
+                    self.assertIn(why, log_of(process))
+
+
+class ProtocolTest(unittest.TestCase):
+    def test_passed_descriptors_sort_into_roles_by_name(self):
+        cases = [
+            ([], fdstore.Passed()),
+            ([(3, "unknown")], fdstore.Passed(listeners=(3,))),
+            (
+                [(3, "sseserver.socket"), (4, "sseserver-listen"), (5, "sseserver-stream-17"), (6, "sseserver-state")],
+                fdstore.Passed(
+                    listeners=(3,),
+                    listen=(4,),
+                    states=(6,),
+                    streams=((17, 5),),
+                    stored=("sseserver-listen", "sseserver-stream-17", "sseserver-state"),
+                ),
+            ),
+            (
+                [(3, "sseserver-state"), (4, "sseserver-state"), (5, "sseserver-stream-x"), (6, "sseserver-v2-thing")],
+                fdstore.Passed(
+                    states=(3, 4),
+                    unknown=(5, 6),
+                    stored=("sseserver-state", "sseserver-stream-x", "sseserver-v2-thing"),
+                ),
+            ),
+        ]
+        for passed, expected in cases:
+            with self.subTest(passed=passed):
+                self.assertEqual(fdstore.sort(passed), expected)
+
+    def test_listen_fdnames_name_each_passed_descriptor(self):
+        pid = str(os.getpid())
+        cases = [
+            ({"LISTEN_FDS": "2", "LISTEN_PID": pid}, [(3, "unknown"), (4, "unknown")]),
+            ({"LISTEN_FDS": "2", "LISTEN_PID": pid, "LISTEN_FDNAMES": "a:b"}, [(3, "a"), (4, "b")]),
+            (
+                {"LISTEN_FDS": "3", "LISTEN_PID": pid, "LISTEN_FDNAMES": "a::"},
+                [(3, "a"), (4, "unknown"), (5, "unknown")],
+            ),
+            ({"LISTEN_FDS": "1", "LISTEN_PID": "1", "LISTEN_FDNAMES": "a"}, []),
+            ({"LISTEN_FDS": "x", "LISTEN_PID": pid}, []),
+        ]
+        for environ, expected in cases:
+            with self.subTest(environ=environ):
+                self.assertEqual(systemd.listen_fds(environ), expected)
+        self.assertEqual([fdstore.capacity({"FDSTORE": v}) for v in ("", "x", "-1", "0", "65536")], [0, 0, 0, 0, 65536])
+
+    def test_a_store_systemd_does_not_confirm_is_taken_back_state_first(self):
+        """No answer to BARRIER=1 (here: nobody reads the socket): store() raises by its deadline, after asking
+        systemd to drop what it sent, the state first, so that the drain's FINs reach the clients."""
+        tmp = tempfile.mkdtemp(prefix="sseserver-fdstore-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        mute = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(mute.close)
+        mute.bind(f"{tmp}/notify")
+        listener, (stream, peer) = listening_socket(), socket.socketpair()
+        for sock in (listener, stream, peer):
+            self.addCleanup(sock.close)
+        sequence = handover.IdSequence(1, 1, 1, 0, None, False, 0)
+        streams = (handover.StreamState(stream.fileno(), None, None, 1, 1, b"", None, "", 0.0, 0, 0, ""),)
+        state = handover.State(listener.fileno(), 3000, sequence, (), streams)
+        started = time.monotonic()
+        with self.assertRaises(TimeoutError):
+            fdstore.store(state, handover.encode(state), {"NOTIFY_SOCKET": f"{tmp}/notify"}, started + 0.5)
+        mute.settimeout(IO_TIMEOUT)
+        received = []
+        while len(received) < 7:
+            data, ancillary, _, _ = mute.recvmsg(4096, socket.CMSG_SPACE(4))
+            for _, _, payload in ancillary:
+                os.close(int.from_bytes(payload[:4], "little"))
+            received.append(data.decode())
+        name = f"sseserver-stream-{stream.fileno()}"
+        self.assertEqual(
+            received,
+            [
+                "FDSTORE=1\nFDNAME=sseserver-listen",
+                f"FDSTORE=1\nFDNAME={name}",
+                "FDSTORE=1\nFDNAME=sseserver-state",
+                "BARRIER=1",
+                "FDSTOREREMOVE=1\nFDNAME=sseserver-state",
+                f"FDSTOREREMOVE=1\nFDNAME={name}",
+                "FDSTOREREMOVE=1\nFDNAME=sseserver-listen",
+            ],
+        )
+
+
+if __name__ == "__main__":
+    unittest.main()
