@@ -417,8 +417,8 @@ class Daemon:
             state = server.handover_state(deadline) if server.pause(deadline) else None
             if state is None:
                 return self._store_failed(server, "publishes or writers did not pause in time")
-            if fdstore.needed(state) > room:
-                why = f"the fd store holds {room} descriptors, {fdstore.needed(state)} needed (FileDescriptorStoreMax=)"
+            why = fdstore.refusal(state, room)
+            if why is not None:
                 return self._store_failed(server, why)
             blob = handover.encode(state)
             fdstore.store(state, blob, self.environ, deadline)

@@ -10,10 +10,10 @@ steps and decides when the store is used at all.
 A stop with a store (SIGTERM, and the unit sets FileDescriptorStoreMax=, which systemd >= 254 announces as
 $FDSTORE): the server pauses and freezes its writers at an event boundary exactly as for an upgrade, then
 
-    FDSTORE=1 FDNAME=sseserver-listen           the listening socket
-    FDSTORE=1 FDNAME=sseserver-stream-<fd>      one message per stream (its fd number in the state names it)
-    FDSTORE=1 FDNAME=sseserver-state            the sealed memfd, last: a store without it holds no hand-over
-    BARRIER=1                                   systemd has taken all of it; only then do we exit 0
+    FDSTORE=1 FDNAME=sse-listen         the listening socket
+    FDSTORE=1 FDNAME=sse-<fd>           one message per stream (its fd number, which the state records, names it)
+    FDSTORE=1 FDNAME=sse-state          the sealed memfd, last: a store without it holds no hand-over
+    BARRIER=1                           systemd has taken all of it; only then do we exit 0
 
 and the next start finds them in LISTEN_FDS/LISTEN_FDNAMES, after any socket unit's listeners. It removes every
 stored name from the store (FDSTOREREMOVE=1, then a barrier) *before* it writes a byte to any stream, and only
@@ -24,8 +24,14 @@ So the store is empty while a process serves; only a stopping process fills it.
 Why one message per stream: a message carries one FDNAME for all its descriptors, and systemd neither keeps
 their order (it also drops duplicates) nor says which came in which message, so only a name of its own tells
 the next process which stream in the state a descriptor is. SCM_RIGHTS's limit of 253 descriptors per message
-therefore never applies. A stream's name uses the fd number it had in the stopping process, which the state
-records; names are at most 255 characters without ':' (systemd's rule), which these are.
+therefore never applies. Names are at most 255 characters without ':' (systemd's rule), and short on purpose:
+systemd passes all of them in one variable, LISTEN_FDNAMES, and Linux refuses to start a program with a variable
+over 128 KiB (MAX_ARG_STRLEN), so a store the next start could not even be exec'd with would fail every start
+until it is emptied. refusal() keeps a stop under that (about 12,000 streams with these names) and under
+$FDSTORE; beyond either the stop drains. Names starting with "sse-" are therefore ours: a socket unit must not
+use them (its default name, the unit's, "sseserver.socket", does not). Also a limit of systemd's, not
+measured here: it compares each descriptor it stores with every one it holds, so storing n streams costs it
+n^2/2 comparisons; the stop waits for it only until upgrade_timeout, then takes everything back and drains.
 
 Not stored, on purpose: with history_file or redis_url set the stop drains as before (daemon.py decides), as an
 upgrade in place refuses then. A push that fails part way takes back what it stored and the stop drains.
@@ -42,10 +48,11 @@ from . import handover, systemd
 
 log = logging.getLogger("sseserver")
 
-PREFIX = "sseserver-"  # every name we store starts so; a socket unit's default name "sseserver.socket" does not
+PREFIX = "sse-"  # every name we store starts so; a socket unit's default name "sseserver.socket" does not
 LISTEN = PREFIX + "listen"
 STATE = PREFIX + "state"
-STREAM = PREFIX + "stream-"
+# What one environment variable may hold (MAX_ARG_STRLEN), less room for a socket unit's names.
+NAMES_LIMIT = 128 * 1024 - len("LISTEN_FDNAMES=") - 1 - 4096
 TAKE_BACK_TIMEOUT = 1.0  # seconds to ask systemd to drop what a failed store() had sent
 
 
@@ -58,9 +65,24 @@ def capacity(environ: Mapping[str, str]) -> int:
         return 0
 
 
-def needed(state: handover.State) -> int:
-    """Descriptors a stop stores: the listener, every stream, the state."""
-    return len(state.streams) + 2
+def stream_name(fd: int) -> str:
+    return f"{PREFIX}{fd}"
+
+
+def names(state: handover.State) -> list[str]:
+    """The names a stop stores, in the order it stores them: the listener, every stream, the state."""
+    return [LISTEN, *(stream_name(stream.fd) for stream in state.streams), STATE]
+
+
+def refusal(state: handover.State, room: int) -> str | None:
+    """Why this state cannot go into a store of `room` descriptors, or None. Pure."""
+    stored = names(state)
+    if len(stored) > room:
+        return f"the fd store holds {room} descriptors, {len(stored)} needed (FileDescriptorStoreMax=)"
+    size = len(":".join(stored))
+    if size > NAMES_LIMIT:
+        return f"LISTEN_FDNAMES would be {size} bytes, which the next start could not be run with (limit {NAMES_LIMIT})"
+    return None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,8 +113,8 @@ def sort(passed: Sequence[tuple[int, str]]) -> Passed:
             listen.append(fd)
         elif name == STATE:
             states.append(fd)
-        elif name.startswith(STREAM) and name[len(STREAM) :].isdigit():
-            streams.append((int(name[len(STREAM) :]), fd))
+        elif name[len(PREFIX) :].isdigit():
+            streams.append((int(name[len(PREFIX) :]), fd))
         else:
             unknown.append(fd)
     return Passed(tuple(listeners), tuple(listen), tuple(states), tuple(streams), tuple(unknown), tuple(stored))
@@ -108,7 +130,7 @@ def store(state: handover.State, blob: bytes, environ: Mapping[str, str], deadli
             channel.send(f"FDSTORE=1\nFDNAME={LISTEN}", [state.listen_fd])
             pushed.append(LISTEN)
             for stream in state.streams:
-                name = f"{STREAM}{stream.fd}"
+                name = stream_name(stream.fd)
                 channel.send(f"FDSTORE=1\nFDNAME={name}", [stream.fd])
                 pushed.append(name)
             memfd = handover.sealed_memfd(blob)

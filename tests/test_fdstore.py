@@ -113,6 +113,13 @@ class FakeSystemd:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
+def small_state(listen_fd: int, stream_fds) -> handover.State:
+    """A state with these descriptors and nothing else."""
+    sequence = handover.IdSequence(1, 1, 1, 0, None, False, 0)
+    streams = tuple(handover.StreamState(fd, None, None, 1, 1, b"", None, "", 0.0, 0, 0, "") for fd in stream_fds)
+    return handover.State(listen_fd, 3000, sequence, (), streams)
+
+
 def log_of(*processes) -> str:
     return "\n".join(line for process in processes for line in list(process.log_lines))
 
@@ -131,7 +138,7 @@ class RestartTest(unittest.TestCase):
         self.assertEqual(names[0], fdstore.LISTEN)
         self.assertEqual(names[-1], fdstore.STATE)  # last: a store without it holds no hand-over
         self.assertEqual(len(names), streams + 2)
-        self.assertTrue(all(name.startswith(fdstore.STREAM) for name in names[1:-1]))
+        self.assertTrue(all(re.fullmatch(r"sse-\d+", name) for name in names[1:-1]))
         self.assertEqual(self.systemd.messages[-1], "BARRIER=1")  # it waited for systemd before exiting
         return names
 
@@ -279,21 +286,21 @@ class ProtocolTest(unittest.TestCase):
             ([], fdstore.Passed()),
             ([(3, "unknown")], fdstore.Passed(listeners=(3,))),
             (
-                [(3, "sseserver.socket"), (4, "sseserver-listen"), (5, "sseserver-stream-17"), (6, "sseserver-state")],
+                [(3, "sseserver.socket"), (4, "sse-listen"), (5, "sse-17"), (6, "sse-state")],
                 fdstore.Passed(
                     listeners=(3,),
                     listen=(4,),
                     states=(6,),
                     streams=((17, 5),),
-                    stored=("sseserver-listen", "sseserver-stream-17", "sseserver-state"),
+                    stored=("sse-listen", "sse-17", "sse-state"),
                 ),
             ),
             (
-                [(3, "sseserver-state"), (4, "sseserver-state"), (5, "sseserver-stream-x"), (6, "sseserver-v2-thing")],
+                [(3, "sse-state"), (4, "sse-state"), (5, "sse-x"), (6, "sse-v2-thing")],
                 fdstore.Passed(
                     states=(3, 4),
                     unknown=(5, 6),
-                    stored=("sseserver-state", "sseserver-stream-x", "sseserver-v2-thing"),
+                    stored=("sse-state", "sse-x", "sse-v2-thing"),
                 ),
             ),
         ]
@@ -318,6 +325,17 @@ class ProtocolTest(unittest.TestCase):
                 self.assertEqual(systemd.listen_fds(environ), expected)
         self.assertEqual([fdstore.capacity({"FDSTORE": v}) for v in ("", "x", "-1", "0", "65536")], [0, 0, 0, 0, 65536])
 
+    def test_a_store_too_small_or_with_names_the_next_start_could_not_be_run_with_is_refused(self):
+        self.assertIsNone(fdstore.refusal(small_state(3, range(10, 20)), 12))
+        self.assertIn("holds 11 descriptors, 12 needed", fdstore.refusal(small_state(3, range(10, 20)), 11))
+        self.assertIsNone(fdstore.refusal(small_state(3, range(10_000, 22_000)), 65538))  # 12,000 streams fit
+        self.assertIn("LISTEN_FDNAMES would be", fdstore.refusal(small_state(3, range(10_000, 23_000)), 65538))
+        # The limit is the kernel's: at it (with the room left for a socket unit's names) a program still runs.
+        fits = {"LISTEN_FDNAMES": "x" * (fdstore.NAMES_LIMIT + 4096)}
+        self.assertEqual(subprocess.run(["true"], env=fits).returncode, 0)
+        with self.assertRaises(OSError):
+            subprocess.run(["true"], env={"LISTEN_FDNAMES": fits["LISTEN_FDNAMES"] + "x"})
+
     def test_a_store_systemd_does_not_confirm_is_taken_back_state_first(self):
         """No answer to BARRIER=1 (here: nobody reads the socket): store() raises by its deadline, after asking
         systemd to drop what it sent, the state first, so that the drain's FINs reach the clients."""
@@ -329,9 +347,7 @@ class ProtocolTest(unittest.TestCase):
         listener, (stream, peer) = listening_socket(), socket.socketpair()
         for sock in (listener, stream, peer):
             self.addCleanup(sock.close)
-        sequence = handover.IdSequence(1, 1, 1, 0, None, False, 0)
-        streams = (handover.StreamState(stream.fileno(), None, None, 1, 1, b"", None, "", 0.0, 0, 0, ""),)
-        state = handover.State(listener.fileno(), 3000, sequence, (), streams)
+        state = small_state(listener.fileno(), [stream.fileno()])
         started = time.monotonic()
         with self.assertRaises(TimeoutError):
             fdstore.store(state, handover.encode(state), {"NOTIFY_SOCKET": f"{tmp}/notify"}, started + 0.5)
@@ -342,17 +358,17 @@ class ProtocolTest(unittest.TestCase):
             for _, _, payload in ancillary:
                 os.close(int.from_bytes(payload[:4], "little"))
             received.append(data.decode())
-        name = f"sseserver-stream-{stream.fileno()}"
+        name = f"sse-{stream.fileno()}"
         self.assertEqual(
             received,
             [
-                "FDSTORE=1\nFDNAME=sseserver-listen",
+                "FDSTORE=1\nFDNAME=sse-listen",
                 f"FDSTORE=1\nFDNAME={name}",
-                "FDSTORE=1\nFDNAME=sseserver-state",
+                "FDSTORE=1\nFDNAME=sse-state",
                 "BARRIER=1",
-                "FDSTOREREMOVE=1\nFDNAME=sseserver-state",
+                "FDSTOREREMOVE=1\nFDNAME=sse-state",
                 f"FDSTOREREMOVE=1\nFDNAME={name}",
-                "FDSTOREREMOVE=1\nFDNAME=sseserver-listen",
+                "FDSTOREREMOVE=1\nFDNAME=sse-listen",
             ],
         )
 
