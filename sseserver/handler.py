@@ -10,6 +10,8 @@ request.py for why) and its response writing: a response is built as one bytes o
 sendall(), because a keep-alive publisher pays for every system call.
 """
 
+import enum
+import functools
 import json
 import logging
 import random
@@ -48,9 +50,16 @@ ROUTES = {
 }
 
 
-def status_line(status: int) -> bytes:
+def _render_status_line(status: int) -> bytes:
     phrase = BaseHTTPRequestHandler.responses.get(status, ("Unknown",))[0]
     return f"HTTP/1.1 {status} {phrase}\r\n".encode("ascii")
+
+
+_STATUS_LINES = {int(status): _render_status_line(int(status)) for status in BaseHTTPRequestHandler.responses}
+
+
+def status_line(status: int) -> bytes:
+    return _STATUS_LINES.get(status) or _render_status_line(status)
 
 
 # The headers of every event-stream response, a real stream or a turn-away.
@@ -105,6 +114,14 @@ def refusal(date: bytes, message: str, retry_after: int) -> bytes:
     return render_response(503, headers, error_body(message))
 
 
+class Inline(enum.Enum):
+    """What the publisher loop does with a parked connection after serve_inline()."""
+
+    DONE = "done"  # answered; the connection stays parked
+    RESUME = "resume"  # a thread serves it from here (the request, or the rest of an answer, is waiting)
+    CLOSE = "close"  # answered with Connection: close (or the client is gone)
+
+
 class Handler(BaseHTTPRequestHandler):
     server: "SSEServer"  # the methods it may call are listed in SSEServer's docstring
     config: "Config"  # the config of the request being answered (read once from the policy)
@@ -122,6 +139,14 @@ class Handler(BaseHTTPRequestHandler):
         self.body_pending = False
         self.started = time.monotonic()
         self.current_request: Request | None = None  # the Request being answered, for the access log
+        # The publisher loop (publisher_loop.py): `parkable` after a request that may be followed by more of its
+        # kind there, `parked` while the connection waits in the loop, `inline` while the loop's thread answers
+        # a request, and `unsent`, what of that answer the socket could not take at once.
+        self.parkable = False
+        self.parked = False
+        self.inline = False
+        self.unsent = b""
+        self.idle_since = 0.0
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -131,24 +156,42 @@ class Handler(BaseHTTPRequestHandler):
         self.peer = peer[0] if isinstance(peer, tuple) and peer else "local"
 
     def handle(self) -> None:
-        server = self.server
-        server.track(self)
+        self.server.track(self)
+        self._serve_on_thread(first=True)
+
+    def resume(self) -> None:
+        """Serve a parked connection on a thread again (the publisher loop met a request it does not answer, or
+        an answer the socket could not take at once): the rest of that answer first, then the connection loop.
+        The connection is closed here, as socketserver closes the ones it started, unless it parks again."""
+        if not self._serve_on_thread(first=False):
+            self.server.shutdown_request(self.connection)
+
+    def _serve_on_thread(self, first: bool) -> bool:
+        """The connection loop on this thread. True when the connection was parked: from that moment it is the
+        publisher loop's (which may already have given it to another thread), and this thread must not touch
+        it, not even to read `self.parked`."""
+        parked = False
         try:
-            self._serve_connection()
+            if self.unsent:
+                unsent, self.unsent = self.unsent, b""
+                self.connection.sendall(unsent)
+            parked = self._serve_connection(first)
         except (ClientGone, ConnectionError, TimeoutError):
             pass
         except OSError as exc:
             log.debug("connection from %s ended: %s", self.peer, exc)
         finally:
-            server.untrack(self)
+            if not parked:  # a parked connection stays tracked: the loop has it now
+                self.server.untrack(self)
+        return parked
 
     def finish(self) -> None:
         pass  # nothing buffered to flush; socketserver closes the socket unless it was handed off
 
     # -- the connection loop -----------------------------------------------------------------------------------
 
-    def _serve_connection(self) -> None:
-        first = True
+    def _serve_connection(self, first: bool) -> bool:
+        """Requests one after another until the connection closes (False) or is parked (True)."""
         while not self.detached:
             config = self.config = self.server.config  # until a request reads the policy (_serve_request)
             wait = config.request_timeout if first else config.keepalive_timeout
@@ -157,9 +200,9 @@ class Handler(BaseHTTPRequestHandler):
                 head = self.reader.read_head(wait, config.request_timeout, config.max_header_bytes)
             except HTTPError as error:
                 self._send_error(error, None)
-                return
+                return False
             if head is None:
-                return
+                return False
             self.started = time.monotonic()
             self.current_request = None
             self.busy = True
@@ -169,18 +212,62 @@ class Handler(BaseHTTPRequestHandler):
                 self.busy = False
                 self.server.request_finished()
             if not keep_open:
-                return
+                return False
+            # A publisher waits for its next publish in the publisher loop, without a thread (publisher_loop.py).
+            if self.parkable and not self.reader.buffer and self.server.park(self):
+                return True
+        return False
 
-    def _serve_request(self, head: bytes) -> bool:
-        """Answer one request; False when the connection must close afterwards (as the response said)."""
+    def serve_inline(self) -> Inline:
+        """On the publisher loop's thread: answer the buffered request if it is a single publish that waits for
+        nothing (see publisher_loop.py for which those are) and has arrived whole; anything else is left in the
+        buffer for a thread (Inline.RESUME), which then keeps the request's deadline and answers its errors."""
+        config = self.server.config
+        reader = self.reader
+        peeked = reader.peek_head(config.max_header_bytes)
+        if peeked is None:
+            return Inline.RESUME
+        head, head_size = peeked
+        try:
+            request = parse_head(head, config.max_header_bytes)
+        except HTTPError:
+            return Inline.RESUME
+        headers = request.headers
+        length = headers.get("content-length", "")
+        if (
+            request.path != "/publish"
+            or request.method not in ("POST", "PUT")
+            or "transfer-encoding" in headers
+            or "expect" in headers
+            or "idempotency-key" in headers
+            or not (length.isascii() and length.isdigit() and len(length) <= 18)
+            or len(reader.buffer) - head_size < int(length)
+        ):
+            return Inline.RESUME
+        reader.consume(head_size)
+        self.started = time.monotonic()
+        self.busy = self.inline = True
+        try:
+            keep_open = self._serve_request(head, request)
+        finally:
+            self.busy = self.inline = False
+            self.server.request_finished()
+        if not keep_open:
+            return Inline.CLOSE
+        return Inline.RESUME if self.unsent or not self.parkable else Inline.DONE
+
+    def _serve_request(self, head: bytes, parsed: Request | None = None) -> bool:
+        """Answer one request (`parsed`: its head, when the caller parsed it already); False when the connection
+        must close afterwards (as the response said)."""
         policy = self.server.policy  # read once: a reload mid-request cannot mix two configs
         config = self.config = policy.config  # what _turn_away() and _account() read too
         request = None
         self.cors = ()
         self.body_pending = False
+        self.parkable = False
         self.keep_open = False  # set by _respond(), the one place that writes the Connection header
         try:
-            request = parse_head(head, config.max_header_bytes)
+            request = parsed or parse_head(head, config.max_header_bytes)
             self.current_request = request
             headers = request.headers
             # A body we never read would be parsed as the next request: such a connection must close.
@@ -244,6 +331,7 @@ class Handler(BaseHTTPRequestHandler):
         data = publishing.body_text(body)
         if key is None:
             reply = publishing.publish(self.server, data, name)
+            self.parkable = True
         else:
             reply = publishing.publish_keyed(self.server, data, name, key)
         self._respond(200, reply, JSON)
@@ -388,12 +476,20 @@ class Handler(BaseHTTPRequestHandler):
             and not self.server.stopping
         )
         head_only = request is not None and request.method == "HEAD"
-        headers = self._common_headers() + header_lines(
-            ((("Content-Type", content_type),) if content_type else ()) + extra
-        )
+        headers = self._common_headers() + _content_type_line(content_type) + (header_lines(extra) if extra else b"")
         self._account(self.current_request, status, 0 if head_only else len(body))
-        # The reader keeps a timeout on the socket (at most keepalive_timeout); sendall() reuses it.
-        self.connection.sendall(render_response(status, headers, body, keep_alive, head_only))
+        response = render_response(status, headers, body, keep_alive, head_only)
+        if self.inline:
+            # The publisher loop's thread never waits for one client: what the socket does not take now is
+            # sent by the thread the connection resumes on (serve_inline() returns RESUME).
+            try:
+                sent = self.connection.send(response, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            self.unsent = response[sent:]
+        else:
+            # The reader keeps a timeout on the socket (at most keepalive_timeout); sendall() reuses it.
+            self.connection.sendall(response)
 
     def _account(self, request, status: int, size: int) -> None:
         """Every response passes here once: the status counter, and the access log line if it is on."""
@@ -417,6 +513,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
         log.info("%s " + format, self.peer, *args)
+
+
+@functools.cache
+def _content_type_line(content_type: str | None) -> bytes:
+    return header_lines((("Content-Type", content_type),)) if content_type else b""
 
 
 def _single_query_value(request: Request, name: str) -> str | None:

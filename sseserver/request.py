@@ -173,14 +173,9 @@ class RequestReader:
         self.deadline = time.monotonic() + request_timeout
         searched = 0
         while True:
-            # The head ends at the first blank line, whether lines end in CRLF or a lone LF.
-            crlf = self.buffer.find(b"\n\r\n", searched)
-            lf = self.buffer.find(b"\n\n", searched)
-            if crlf >= 0 and (lf < 0 or crlf < lf):
-                end, rest = crlf, crlf + 3
-                break
-            if lf >= 0:
-                end, rest = lf, lf + 2
+            found = self._head_end(searched)
+            if found is not None:
+                end, rest = found
                 break
             if len(self.buffer) > max_head:
                 raise self._head_too_large(max_head)
@@ -188,6 +183,33 @@ class RequestReader:
             self._fill_or_timeout()
         if end > max_head:
             raise self._head_too_large(max_head)
+        return self._take_head(end, rest)
+
+    def peek_head(self, max_head: int) -> tuple[bytes, int] | None:
+        """The next request's head and how many buffered bytes it spans with its blank line, when all of it is
+        already buffered (and within max_head); None otherwise. Takes nothing off the buffer (see consume())
+        and never reads the socket."""
+        found = self._head_end(0)
+        if found is None or found[0] > max_head:
+            return None
+        end, rest = found
+        return bytes(self.buffer[:end]).lstrip(b"\r\n"), rest
+
+    def consume(self, count: int) -> None:
+        del self.buffer[:count]
+
+    def _head_end(self, searched: int) -> tuple[int, int] | None:
+        """(where the head ends, where what follows it starts), searching from `searched`; None before the
+        blank line. The head ends at the first blank line, whether lines end in CRLF or a lone LF."""
+        crlf = self.buffer.find(b"\n\r\n", searched)
+        lf = self.buffer.find(b"\n\n", searched)
+        if crlf >= 0 and (lf < 0 or crlf < lf):
+            return crlf, crlf + 3
+        if lf >= 0:
+            return lf, lf + 2
+        return None
+
+    def _take_head(self, end: int, rest: int) -> bytes:
         head = bytes(self.buffer[:end])
         del self.buffer[:rest]
         return head.lstrip(b"\r\n")  # tolerate stray line ends between pipelined requests

@@ -40,6 +40,7 @@ from .handler import Handler, refusal
 from .history import HistoryFile
 from .idempotency import KeyConflict, KeyTable, Stamp, first_of_each_key, wall_ms
 from .metrics import Family, StatusCounter
+from .publisher_loop import PublisherLoop
 
 log = logging.getLogger("sseserver")
 
@@ -93,6 +94,8 @@ class SSEServer(ThreadingHTTPServer):
     Methods a handler uses (handler.py):
         policy, config, stopping    the access policy and config (read once per request), and the stop flag
         track(h), untrack(h), request_finished(), hand_over(h)    connection bookkeeping for the drain
+        park(h)                 a publisher's connection between requests goes to the publisher loop (or not)
+        start_request_thread(target, args), shutdown_request(sock)    a parked connection resumed or closed
         publish(data, name)     -> (id, streams it is queued for); StoreError / OutcomeUnknown
         publish_drafts(drafts)  a batch, or a keyed publish -> Published; KeyConflict / KeyBusy, StoreError ...
         subscribe(wanted, last_event_id, client, config)    -> a Replay, or a Refusal saying why not
@@ -156,6 +159,7 @@ class SSEServer(ThreadingHTTPServer):
             )
         self.delivery = Delivery(self.bouncer, config.writer_threads, config.heartbeat_interval)
         self.delivery.set_access_log(config.access_log)
+        self.publishers = PublisherLoop(self)
         self.stopping = False
         self.started_wall = time.time()
         self.started = time.monotonic()
@@ -191,8 +195,13 @@ class SSEServer(ThreadingHTTPServer):
             # At the limit: answer at once from the accept thread, without a thread or a read, and close.
             self._refuse(request, "too many open connections", 5)
             return
+        if not self.start_request_thread(self.process_request_thread, (request, client_address)):
+            self._refuse(request, "server overloaded", 1)
+
+    def start_request_thread(self, target: Callable[..., None], args: tuple) -> bool:
+        """Run target(*args) on a new request thread, which drain() joins. False when none could be started."""
         thread = threading.Thread(
-            target=self._process_request_thread, args=(request, client_address), name="sseserver-request", daemon=True
+            target=self._request_thread, args=(target, args), name="sseserver-request", daemon=True
         )
         with self._lock:
             self._request_threads.add(thread)
@@ -205,7 +214,8 @@ class SSEServer(ThreadingHTTPServer):
             if now >= self._thread_warning_due:  # once a minute at most: every new connection fails alike
                 self._thread_warning_due = now + 60
                 log.warning("%s: answering 503 to new connections until a request thread can start", exc)
-            self._refuse(request, "server overloaded", 1)
+            return False
+        return True
 
     def _refuse(self, request, message: str, retry_after: int) -> None:
         """503 from the accept thread, without a request thread or a read, then close."""
@@ -217,9 +227,9 @@ class SSEServer(ThreadingHTTPServer):
             pass
         self.shutdown_request(request)
 
-    def _process_request_thread(self, request, client_address) -> None:
+    def _request_thread(self, target: Callable[..., None], args: tuple) -> None:
         try:
-            self.process_request_thread(request, client_address)
+            target(*args)
         finally:
             with self._lock:
                 self._request_threads.discard(threading.current_thread())
@@ -241,6 +251,7 @@ class SSEServer(ThreadingHTTPServer):
     def start(self) -> None:
         self._end_refused()
         self.delivery.start()
+        self.publishers.start()
         if self.history is not None:
             keys_before = self.keys.stamps_before
             self.history.start(lambda: self.bouncer.compact_store(keys_before))
@@ -248,6 +259,7 @@ class SSEServer(ThreadingHTTPServer):
             self.cluster.start()
 
     def server_close(self) -> None:
+        self.publishers.stop()
         if self.cluster is not None:
             self.cluster.stop()
             self.cluster = None
@@ -290,6 +302,7 @@ class SSEServer(ThreadingHTTPServer):
         return (
             not self.stopping
             and self.delivery.alive()
+            and self.publishers.alive()
             and (self.history is None or self.history.alive())
             and (self.cluster is None or self.cluster.healthy())
         )
@@ -310,8 +323,10 @@ class SSEServer(ThreadingHTTPServer):
         nothing had to be forced."""
         self.stopping = True
         self.bouncer.wake_waiters()  # held GET /history long polls answer now
-        # 1. Idle keep-alive connections would wait for a next request that must not come: close them now.
-        #    Busy ones finish their request (a publish is answered) and then close, seeing `stopping`.
+        # 1. Idle keep-alive connections would wait for a next request that must not come: close them now
+        #    (the parked publishers' among them). Busy ones finish their request (a publish is answered) and then
+        #    close, seeing `stopping`.
+        self.publishers.stop()
         self._close_connections(idle_only=True)
         with self._idle:
             self._idle.wait_for(lambda: not self._busy_connections(), max(0.0, deadline - time.monotonic()))
@@ -414,6 +429,7 @@ class SSEServer(ThreadingHTTPServer):
         self.delivery.release()
         self.stopping = True
         self.bouncer.wake_waiters()
+        self.publishers.stop()
         self._close_connections(idle_only=True)
         with self._idle:
             self._idle.wait_for(lambda: not self._busy_connections(), max(0.0, deadline - time.monotonic()))
@@ -500,6 +516,14 @@ class SSEServer(ThreadingHTTPServer):
     def track(self, handler) -> None:
         with self._lock:
             self._connections.add(handler)
+
+    def park(self, handler) -> bool:
+        """A publisher's connection between requests: the publisher loop takes it when a publish here never
+        waits for I/O (see publisher_loop.py). False: the handler's thread keeps it."""
+        config = self.config
+        if self.stopping or self.cluster is not None or (self.history is not None and config.history_fsync == "always"):
+            return False
+        return self.publishers.park(handler)
 
     def hand_over(self, handler) -> None:
         """The handler's socket became a stream: from now on it counts as a subscriber, not a connection."""
@@ -677,6 +701,12 @@ class SSEServer(ThreadingHTTPServer):
                 "gauge",
                 "Open connections still reading a request.",
                 [({}, len(self._connections))],
+            ),
+            Family(
+                "sseserver_parked_publishers",
+                "gauge",
+                "Keep-alive publisher connections waiting in the publisher loop (part of sseserver_connections).",
+                [({}, self.publishers.parked_count())],
             ),
             Family(
                 "sseserver_history_waiting",
