@@ -71,6 +71,10 @@ class Mailbox:
         self._reader.setblocking(False)
         self._writer.setblocking(False)
         self._waking = False  # set_wakeup_fd() points at _writer
+        # poll(), not select(): after a restart through systemd's fd store every stream's socket sits at 3, 4, ...,
+        # so this pair is made above them all, far past select()'s 1,024 (it crashed the control loop there).
+        self._poller = select.poll()
+        self._poller.register(self._reader, select.POLLIN)
 
     def put(self, command: "Command") -> None:
         """From any thread, or a signal handler (no locks here)."""
@@ -83,7 +87,7 @@ class Mailbox:
     def get(self, timeout: float) -> "Command | None":
         """The next command, waiting at most `timeout`; None when there is none."""
         if not self._items:
-            select.select([self._reader], [], [], timeout)
+            self._poller.poll(timeout * 1000)
             try:
                 while self._reader.recv(4096):
                     pass

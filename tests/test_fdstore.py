@@ -9,6 +9,7 @@ a state from a future version, no state at all, a client gone while its socket s
 import array
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ import time
 import unittest
 
 from sseserver import fdstore, handover, systemd
+from sseserver.daemon import Command, Mailbox
 from tests import ssereader
 from tests.support import (
     IO_TIMEOUT,
@@ -324,6 +326,25 @@ class ProtocolTest(unittest.TestCase):
             with self.subTest(environ=environ):
                 self.assertEqual(systemd.listen_fds(environ), expected)
         self.assertEqual([fdstore.capacity({"FDSTORE": v}) for v in ("", "x", "-1", "0", "65536")], [0, 0, 0, 0, 65536])
+
+    def test_the_control_loop_wakes_when_its_own_descriptors_are_above_1024(self):
+        """After a restart the streams sit at 3, 4, ..., so the control loop's sockets come after them. It slept in
+        select(), which cannot watch a descriptor above 1,023: the first 10,000-stream restart crashed there."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 1200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+        fillers = [os.dup(0)]
+        while fillers[-1] < 1030:
+            fillers.append(os.dup(0))
+        try:
+            mailbox = Mailbox()  # both its sockets now get numbers above 1,030
+            self.addCleanup(mailbox.close)
+            mailbox.put(Command.RELOAD)
+            self.assertIs(mailbox.get(IO_TIMEOUT), Command.RELOAD)
+            self.assertIsNone(mailbox.get(0.01))
+        finally:
+            for fd in fillers:
+                os.close(fd)
 
     def test_a_store_too_small_or_with_names_the_next_start_could_not_be_run_with_is_refused(self):
         self.assertIsNone(fdstore.refusal(small_state(3, range(10, 20)), 12))
