@@ -180,7 +180,8 @@ KEYS: tuple[Key, ...] = (
         "upgrade_timeout",
         float,
         10.0,
-        "Seconds a new process gets on SIGUSR2 to take over the streams; past it the running one keeps serving.",
+        "Seconds an upgrade in place (SIGUSR2) or a stop into systemd's fd store may take; past it the daemon keeps"
+        " serving, or drains.",
         between(0.1, 600),
     ),
     Key(

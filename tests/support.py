@@ -500,6 +500,35 @@ def listening_socket() -> socket.socket:
     return sock
 
 
+# `python3 -c PASS_FDS FD... -- COMMAND...`: moves the descriptors FD... to 3, 4, ... and execs COMMAND with
+# LISTEN_FDS and LISTEN_PID (its own pid, which exec keeps), as systemd starts a service. Python, not a shell
+# script: thousands of descriptors (a restart benchmark's streams) make a `bash -c` script longer than one
+# argument may be (128 KiB). Moved one by one, in place: a source sitting on a target not yet filled is first
+# moved above every target (copying them all first could need twice as many descriptors as the limit allows).
+PASS_FDS = """
+import fcntl, os, sys
+split = sys.argv.index("--")
+sources, command = [int(fd) for fd in sys.argv[1:split]], sys.argv[split + 1 :]
+where = {fd: fd for fd in sources}  # source -> the fd it is at now
+holder = {fd: fd for fd in sources}  # fd -> the source it holds
+for index, source in enumerate(sources):
+    target, now = 3 + index, where[source]
+    if now == target:
+        continue
+    if target in holder:
+        other = holder.pop(target)
+        moved = fcntl.fcntl(target, fcntl.F_DUPFD, 3 + len(sources))
+        where[other], holder[moved] = moved, other
+        os.close(target)
+    os.dup2(now, target)
+    os.close(now)
+    del holder[now]
+    where[source], holder[target] = target, source
+os.environ.update(LISTEN_FDS=str(len(sources)), LISTEN_PID=str(os.getpid()))
+os.execv(command[0], command)
+"""
+
+
 @contextlib.contextmanager
 def daemon_process(
     *args,
@@ -526,22 +555,9 @@ def daemon_process(
         # dash redirects only fds 0-9, and a test with several daemons at once holds higher ones.
         command = ["bash", "-c", f'exec 3<&{fd}; LISTEN_FDS=1 LISTEN_PID=$$ exec "$@"', "bash", *command]
     elif fds:
-        sources = [fd for fd, _ in fds]
-        pass_fds = tuple(sources)
-        # Each descriptor is first copied above every source and target number, the sources closed, and only
-        # then the copies moved to 3, 4, ...: moving directly could overwrite a source not yet moved.
-        high = max(*sources, 2 + len(fds)) + 1
-        copies = range(high, high + len(fds))
-        script = " ; ".join(
-            [
-                "exec " + " ".join(f"{copy}<&{fd}" for copy, fd in zip(copies, sources)),
-                "exec " + " ".join(f"{fd}<&-" for fd in sources),
-                "exec " + " ".join(f"{3 + index}<&{copy}" for index, copy in enumerate(copies)),
-                "exec " + " ".join(f"{copy}<&-" for copy in copies),
-                f'LISTEN_FDS={len(fds)} LISTEN_FDNAMES={":".join(name for _, name in fds)} LISTEN_PID=$$ exec "$@"',
-            ]
-        )
-        command = ["bash", "-c", script, "bash", *command]
+        pass_fds = tuple(fd for fd, _ in fds)
+        full_env["LISTEN_FDNAMES"] = ":".join(name for _, name in fds)
+        command = [sys.executable, "-c", PASS_FDS, *(str(fd) for fd in pass_fds), "--", *command]
     # Under a prefix the daemon is the wrapper's child (strace) or the wrapper itself (nsenter execs): give it a
     # process group of its own, so that cleanup kills the daemon too and never leaves it running unparented.
     process = subprocess.Popen(
