@@ -184,6 +184,7 @@ class Daemon:
         state: handover.State | None = None
         inherited: list[socket.socket] = []
         restored = 0  # bytes of state read from systemd's fd store
+        restore_started = time.monotonic()  # the store is emptied first: that is part of the hand-over's time
         if adoption is not None:  # started by SIGUSR2 in the previous process: take over its sockets
             try:
                 state = adoption.state()
@@ -220,7 +221,7 @@ class Daemon:
                 return 1
             how = "adopted from the previous process"
         elif state is not None:
-            if not self._adopt_stored(server, state, restored):
+            if not self._adopt_stored(server, state, restored, restore_started):
                 return 1
             how = "adopted from systemd's fd store"
         server.start()
@@ -486,9 +487,9 @@ class Daemon:
             fdstore.hang_up(fd)
         return state, inherited, sum(len(blob) for blob in blobs)
 
-    def _adopt_stored(self, server: SSEServer, state: handover.State, size: int) -> bool:
-        """Take over the streams a stop left in the fd store (already emptied: nothing is written before)."""
-        started = time.monotonic()
+    def _adopt_stored(self, server: SSEServer, state: handover.State, size: int, started: float) -> bool:
+        """Take over the streams a stop left in the fd store (already emptied: nothing is written before). The time
+        logged runs from `started`, before the store was emptied."""
         try:
             count = server.adopt(state)
         except (handover.HandoverError, OSError, ValueError) as exc:

@@ -28,8 +28,10 @@ therefore never applies. Names are at most 255 characters without ':' (systemd's
 systemd passes all of them in one variable, LISTEN_FDNAMES, and Linux refuses to start a program with a variable
 over 128 KiB (MAX_ARG_STRLEN), so a store the next start could not even be exec'd with would fail every start
 until it is emptied. refusal() keeps a stop under that (about 12,000 streams with these names) and under
-$FDSTORE; beyond either the stop drains. Names starting with "sse-" are therefore ours: a socket unit must not
-use them (its default name, the unit's, "sseserver.socket", does not). Also a limit of systemd's, not
+$FDSTORE; beyond either the stop drains. Names starting with "sse-" are ours: a socket unit must not use them
+(its default name, the unit's, "sseserver.socket", does not). systemd drops a stored socket that reports a
+hang-up or an error (a client gone meanwhile); the state's stream without a descriptor is then skipped, and one
+whose client goes after that is dropped by its writer like any other. Also a limit of systemd's, not
 measured here: it compares each descriptor it stores with every one it holds, so storing n streams costs it
 n^2/2 comparisons; the stop waits for it only until upgrade_timeout, then takes everything back and drains.
 
