@@ -40,6 +40,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import framing
@@ -165,6 +166,24 @@ class Add:
     stream: Stream
 
 
+@dataclasses.dataclass(eq=False, slots=True)
+class Guest:
+    """A socket some other component serves on a writer's thread, between its sweeps (the publisher loop's parked
+    connections): the writer calls `ready()` when it is readable, and `evicted()` if the writer ends while it is
+    still hosted. Both run on the writer's thread; so must Writer.unhost()."""
+
+    sock: socket.socket
+    ready: Callable[[], None]
+    evicted: Callable[[], None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Host:
+    """Inbox message: watch this guest's socket."""
+
+    guest: Guest
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class CloseAll:
     """Inbox message: end every stream gracefully, with this `retry:`, by this deadline (time.monotonic())."""
@@ -254,8 +273,10 @@ class Writer(threading.Thread):
         self._wake_lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_fd, selectors.EVENT_READ, None)
-        self._inbox: collections.deque[Add | CloseAll | Freeze] = collections.deque()  # from other threads
+        self._inbox: collections.deque[Add | Host | CloseAll | Freeze] = collections.deque()  # from other threads
         self._streams: dict[int, Stream] = {}  # by socket fd: every stream that is LIVE, BLOCKED or CLOSING
+        self._guests: dict[int, Guest] = {}  # by socket fd
+        self.guest_tick: Callable[[float], None] | None = None  # called on the heartbeat tick, for the guests
         self._swept_head = bouncer.head
         self.access_log = False
         self._closing_deadline: float | None = None
@@ -269,8 +290,11 @@ class Writer(threading.Thread):
 
     def wake(self) -> None:
         """Make the writer run a loop soon. Called on every publish, so it writes the eventfd only when the
-        writer has not already been woken since its last look at the head."""
+        writer has not already been woken since its last look at the head, and not at all from the writer's own
+        thread (a guest publishing): the loop looks at the head right after serving its guests."""
         if not self.wake_pending:
+            if self.ident == threading.get_ident():
+                return
             self.wake_pending = True
             with self._wake_lock:
                 if self._wake_fd >= 0:  # -1 once the writer has ended: nothing left to wake
@@ -281,6 +305,23 @@ class Writer(threading.Thread):
             self._finish(stream, EndReason.SHUTDOWN)
             return
         self._tell(Add(stream))
+
+    def host(self, guest: Guest) -> None:
+        """Serve `guest` on this writer's thread from now on (any thread may call this)."""
+        with self._wake_lock:  # against the writer ending in between: it takes the inbox's guests under the lock
+            ended = self._wake_fd < 0
+            if not ended:
+                self._inbox.append(Host(guest))
+                self.wake_pending = True
+                os.eventfd_write(self._wake_fd, 1)
+        if ended:
+            guest.evicted()
+
+    def unhost(self, guest: Guest) -> None:
+        """Stop watching `guest` (on the writer's thread only: from its ready() or the guest tick)."""
+        fd = guest.sock.fileno()
+        if self._guests.pop(fd, None) is not None:
+            self._selector.unregister(fd)
 
     def close_all(self, retry_ms: int, deadline: float) -> None:
         """End every stream: deliver what was published, a jittered `retry:`, then a clean end of stream."""
@@ -302,7 +343,7 @@ class Writer(threading.Thread):
         self._release = release
         self._thaw.set()
 
-    def _tell(self, message: Add | CloseAll | Freeze) -> None:
+    def _tell(self, message: Add | Host | CloseAll | Freeze) -> None:
         self._inbox.append(message)
         self.wake_pending = False  # force a write: the inbox must be seen even if a wake is pending
         self.wake()
@@ -317,10 +358,12 @@ class Writer(threading.Thread):
         finally:
             for stream in list(self._streams.values()):
                 self._drop(stream, EndReason.SHUTDOWN)
-            self._selector.close()
             with self._wake_lock:
                 os.close(self._wake_fd)
                 self._wake_fd = -1
+                arriving = [message.guest for message in self._inbox if isinstance(message, Host)]
+            self._evict_guests(arriving)
+            self._selector.close()
             self._stopped.set()
 
     def _loop(self) -> None:
@@ -341,6 +384,8 @@ class Writer(threading.Thread):
                 next_tick = now + tick
                 if self._closing_deadline is None:
                     self._heartbeats(now)
+                if self.guest_tick is not None:
+                    self.guest_tick(now)
             if self._closing_deadline is not None:
                 if not self._streams:
                     return
@@ -367,6 +412,9 @@ class Writer(threading.Thread):
                 except BlockingIOError:
                     pass
                 continue
+            if stream.__class__ is Guest:
+                stream.ready()
+                continue
             if stream.state is State.FINISHED:
                 continue  # dropped earlier in this batch
             if mask & selectors.EVENT_READ:
@@ -380,6 +428,8 @@ class Writer(threading.Thread):
             message = self._inbox.popleft()
             if isinstance(message, Add):
                 self._register(message.stream, now)
+            elif isinstance(message, Host):
+                self._host(message.guest)
             elif isinstance(message, Freeze):
                 self._freeze(message, now)
                 if self._released:
@@ -387,6 +437,23 @@ class Writer(threading.Thread):
             else:
                 self._retry_ms, self._closing_deadline = message.retry_ms, message.deadline
                 self._begin_closing()
+
+    def _host(self, guest: Guest) -> None:
+        try:
+            self._selector.register(guest.sock, selectors.EVENT_READ, guest)
+        except (OSError, ValueError, KeyError):
+            guest.evicted()
+            return
+        self._guests[guest.sock.fileno()] = guest
+
+    def _evict_guests(self, arriving: list[Guest]) -> None:
+        """The writer ends: every guest still here, or still on its way in the inbox (`arriving`), is evicted."""
+        for guest in list(self._guests.values()) + arriving:
+            self.unhost(guest)
+            try:
+                guest.evicted()
+            except Exception:
+                log.exception("evicting a guest of the writer")
 
     # -- per-stream work -------------------------------------------------------------------------------------
 
@@ -676,6 +743,12 @@ class Delivery:
     def wake(self) -> None:
         for writer in self.writers:
             writer.wake()
+
+    @property
+    def host_writer(self) -> Writer:
+        """The writer whose thread serves guests (Guest): the first. A publish there reaches its own streams
+        without a wake-up; the other writers, if any, are woken as for any publish."""
+        return self.writers[0]
 
     def add(self, replay: Replay, sock: socket.socket, credential: bytes = b"") -> None:
         """Take over a stream whose response head is out: `sock` is its connection, detached from the request;

@@ -159,7 +159,7 @@ class SSEServer(ThreadingHTTPServer):
             )
         self.delivery = Delivery(self.bouncer, config.writer_threads, config.heartbeat_interval)
         self.delivery.set_access_log(config.access_log)
-        self.publishers = PublisherLoop(self)
+        self.publishers = PublisherLoop(self, self.delivery.host_writer)
         self.stopping = False
         self.started_wall = time.time()
         self.started = time.monotonic()
@@ -251,7 +251,6 @@ class SSEServer(ThreadingHTTPServer):
     def start(self) -> None:
         self._end_refused()
         self.delivery.start()
-        self.publishers.start()
         if self.history is not None:
             keys_before = self.keys.stamps_before
             self.history.start(lambda: self.bouncer.compact_store(keys_before))
@@ -259,7 +258,6 @@ class SSEServer(ThreadingHTTPServer):
             self.cluster.start()
 
     def server_close(self) -> None:
-        self.publishers.stop()
         if self.cluster is not None:
             self.cluster.stop()
             self.cluster = None
@@ -302,7 +300,6 @@ class SSEServer(ThreadingHTTPServer):
         return (
             not self.stopping
             and self.delivery.alive()
-            and self.publishers.alive()
             and (self.history is None or self.history.alive())
             and (self.cluster is None or self.cluster.healthy())
         )
