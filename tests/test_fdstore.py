@@ -7,6 +7,7 @@ a state from a future version, no state at all, a client gone while its socket s
 """
 
 import array
+import json
 import os
 import re
 import resource
@@ -28,11 +29,12 @@ from tests.support import (
     daemon_process,
     health,
     listening_socket,
+    request,
     require_binary,
     wait_for_subscribers,
     write_config,
 )
-from tests.test_handover import Publisher, StreamSet, curl_data, curl_stream, publish
+from tests.test_handover import Publisher, StreamSet, curl_data, curl_stream, publish, stalled_stream
 
 STORE_SIZE = 4096  # FileDescriptorStoreMax= of the emulated unit
 RECEIVE_POLL = 0.05  # how often the emulated systemd looks whether it is closed (not synchronisation)
@@ -150,9 +152,10 @@ class RestartTest(unittest.TestCase):
         )
         self.assertEqual(self.systemd.names(), [], "the next start left descriptors in the store")
 
-    def next_start(self, fds=None, **kwargs):
+    def next_start(self, fds=None, args=(), **kwargs):
         self.mark = len(self.systemd.messages)
-        return daemon_process("--port", "0", env=self.env, fds=self.systemd.passed() if fds is None else fds, **kwargs)
+        passed = self.systemd.passed() if fds is None else fds
+        return daemon_process("--port", "0", *args, env=self.env, fds=passed, **kwargs)
 
     def test_streams_survive_two_restarts_in_a_row_while_a_publisher_runs(self):
         curl = require_binary("curl")
@@ -184,6 +187,49 @@ class RestartTest(unittest.TestCase):
         self.assertEqual(len(re.findall(r"restart: adopted 41 stream\(s\) .*\(\d+ ms, state \d+ bytes\)", log)), 2)
         self.assertEqual(log.count("adopted from systemd's fd store"), 2)
         self.assertNotIn("Traceback", log)
+
+    def test_unsent_bytes_go_first_and_whole_and_ids_replay_and_keys_continue(self):
+        """A stream whose socket was full when the daemon stopped: the bytes the kernel had not taken travel in the
+        state and the next process sends them before anything else, so every event arrives whole, once, in order.
+        The id sequence, the history and the idempotency keys travel too."""
+        tmp = tempfile.mkdtemp(prefix="sseserver-fdstore-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        path = write_config(tmp, queue_size=1000)  # a stalled reader stays (it is not slow yet)
+        with daemon_process("--port", "0", "-c", path, env=self.env) as (first, port):
+            reader, stalled = stalled_stream(self, port)
+            keyed = lambda: request(port, "POST", "/publish", "once", headers={"Idempotency-Key": "k-1"})  # noqa: E731
+            status, _, first_reply = keyed()
+            self.assertEqual(status, 200)
+            once = (int(json.loads(first_reply)["id"]), "once")
+            big = [f"{n:04d}" + "x" * 60000 for n in range(100)]  # 6 MB: more than a 4 KB window and the buffers
+            expected = [once, *((publish(port, data), data) for data in big)]
+            self.stop_into_store(first, 1)
+            with self.next_start(args=("-c", path)) as (second, _):
+                self.started(second)
+                carried = re.findall(r"of which (\d+) unsent to 1 blocked stream", log_of(first))
+                self.assertTrue(carried and int(carried[0]) > 0, "no unsent bytes were carried")
+                status, _, body = keyed()  # a retry from before the restart is still a repeat
+                self.assertEqual((status, json.loads(body)), (200, {**json.loads(first_reply), "duplicate": True}))
+                expected.append((publish(port, "after"), "after"))
+                self.assertGreater(expected[-1][0], expected[-2][0])
+                reader.resume(stalled)
+                events = lambda: StreamSet.events(stalled)  # noqa: E731
+                reader.wait(lambda: len(events()) >= len(expected), IO_TIMEOUT)
+                with reader.lock:
+                    self.assertEqual(events(), expected)
+                    self.assertFalse(stalled.ended)
+                # a reconnect with an id from the old process replays from the new one's history
+                _, _, again = ssereader.open_stream(
+                    port,
+                    "/subscribe",
+                    {"Accept": "text/event-stream", "Last-Event-ID": str(expected[-3][0])},
+                    IO_TIMEOUT,
+                )
+                self.addCleanup(again.sock.close)
+                reader.add(again)
+                reader.wait(lambda: len(StreamSet.events(again)) >= 2, IO_TIMEOUT)
+                with reader.lock:
+                    self.assertEqual(StreamSet.events(again), expected[-2:])
 
     def test_a_state_from_a_future_version_ends_the_streams_so_they_reconnect_and_the_daemon_starts(self):
         def future(blob: bytes) -> int:

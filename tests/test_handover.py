@@ -87,6 +87,18 @@ def curl_data(test: unittest.TestCase, process: subprocess.Popen, count: int) ->
     return data_lines
 
 
+def stalled_stream(test: unittest.TestCase, port: int) -> tuple[ssereader.StreamReader, ssereader.Stream]:
+    """A stream nobody reads yet (resume it on the reader), with a 4 KB receive window: the daemon's sends fill
+    both kernel buffers, and what they do not take waits in the daemon as unsent bytes."""
+    reader = ssereader.StreamReader()
+    test.addCleanup(reader.stop)
+    _, _, stalled = ssereader.open_stream(port, "/subscribe", {"Accept": "text/event-stream"}, IO_TIMEOUT, rcvbuf=4096)
+    test.addCleanup(stalled.sock.close)
+    reader.add(stalled, active=False)
+    wait_for_subscribers(port, 1)
+    return reader, stalled
+
+
 class Publisher:
     """Publishes numbered events until stopped, keeping the acknowledged ones (in order) and counting refusals."""
 
@@ -251,13 +263,7 @@ class UpgradeInPlaceTest(unittest.TestCase):
         self.addCleanup(shutil.rmtree, tmp, True)
         path = write_config(tmp, queue_size=1000)  # a stalled reader stays (it is not slow yet)
         with daemon_process("--port", "0", "-c", path) as (process, port), Daemons(process) as daemons:
-            reader = ssereader.StreamReader()
-            self.addCleanup(reader.stop)
-            headers = {"Accept": "text/event-stream"}
-            _, _, stalled = ssereader.open_stream(port, "/subscribe", headers, IO_TIMEOUT, rcvbuf=4096)
-            self.addCleanup(stalled.sock.close)
-            reader.add(stalled, active=False)  # nobody reads it: the daemon's sends fill both buffers
-            wait_for_subscribers(port, 1)
+            reader, stalled = stalled_stream(self, port)
             # 6 MB: more than the kernel buffers of a loopback connection whose reader keeps a 4 KB window
             expected = [(publish(port, f"{n:04d}" + "x" * 60000), f"{n:04d}" + "x" * 60000) for n in range(100)]
             daemons.upgrade()
