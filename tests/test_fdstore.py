@@ -241,6 +241,13 @@ class RestartTest(unittest.TestCase):
     def test_stored_streams_without_a_state_end_so_they_reconnect_and_the_daemon_starts(self):
         self.serve_without_adopting(lambda blob: [], "no state was stored with them")
 
+    def test_a_state_that_cannot_be_read_at_all_is_refused(self):
+        def a_socket(blob: bytes) -> list[int]:
+            with socket.socket() as sock:  # not a memfd: reading it fails (ESPIPE)
+                return [os.dup(sock.fileno())]
+
+        self.serve_without_adopting(a_socket, "the hand-over state is not readable")
+
     def test_two_stored_states_are_both_refused(self):
         """Only a lost FDSTOREREMOVE could leave an older state next to the current one; adopting the older one
         would send its events a second time, so neither is used."""
