@@ -483,13 +483,16 @@ class SSEServer(ThreadingHTTPServer):
 
     def _end_refused(self) -> None:
         """Streams the new config no longer allows (adopt()): what the previous process had not sent yet (so
-        the last event is whole), then a clean end; the client's reconnect gets the 401 or 403."""
+        the last event is whole), then a clean end; the client's reconnect gets the 401 or 403. Never waits for a
+        client (this runs before the new process serves anyone): what its socket does not take at once is cut,
+        and a client discards an event the stream ends in the middle of (the spec's rule), keeping the id of the
+        last whole one."""
         for sock, unsent, peer, why in self._refused:
             log.warning("upgrade: ended the stream of %s: %s", peer, why)
             try:
-                sock.settimeout(1.0)
-                sock.sendall(unsent)
-                sock.shutdown(socket.SHUT_WR)
+                sent = sock.send(unsent, socket.MSG_DONTWAIT) if unsent else 0
+                if sent == len(unsent):
+                    sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
             sock.close()

@@ -306,6 +306,29 @@ class UpgradeInPlaceTest(unittest.TestCase):
 
 
 class NewConfigTest(unittest.TestCase):
+    def test_streams_it_ends_keep_the_new_process_waiting_for_no_client(self):
+        """Adopted streams whose token was revoked are ended with their unsent bytes, but a client that reads
+        nothing must not hold up the new process's start (20 such clients used to cost 20 s of not serving)."""
+        tmp = tempfile.mkdtemp(prefix="sseserver-handover-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        path = write_config(tmp, subscribe_tokens=["revoked-token-1", "kept-token-2"], queue_size=1000)
+        with daemon_process("--port", "0", "-c", path) as (process, port), Daemons(process) as daemons:
+            headers = {"Accept": "text/event-stream", "Authorization": "Bearer revoked-token-1"}
+            stalled = []
+            for _ in range(20):  # nobody reads them, and their receive windows are small
+                status, _, stream = ssereader.open_stream(port, "/subscribe", headers, IO_TIMEOUT, rcvbuf=4096)
+                self.assertEqual(status, 200)
+                self.addCleanup(stream.sock.close)
+                stalled.append(stream)
+            wait_for_subscribers(port, 20)
+            for n in range(40):  # 2.4 MB: more than the kernel buffers of each stalled stream hold
+                self.assertIsNotNone(publish(port, f"{n:04d}" + "x" * 60000))
+            write_config(tmp, subscribe_tokens=["kept-token-2"], queue_size=1000)
+            daemons.upgrade()
+            self.assertIsNotNone(publish(port, "after"), "the new process did not answer within IO_TIMEOUT")
+            self.assertEqual(len(re.findall("its token is no longer valid", "\n".join(process.log_lines))), 20)
+            daemons.stop()
+
     def test_the_new_config_judges_adopted_streams_as_it_would_their_reconnects(self):
         tmp = tempfile.mkdtemp(prefix="sseserver-handover-")
         self.addCleanup(shutil.rmtree, tmp, True)
