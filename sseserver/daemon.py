@@ -452,7 +452,7 @@ class Daemon:
         inherited = [socket.socket(fileno=fd) for fd in listeners]
         if not passed.stored:
             return None, inherited, 0
-        blobs = [fdstore.read_state(fd) for fd in passed.states]
+        blobs = [handover.read_fd(fd) for fd in passed.states]
         fdstore.close(passed.states)
         emptied = fdstore.empty(passed.stored, self.environ, time.monotonic() + self.config.upgrade_timeout)
         state: handover.State | None = None

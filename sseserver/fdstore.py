@@ -172,14 +172,6 @@ def _remove(channel: systemd.Channel, names) -> None:
             return  # best effort: the caller already reports a failure
 
 
-def read_state(fd: int) -> bytes:
-    """A stored state's bytes (b"" when the descriptor under that name cannot be read: decode() then says so)."""
-    try:
-        return handover.read_fd(fd)
-    except OSError:
-        return b""
-
-
 def hang_up(fd: int) -> None:
     """A stored stream that is not adopted: FIN now (shutdown() reaches the client even while some other copy of
     the socket is still open), then close. Its client reconnects with Last-Event-ID. Never writes: the stopping
