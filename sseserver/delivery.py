@@ -53,6 +53,11 @@ access_log = logging.getLogger("sseserver.access")
 # answer) is read and discarded; past this many bytes it is flooding, and reading it would keep the writer busy.
 STREAM_INPUT_LIMIT = 64 * 1024
 
+# While guests (the publisher loop's connections) keep publishing, a sweep follows the previous one by at least
+# this long, so that each carries every publish of that time in one send() per stream: sweeping after each
+# handful of publishes let 100 streams' send() calls take most of the thread (S2: 8,300 publishes/s against
+# 13,000 with publishers on threads of their own). An event published after a quiet spell is swept at once.
+SWEEP_HOLD = 0.002
 _EVICTED = object()  # cache marker: the events for this cursor have left the ring
 _NOTHING = memoryview(b"")
 # A closing stream's cursor: past any head, so a sweep skips it with the `cursor >= head` test it already makes
@@ -276,6 +281,7 @@ class Writer(threading.Thread):
         self._inbox: collections.deque[Add | Host | CloseAll | Freeze] = collections.deque()  # from other threads
         self._streams: dict[int, Stream] = {}  # by socket fd: every stream that is LIVE, BLOCKED or CLOSING
         self._guests: dict[int, Guest] = {}  # by socket fd
+        self._guests_served = False  # in the last _poll()
         self.guest_tick: Callable[[float], None] | None = None  # called on the heartbeat tick, for the guests
         self._swept_head = bouncer.head
         self.access_log = False
@@ -368,8 +374,12 @@ class Writer(threading.Thread):
 
     def _loop(self) -> None:
         next_tick = time.monotonic()
+        swept_at = 0.0
+        held = False  # a sweep is due but waits for more of the guests' publishes (see SWEEP_HOLD)
         while not self._released:
             timeout = max(0.0, next_tick - time.monotonic())
+            if held:
+                timeout = min(timeout, max(0.0, swept_at + SWEEP_HOLD - time.monotonic()))
             if self._inbox:
                 timeout = 0
             now = self._poll(timeout)
@@ -377,8 +387,13 @@ class Writer(threading.Thread):
             # Clear the flag before reading the head: a publish after this point wakes us again.
             self.wake_pending = False
             head = self.bouncer.head
+            held = False
             if head != self._swept_head:
-                self._sweep(head, now)
+                if self._guests_served and now < swept_at + SWEEP_HOLD:
+                    held = True
+                else:
+                    self._sweep(head, now)
+                    swept_at = time.monotonic()
             if now >= next_tick:
                 tick = min(1.0, self.heartbeat_interval / 4)
                 next_tick = now + tick
@@ -404,6 +419,7 @@ class Writer(threading.Thread):
         wait."""
         ready = self._selector.select(timeout)
         now = time.monotonic()
+        self._guests_served = False
         for key, mask in ready:
             stream = key.data
             if stream is None:
@@ -414,6 +430,7 @@ class Writer(threading.Thread):
                 continue
             if stream.__class__ is Guest:
                 stream.ready()
+                self._guests_served = True
                 continue
             if stream.state is State.FINISHED:
                 continue  # dropped earlier in this batch
