@@ -31,10 +31,12 @@ older ones for good, so the floor only ever rises. Events below the floor may or
 are, they must still be gap-free.
 
 Faults are real: SIGHUP with a rewritten config, SIGTERM and kill -9 restarts (also in the middle of a publish
-burst), a full disk (the history file lives on a small tmpfs in a private mount namespace held by a
-`TmpfsHolder`, filled through /proc/PID/root), fsync and write errors (strace -e inject on the history file's
-path), Redis restarts with and without persistence, FLUSHALL, a cut or black-holed link (tests/tcpproxy.py),
-and a second instance joining late.
+burst), SIGUSR2 upgrades in place (also in a burst, and with the new process killed -9 before it can take over:
+in memory mode the lifetime goes on in the new pid with every stream open, its history and its ids; with a history
+file or Redis the daemon refuses once and serves on), a full disk (the history file lives on a small tmpfs in a
+private mount namespace held by a `TmpfsHolder`, filled through /proc/PID/root), fsync and write errors (strace -e
+inject on the history file's path), Redis restarts with and without persistence, FLUSHALL, a cut or black-holed
+link (tests/tcpproxy.py), and a second instance joining late.
 
 Synchronisation is on observable events only: log lines, /health polled until a deadline, stream reads with a
 deadline. All timeouts are the named constants below.
@@ -99,6 +101,7 @@ HEALTH_TIMEOUT = 15.0  # /health agreeing with the model (a closed stream takes 
 QUIESCE_TIMEOUT = 20.0  # fds and threads back at their baseline
 BURST_TIMEOUT = 30.0  # a concurrent publish burst
 REDIS_COMMAND_TIMEOUT = 5.0  # sseserver.cluster.COMMAND_TIMEOUT: how long one publish may wait for Redis
+UPGRADE_TIMEOUT = 30.0  # SIGUSR2 to the old process's exit (the daemon gives up at its upgrade_timeout, 10 s)
 PROGRESS_EVERY = 1000  # steps between progress lines in a long run
 
 # -- the daemon's configuration under test ------------------------------------------------------------------------
@@ -149,6 +152,7 @@ class Instance:
         self.wrapper = "plain"
         self.keepalive: KeepAlive | None = None
         self.stopping = False
+        self.upgrading = False  # SIGUSR2 sent, hand-over not over: a publish may get 503 or lose its answer
         self.caught_up = True  # Redis mode: its follower has read the stream since this lifetime started
 
     @property
@@ -189,6 +193,8 @@ class Watch:
         self.must_count = 0
         self.replay_target = None  # the newest matching id its replay must reach
         self.why = why  # how it was opened, for messages
+        self.token = None  # the subscribe token it presented (an upgrade's new process checks it again)
+        self.retries = 0  # `retry:` blocks: the one at its start, and a farewell only when its daemon stops
         self.stalled = False
         self.was_stalled = False
         self.closed_by = None  # "fin" / "rst": the test closed it
@@ -632,6 +638,7 @@ class Chaos:
         publish = self.model.begin(tag, name, body, inst.name)
         oversize = len(body) > LIMIT
         stopping = inst.stopping
+        upgrading = inst.upgrading
         try:
             if keepalive is not None:
                 response = keepalive.request(target, body, self.headers_for_publish())
@@ -639,7 +646,9 @@ class Chaos:
                 response = http(inst.daemon.port, "POST", target, body, self.headers_for_publish())
         except NoAnswer as exc:
             self.model.fail(publish, maybe=exc.sent)
-            if not (stopping or self.store_fault(inst) or not inst.daemon.alive() or inst.stopping):
+            if upgrading or inst.upgrading:
+                self.count("publishes unanswered during an upgrade")
+            elif not (stopping or self.store_fault(inst) or not inst.daemon.alive() or inst.stopping):
                 self.violate("publish got no answer", f"{inst.name}: {exc}")
             return
         status = response.status
@@ -663,6 +672,9 @@ class Chaos:
             return
         if status in (503, MAYBE_STORED_STATUS) and (stopping or inst.stopping or self.store_fault(inst)):
             self.count(f"publish {status} under a fault")
+            return
+        if status == 503 and (upgrading or inst.upgrading):
+            self.count("publish 503 during an upgrade")  # not published: it must never appear (REFUSED)
             return
         self.violate(
             "unexpected publish status",
@@ -814,6 +826,8 @@ class Chaos:
             f"{why}{' stalled' if stalled else ''}",
         )
         watch.from_stream = from_stream
+        if tokens:
+            watch.token = SCOPED_TOKEN if scoped else SUBSCRIBE_TOKEN
         must = domain.must()
         if not inst.caught_up:
             # Started while Redis was unreachable: it has read nothing of the stream yet, so it holds nothing the
@@ -961,16 +975,10 @@ class Chaos:
         elif how == "term" and code != 0:
             kind = "exit code under a store fault" if self.store_fault(inst) else "exit code"
             self.violate(kind, f"{inst.name} exited {code} after SIGTERM: {daemon.lines[-5:]}")
-        daemon.kill()  # reaps strace and the log pump
-        if inst.keepalive:
-            inst.keepalive.close()
         if how == "term":
+            daemon.kill()  # reaps strace and the log pump
             self.check_graceful_ends(inst, daemon)
-        for watch in self.watches:
-            if watch.daemon is daemon and not watch.stream.ended and watch.closed_by is None:
-                watch.closed_by = "rst"
-                self.reader.close(watch.stream, "rst")
-        self.check_logs()
+        self.gone(inst)
 
     def check_graceful_ends(self, inst: Instance, daemon: DaemonProcess) -> None:
         """After SIGTERM: each stream that was being read has every acknowledged matching event (in Redis mode:
@@ -1208,6 +1216,137 @@ class Chaos:
             return
         self.stop_instance(inst, how)
 
+    def do_upgrade(self, instance: float, burst, kill: bool) -> None:
+        """SIGUSR2, maybe in the middle of a publish burst (README, "Upgrades without disconnects").
+
+        Memory mode: the daemon hands everything to a new process and exits 0; the instance's lifetime (its
+        Domain: history, ids, replay) goes on in the new pid. Every stream stays open and gets every event
+        acknowledged before, during and after exactly once, in order, with no reset and no second `retry:`
+        (the checks after every step); a publish during the hand-over may get 503 (not published: it must never
+        appear) or lose its answer (maybe published). The one stream end allowed: tokens were turned on by a
+        reload after the stream opened without one, and the new process checks its token again as for a
+        reconnect. A replay from before the upgrade, asked for after it, is exact.
+        `kill`: the new process is killed (-9) as soon as it exists. The old one must notice, log one `upgrade
+        failed, still serving` line and go on serving as if nothing happened. Should the new process have
+        committed first (the test was that slow), the service is gone: a crash, and the instance restarts.
+
+        Other modes: history_file or redis_url is set, so the daemon refuses with one `still serving` line and
+        goes on as if nothing happened: same pid, nothing refused, nothing lost. Lifetimes under strace (file
+        modes) get the signal too: the refusal comes before anything that strace could make fail, so the pid
+        logic never has to find a new process behind strace."""
+        inst = self.pick_instance(instance)
+        if inst is None:
+            return
+        daemon = inst.daemon
+        hands_over = self.mode == "memory"
+        kill = kill and hands_over
+        self.fault(
+            ("SIGUSR2, then kill -9 of the new process" if kill else "SIGUSR2 upgrade in place")
+            if hands_over
+            else "SIGUSR2 upgrade (refused: state on disk/Redis)"
+        )
+        refused_streams = []
+        if hands_over and self.config["tokens"]:
+            refused_streams = [w for w in self.watches if w.daemon is daemon and w.open() and w.token is None]
+        for watch in refused_streams:
+            watch.end_expected = "upgrade"
+        old_pid, upgrades, refusals = daemon.pid, len(daemon.successors()), daemon.count("still serving")
+        outcome: dict[str, int | None] = {}
+
+        def upgrade() -> None:
+            inst.upgrading = hands_over
+            daemon.signal(signal.SIGUSR2)
+            if kill:
+                outcome["killed"] = child = daemon.new_process(UPGRADE_TIMEOUT)
+                if child is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGKILL)
+            # Until a line says how it went (the old process logs it before it exits; a crash costs the timeout).
+            deadline = time.monotonic() + UPGRADE_TIMEOUT
+            while len(daemon.successors()) == upgrades and daemon.count("still serving") == refusals:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(POLL)
+            successors = daemon.successors()
+            if len(successors) > upgrades:
+                outcome["pid"] = successors[upgrades]
+                outcome["code"] = daemon.follow(successors[upgrades], UPGRADE_TIMEOUT)
+            inst.upgrading = False
+
+        if burst:
+            self.fault("SIGUSR2 during a publish burst")
+            self.run_burst(inst, burst, during=upgrade)
+        else:
+            upgrade()
+        failures = [line for line in daemon.lines if "still serving" in line][refusals:]
+        if "pid" not in outcome:
+            # A refusal is right when the daemon cannot hand over, or the test killed the new process.
+            self.upgrade_refused(inst, old_pid, failures, not hands_over or outcome.get("killed") is not None)
+            for watch in refused_streams:
+                watch.end_expected = None  # no new process checked them
+            return
+        new_pid, code = outcome["pid"], outcome["code"]
+        if not hands_over or failures:
+            self.violate("upgrade", f"{inst.name}: handed over to pid {new_pid} (expected a refusal), {failures}")
+        if code is None:
+            self.violate("upgrade", f"{inst.name}: old pid {old_pid} still runs {UPGRADE_TIMEOUT}s after handing over")
+            return
+        if code != 0:
+            self.violate("upgrade", f"{inst.name}: old pid {old_pid} exited {code} after handing over")
+        self.log(f"{inst.name}: upgraded in place, pid {old_pid} -> {new_pid}")
+        if kill and outcome.get("killed") == new_pid:
+            self.count("new processes killed after they took over (a crash)")
+            self.gone(inst)
+            self.start_instance(inst, "plain")
+            return
+        self.count("upgrades in place")
+        if not daemon.alive():
+            self.violate("upgrade", f"{inst.name}: pid {new_pid} took over and is gone: {daemon.lines[-5:]}")
+            return
+        self.reader.wait(lambda: all(w.stream.ended for w in refused_streams), IO_TIMEOUT)
+        for watch in refused_streams:
+            if watch.stream.ended:
+                self.count("streams ended at an upgrade (no token, tokens required now)")
+            else:
+                self.violate(
+                    "stream kept at upgrade",
+                    f"{watch.describe()} presented no token and tokens are required now, but pid {new_pid} "
+                    f"did not end it within {IO_TIMEOUT}s",
+                )
+        must = inst.domain.must()
+        if must:
+            self.subscribe(inst, None, "replay-across-upgrade", str(must[0]), False, False, False, False)
+
+    def upgrade_refused(self, inst: Instance, old_pid: int, failures: list[str], expected: bool) -> None:
+        """No new process took over: the old one must say why once, and serve on as before."""
+        daemon = inst.daemon
+        if not expected or len(failures) != 1 or not daemon.alive() or daemon.pid != old_pid:
+            self.violate(
+                "upgrade refusal" if self.mode != "memory" else "upgrade failed",
+                f"{inst.name}: SIGUSR2 to pid {old_pid}: "
+                + (f"{failures}" if failures else f"no outcome logged within {UPGRADE_TIMEOUT}s")
+                + ("" if daemon.alive() else f"; the daemon is gone: {daemon.lines[-5:]}"),
+            )
+        elif self.mode != "memory" and not any(why in failures[0] for why in ("history_file", "redis_url")):
+            self.violate("upgrade refusal", f"{inst.name}: refused for another reason: {failures[0]}")
+        else:
+            self.count("upgrades refused, still serving" if self.mode != "memory" else "upgrades failed, still serving")
+
+    def gone(self, inst: Instance) -> None:
+        """The instance's process is gone (stopped, or killed under the test): close what is left of it."""
+        daemon = inst.daemon
+        for watch in self.watches:
+            if watch.daemon is daemon and watch.end_expected is None:
+                watch.end_expected = "kill"
+        daemon.kill()  # reaps the log pump
+        if inst.keepalive:
+            inst.keepalive.close()
+        for watch in self.watches:
+            if watch.daemon is daemon and not watch.stream.ended and watch.closed_by is None:
+                watch.closed_by = "rst"
+                self.reader.close(watch.stream, "rst")
+        self.check_logs()
+
     def wait_caught_up(self, inst: Instance) -> None:
         """Redis mode: the instance's follower is up and has read everything acknowledged in this epoch."""
         newest = self.model.domain.ids[-1] if self.model.domain.ids else 0
@@ -1414,6 +1553,11 @@ class Chaos:
     def validate(self, watch: Watch, item) -> None:
         model = self.model
         if isinstance(item, Retry):
+            watch.retries += 1
+            if watch.retries > 1 and watch.end_expected is None:
+                # A second `retry:` is the farewell of a stop (or a changed retry_ms, which the test never
+                # changes): a stream must not get one across a reload or an upgrade in place.
+                self.violate("retry mid-stream", f"{watch.describe()}: a second `retry:` while its daemon runs on")
             return
         if isinstance(item, IdOnly):
             self.validate_cursor(watch, item)

@@ -1,7 +1,8 @@
 """The world the chaos test's daemons run in: the processes, the small disk, Redis, and an HTTP client.
 
 Owns: `DaemonProcess` (one `python3 -m sseserver` lifetime, maybe wrapped in nsenter and strace; its log, port,
-real pid, and fd/thread counts), `TmpfsHolder` (a private mount namespace with a tmpfs the test can fill),
+real pid (after an upgrade in place, the process that took over), and fd/thread counts), `TmpfsHolder` (a private
+mount namespace with a tmpfs the test can fill),
 `RedisServer` (a throwaway redis-server and a minimal RESP client of our own), and one-shot and keep-alive HTTP
 requests that tell "no answer, maybe acted on" (`NoAnswer.sent`) from "never sent".
 Must not know: the plan, the model, what the daemon should answer.
@@ -10,6 +11,7 @@ Must not know: the plan, the model, what the daemon should answer.
 import contextlib
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -19,11 +21,15 @@ import sys
 import threading
 import time
 
+from tests.support import alive, children
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 30.0  # a daemon's "listening on" line (strace slows the start)
 IO_TIMEOUT = 15.0  # one HTTP request
 REDIS_TIMEOUT = 30.0  # redis-server answering PING; a daemon's follower reconnecting (backoff up to 5 s)
 POLL = 0.02  # the sleep inside every polling loop that has a deadline
+UPGRADED = re.compile(r"upgraded in place: pid (\d+) took over")  # the old process's last line (sseserver/daemon.py)
+STOPPED = " info stopped"  # the daemon's last line before a clean exit 0 (after SIGTERM's drain)
 
 
 # =================================================================================================================
@@ -46,7 +52,12 @@ def clean_env() -> dict:
 class DaemonProcess:
     """One daemon lifetime: `python3 -m sseserver -c CONFIG`, maybe behind wrappers (nsenter into the tmpfs
     namespace, strace injecting faults). Knows its log, port, real pid (the wrappers' child under strace) and the
-    fd and thread counts it started with."""
+    fd and thread counts it started with.
+
+    An upgrade in place (SIGUSR2) continues the lifetime in another process: `follow()` moves `pid` to it, and
+    every later signal, wait and /proc count is the new process's. It inherited the old one's stderr, so the log
+    pump reads on; the port is the same socket. It is not our child (its parent, the old process, exits), so
+    `alive()` and `wait()` read /proc: a zombie nobody reaped yet counts as gone."""
 
     def __init__(self, label: str, config_path: str, log_path: str, wrapper: list[str], redis_port: int | None):
         self.label = label
@@ -58,6 +69,8 @@ class DaemonProcess:
         self.port = None
         self.pid = None
         self.process = None
+        self.successor = False  # `pid` took over in an upgrade in place: not our child
+        self.followed_at = 0  # its first log line
         self.baseline = None  # (fds, threads) right after the start, before any client
         self.checked_lines = 0
         self.slow_explained = 0  # "dropped as slow" log lines already matched to a stream that ended
@@ -101,12 +114,8 @@ class DaemonProcess:
                 pid = frontier.pop()
                 if self._is_python(pid):
                     return pid
-                try:
-                    for task in os.listdir(f"/proc/{pid}/task"):
-                        with open(f"/proc/{pid}/task/{task}/children") as handle:
-                            frontier.extend(int(child) for child in handle.read().split())
-                except OSError:
-                    continue
+                with contextlib.suppress(OSError):
+                    frontier.extend(children(pid))
             if time.monotonic() > deadline:
                 raise StartFailed(f"{self.label}: cannot find the daemon's pid")
             time.sleep(POLL)
@@ -121,7 +130,42 @@ class DaemonProcess:
         return bool(argv) and b"python" in os.path.basename(argv[0]) and b"sseserver" in argv
 
     def alive(self) -> bool:
+        if self.successor:
+            return alive(self.pid)
         return self.process is not None and self.process.poll() is None
+
+    def new_process(self, timeout: float) -> int | None:
+        """The `python3 -m sseserver` the serving process started for an upgrade in place (before or after its
+        exec), or None if none appears within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError):
+                for pid in children(self.pid):
+                    if self._is_python(pid):
+                        return pid
+            if time.monotonic() > deadline or not self.alive():
+                return None
+            time.sleep(POLL)
+
+    def successors(self) -> list[int]:
+        """The pids that took over in upgrades in place, in order (from the old processes' log lines)."""
+        return [int(match.group(1)) for line in list(self.lines) if (match := UPGRADED.search(line))]
+
+    def follow(self, pid: int, timeout: float) -> int | None:
+        """The serving process handed over to `pid`: once the old one has exited, follow the new one. Returns the
+        old process's exit code: the real one for the process we started, 0 for an earlier successor that is gone
+        (its status is not ours to read), None if it still runs after `timeout` (then nothing changes). Never
+        under strace: the wrapper's pid would be the one to wait for (the chaos plan upgrades those lifetimes
+        only in file modes, where the daemon refuses)."""
+        if self.successor:
+            code = 0 if self._gone(timeout) else None
+        else:
+            code = self.wait(timeout)
+        if code is not None:
+            self.pid = pid
+            self.successor = True
+            self.followed_at = len(self.lines)
+        return code
 
     def signal(self, signum: int) -> None:
         try:
@@ -130,18 +174,40 @@ class DaemonProcess:
             pass
 
     def wait(self, timeout: float) -> int | None:
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
+        """The exit code, or None if it still runs after `timeout`. A successor's exit status goes to whoever
+        reaps it, not to us: its log stands in for it (the daemon logs `stopped` last before it returns 0)."""
+        if not self.successor:
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        if not self._gone(timeout):
             return None
+        if self._pump is not None:
+            self._pump.join(IO_TIMEOUT)  # the pipe closes with its last holder: every line is in
+        return 0 if any(line.endswith(STOPPED) for line in self.lines[self.followed_at :]) else -1
+
+    def _gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while alive(self.pid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL)
+        return True
 
     def kill(self) -> None:
         if self.alive():
             self.signal(signal.SIGKILL)
-            try:
-                self.process.kill()  # strace too, if it outlived its tracee
-            except OSError:
-                pass
+            if self.successor:
+                self.wait(IO_TIMEOUT)
+            else:
+                try:
+                    self.process.kill()  # strace too, if it outlived its tracee
+                except OSError:
+                    pass
+                self.process.wait(IO_TIMEOUT)
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()  # an old process still handing over when the run ended
             self.process.wait(IO_TIMEOUT)
         if self._pump is not None:
             self._pump.join(IO_TIMEOUT)

@@ -125,6 +125,7 @@ class Planner:
             "restart": 4,
             "quiesce": 2,
             "bad_requests": 3,
+            "upgrade": 2,  # SIGUSR2: in memory mode a hand-over to a new process, otherwise refused (README)
         }
         if self.file:
             choices["disk_full"] = 0 if self.disk_full else 2.5
@@ -201,6 +202,11 @@ class Planner:
             args["when"] = rng.choice(("1+", "2+", "1+2", "3+"))
             self.traced = rng.randint(3, 8)
         return Op("restart", args)
+
+    def op_upgrade(self) -> Op:
+        burst = self.burst() if self.rng.random() < 0.3 else None
+        kill = self.rng.random() < 0.25  # kill -9 the new process as soon as it exists, before it can take over
+        return Op("upgrade", {"instance": round(self.rng.random(), 4), "burst": burst, "kill": kill})
 
     def op_quiesce(self) -> Op:
         return Op("quiesce", {})
