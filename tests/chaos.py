@@ -1303,6 +1303,10 @@ class Chaos:
         if not daemon.alive():
             self.violate("upgrade", f"{inst.name}: pid {new_pid} took over and is gone: {daemon.lines[-5:]}")
             return
+        for watch in refused_streams:
+            if watch.stalled:  # a stream nobody reads shows no end: read it to see that it ended
+                watch.stalled = False
+                self.reader.resume(watch.stream)
         self.reader.wait(lambda: all(w.stream.ended for w in refused_streams), IO_TIMEOUT)
         for watch in refused_streams:
             if watch.stream.ended:
