@@ -172,9 +172,11 @@ class Handler(BaseHTTPRequestHandler):
         it, not even to read `self.parked`."""
         parked = False
         try:
-            if self.unsent:
+            if self.unsent:  # the rest of an answer the writer's thread could not send at once
                 unsent, self.unsent = self.unsent, b""
                 self.connection.sendall(unsent)
+                if not self.keep_open:  # that answer said `Connection: close`
+                    return False
             parked = self._serve_connection(first)
         except (ClientGone, ConnectionError, TimeoutError):
             pass
@@ -252,9 +254,11 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.busy = self.inline = False
             self.server.request_finished()
+        if self.unsent:  # a thread sends the rest, then closes the connection if the answer said so
+            return Inline.RESUME
         if not keep_open:
             return Inline.CLOSE
-        return Inline.RESUME if self.unsent or not self.parkable else Inline.DONE
+        return Inline.DONE if self.parkable else Inline.RESUME
 
     def _serve_request(self, head: bytes, parsed: Request | None = None) -> bool:
         """Answer one request (`parsed`: its head, when the caller parsed it already); False when the connection

@@ -50,18 +50,22 @@ class Publisher:
         self.open()
 
     @classmethod
+    def over(cls, sock: socket.socket) -> "Publisher":
+        publisher = cls.__new__(cls)
+        publisher.port = sock.getpeername()[1]
+        publisher.sock = sock
+        publisher.buffer = bytearray()
+        return publisher
+
+    @classmethod
     def small(cls, port: int) -> "Publisher":
         """A publisher whose socket buffers are small (set before connecting, so the TCP window is small too)."""
-        publisher = cls.__new__(cls)
-        publisher.port = port
         sock = socket.socket()
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             sock.setsockopt(socket.SOL_SOCKET, option, 4096)
         sock.settimeout(IO_TIMEOUT)
         sock.connect(("127.0.0.1", port))
-        publisher.sock = sock
-        publisher.buffer = bytearray()
-        return publisher
+        return cls.over(sock)
 
     def open(self) -> None:
         self.sock = connect(self.port)
@@ -168,6 +172,32 @@ class ParkingTest(unittest.TestCase):
                     publisher.publish(b"%d" % n)
                 self.assertEqual(parked(server.port), 0)
                 publisher.close()
+
+    def test_an_answer_too_large_for_the_socket_arrives_whole_before_the_connection_closes(self):
+        """The writer's thread sends what the socket takes and leaves the rest to a thread: a `Connection: close`
+        answer too must arrive whole before the close, or the publisher would see no answer to a publish that
+        happened (and its retry would publish it twice)."""
+        origin = "https://" + "a" * 30_000 + ".example"  # an allowed origin is echoed: a 30 KB answer
+        with RunningServer(cors_origins=[origin], max_header_bytes=65536) as server, server.subscribe() as stream:
+            wait_for_subscribers(server.port, 1)
+            # The answer's way is narrow (the server's send buffer, which the accepted socket inherits from the
+            # listener, and the publisher's receive window), the request's is wide: it arrives in one piece and
+            # is answered on the writer's thread, which cannot send all of it at once.
+            server.server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(IO_TIMEOUT)
+            sock.connect(("127.0.0.1", server.port))
+            publisher = Publisher.over(sock)
+            publisher.publish(b"first")
+            wait_until(lambda: parked(server.port) == 1, what="the publisher to be parked")
+            publisher.send(publish_bytes(b"last", headers={"Origin": origin, "Connection": "close"}))
+            status, headers, body = publisher.answer()  # read_response checks the body and the close after it
+            self.assertEqual((status, headers.get("connection")), (200, "close"), body)
+            self.assertEqual(headers.get("access-control-allow-origin"), origin)
+            (first, last) = stream.read_events(2)
+            self.assertEqual((last.data, last.id), ("last", json.loads(body)["id"]))
+            publisher.close()
 
     def test_a_publisher_that_reads_no_answers_holds_up_nobody(self):
         """A keep-alive client pipelines publishes and reads none of the answers: the loop must not wait for it.
