@@ -35,6 +35,7 @@ import enum
 import logging
 import os
 import random
+import select
 import selectors
 import socket
 import sys
@@ -58,6 +59,10 @@ STREAM_INPUT_LIMIT = 64 * 1024
 # handful of publishes let 100 streams' send() calls take most of the thread (S2: 8,300 publishes/s against
 # 13,000 with publishers on threads of their own). An event published after a quiet spell is swept at once.
 SWEEP_HOLD = 0.002
+# A sweep serves the guests every this many streams (about 1 ms of sends), so a publisher's answer never waits
+# for the whole of a long sweep (10,000 streams take about 100 ms).
+GUEST_LOOK = 128
+_GUESTS = object()  # the selector's data for the guests' own epoll
 _EVICTED = object()  # cache marker: the events for this cursor have left the ring
 _NOTHING = memoryview(b"")
 # A closing stream's cursor: past any head, so a sweep skips it with the `cursor >= head` test it already makes
@@ -281,7 +286,11 @@ class Writer(threading.Thread):
         self._inbox: collections.deque[Add | Host | CloseAll | Freeze] = collections.deque()  # from other threads
         self._streams: dict[int, Stream] = {}  # by socket fd: every stream that is LIVE, BLOCKED or CLOSING
         self._guests: dict[int, Guest] = {}  # by socket fd
-        self._guests_served = False  # in the last _poll()
+        # The guests wait in an epoll of their own, itself watched by the selector: a long sweep can then look
+        # at them (and only them) every GUEST_LOOK streams, so a publisher never waits for a whole sweep.
+        self._guest_poll = select.epoll()
+        self._selector.register(self._guest_poll.fileno(), selectors.EVENT_READ, _GUESTS)
+        self._guests_served = False  # since the last _poll() began
         self.guest_tick: Callable[[float], None] | None = None  # called on the heartbeat tick, for the guests
         self._swept_head = bouncer.head
         self.access_log = False
@@ -327,7 +336,7 @@ class Writer(threading.Thread):
         """Stop watching `guest` (on the writer's thread only: from its ready() or the guest tick)."""
         fd = guest.sock.fileno()
         if self._guests.pop(fd, None) is not None:
-            self._selector.unregister(fd)
+            self._guest_poll.unregister(fd)
 
     def close_all(self, retry_ms: int, deadline: float) -> None:
         """End every stream: deliver what was published, a jittered `retry:`, then a clean end of stream."""
@@ -370,15 +379,17 @@ class Writer(threading.Thread):
                 arriving = [message.guest for message in self._inbox if isinstance(message, Host)]
             self._evict_guests(arriving)
             self._selector.close()
+            self._guest_poll.close()
             self._stopped.set()
 
     def _loop(self) -> None:
         next_tick = time.monotonic()
         swept_at = 0.0
-        held = False  # a sweep is due but waits for more of the guests' publishes (see SWEEP_HOLD)
         while not self._released:
             timeout = max(0.0, next_tick - time.monotonic())
-            if held:
+            if self.bouncer.head != self._swept_head:
+                # Published and not swept yet: a sweep held back for more of the guests' publishes (SWEEP_HOLD),
+                # or publishes guests made during the last sweep (they write no eventfd: see wake()).
                 timeout = min(timeout, max(0.0, swept_at + SWEEP_HOLD - time.monotonic()))
             if self._inbox:
                 timeout = 0
@@ -387,13 +398,9 @@ class Writer(threading.Thread):
             # Clear the flag before reading the head: a publish after this point wakes us again.
             self.wake_pending = False
             head = self.bouncer.head
-            held = False
-            if head != self._swept_head:
-                if self._guests_served and now < swept_at + SWEEP_HOLD:
-                    held = True
-                else:
-                    self._sweep(head, now)
-                    swept_at = time.monotonic()
+            if head != self._swept_head and not (self._guests_served and now < swept_at + SWEEP_HOLD):
+                self._sweep(head, now, look_at_guests=True)
+                swept_at = time.monotonic()
             if now >= next_tick:
                 tick = min(1.0, self.heartbeat_interval / 4)
                 next_tick = now + tick
@@ -428,9 +435,8 @@ class Writer(threading.Thread):
                 except BlockingIOError:
                     pass
                 continue
-            if stream.__class__ is Guest:
-                stream.ready()
-                self._guests_served = True
+            if stream is _GUESTS:
+                self._serve_guests()
                 continue
             if stream.state is State.FINISHED:
                 continue  # dropped earlier in this batch
@@ -457,11 +463,20 @@ class Writer(threading.Thread):
 
     def _host(self, guest: Guest) -> None:
         try:
-            self._selector.register(guest.sock, selectors.EVENT_READ, guest)
-        except (OSError, ValueError, KeyError):
+            fd = guest.sock.fileno()
+            self._guest_poll.register(fd, select.EPOLLIN)
+        except (OSError, ValueError):
             guest.evicted()
             return
-        self._guests[guest.sock.fileno()] = guest
+        self._guests[fd] = guest
+
+    def _serve_guests(self) -> None:
+        """Every guest whose socket is readable, now (no wait)."""
+        for fd, _mask in self._guest_poll.poll(0):
+            guest = self._guests.get(fd)
+            if guest is not None:  # not given up by an earlier guest's ready() in this batch
+                guest.ready()
+                self._guests_served = True
 
     def _evict_guests(self, arriving: list[Guest]) -> None:
         """The writer ends: every guest still here, or still on its way in the inbox (`arriving`), is evicted."""
@@ -512,14 +527,19 @@ class Writer(threading.Thread):
         if stream.cursor < head and stream.state is State.LIVE:
             self._block(stream)
 
-    def _sweep(self, head: int, now: float) -> None:
+    def _sweep(self, head: int, now: float, look_at_guests: bool = False) -> None:
+        """Send every stream what it is missing up to `head`. `look_at_guests`: serve the guests every GUEST_LOOK
+        streams (their publishes go out in the next sweep), so that a long sweep does not hold up publishers."""
         ring = self.bouncer.ring  # read after head: the ring holds every event below that head
         self._swept_head = head
         cache: dict[tuple[int, EventNames], Any] = {}  # a collect() result, or _EVICTED
         written: dict = {}  # (cursor, names) -> (pos reached, oldest live_from among its streams): for latency
         failed = []
         bouncer = self.bouncer
-        for stream in self._streams.values():
+        look_at_guests = look_at_guests and bool(self._guests)
+        for index, stream in enumerate(self._streams.values()):
+            if look_at_guests and index % GUEST_LOOK == GUEST_LOOK - 1:
+                self._serve_guests()
             if stream.cursor >= head:
                 continue  # up to date, or CLOSING
             if stream.state is State.BLOCKED:
