@@ -72,9 +72,12 @@ def header_lines(pairs) -> bytes:
     return "".join(f"{name}: {value}\r\n" for name, value in pairs).encode("latin-1")
 
 
+_SERVER_LINE = f"Server: {SERVER_HEADER}\r\n".encode()
+
+
 def common_headers(date: bytes, cors: tuple[tuple[str, str], ...] = ()) -> bytes:
     """What every response carries: Server, Date, and the CORS headers for the request's origin."""
-    return b"Server: %s\r\nDate: %s\r\n%s" % (SERVER_HEADER.encode(), date, header_lines(cors))
+    return b"%sDate: %s\r\n%s" % (_SERVER_LINE, date, header_lines(cors) if cors else b"")
 
 
 def render_response(
