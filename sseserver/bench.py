@@ -538,6 +538,7 @@ class Publisher:
         self.start_ns = 0  # the schedule's start
         self.last_reply_ns = 0
         self.max_lag_ns = 0  # how late, at worst, an event was sent against its schedule
+        self.round_trips: Histogram = {}  # answered publish requests by time from sending to the answer
 
     def run(self, messages: int, rate: float, duration: float) -> None:
         start_ns = time.monotonic_ns()
@@ -564,6 +565,7 @@ class Publisher:
                 break
             bodies = [payload(MEASURED, seq, number, self.size) for seq in seqs]
             keys = None if self.key_prefix is None else [b"%s-%d" % (self.key_prefix, seq) for seq in seqs]
+            sent_ns = time.monotonic_ns()
             try:
                 if self.target.batch:
                     status = connection.post(ndjson(bodies, keys))
@@ -575,13 +577,16 @@ class Publisher:
                 connection.close()
                 connection = Connection(self.target)
                 continue
+            answered_ns = time.monotonic_ns()
+            bucket = bucket_of((answered_ns - sent_ns) / 1000)
             with self._lock:
                 if 200 <= status < 300:
                     self.ok += len(seqs)
                     self.requests += 1
                 else:
                     self.errors += len(seqs)
-                self.last_reply_ns = time.monotonic_ns()
+                self.round_trips[bucket] = self.round_trips.get(bucket, 0) + 1
+                self.last_reply_ns = answered_ns
         connection.close()
 
     def _wait_for_turn(self, seq: int, schedule: Schedule) -> None:
@@ -731,6 +736,8 @@ def summarize(
         "p90_ms": milliseconds(percentile(histogram, 0.90)),
         "p99_ms": milliseconds(percentile(histogram, 0.99)),
         "max_ms": milliseconds(value_of(max(histogram)) if histogram else None),
+        "publish_rtt_p50_ms": milliseconds(percentile(publisher.round_trips, 0.50)),
+        "publish_rtt_p99_ms": milliseconds(percentile(publisher.round_trips, 0.99)),
         "publishes_per_s": round(achieved, 1),
         "deliveries_per_s": round(delivered / measure_wall, 1),
         "publisher_max_lag_ms": round(publisher.max_lag_ns / 1e6, 3),

@@ -62,6 +62,9 @@ class BenchTest(unittest.TestCase):
             ):
                 self.assertIn(key, report)
             self.assertLessEqual(report["p50_ms"], report["p99_ms"])
+            # 50 publishes answered: their round trips, from sending the request to reading the answer
+            self.assertGreater(report["publish_rtt_p50_ms"], 0)
+            self.assertLessEqual(report["publish_rtt_p50_ms"], report["publish_rtt_p99_ms"])
 
     def test_batches_with_idempotency_keys_are_counted_per_event(self):
         with RunningServer(queue_size=1024) as server:
