@@ -365,6 +365,9 @@ class Bouncer:
         self._origin: int | None = self._next_id - 1
         self._last_id = self._origin  # the newest id in the sequence
         self._has_events = False
+        # A client was told it has everything up to the origin while nothing was here (a Last-Event-ID equal to
+        # _last_id at an empty instance): the first event ingested must then show a gap its predecessor reveals.
+        self._origin_promised = False
         self._unfiltered = 0
         self._total = 0
         self._by_name: dict[str, int] = {}
@@ -466,8 +469,12 @@ class Bouncer:
             if batch is None or batch != self._ingested_batch:
                 self._batches += 1
             self._ingested_batch = batch
-            if self._has_events and (gap or prev_id != self._last_id):
+            if (self._has_events or self._origin_promised) and (gap or prev_id != self._last_id):
+                # An instance that joined a stream Redis had emptied (FLUSHALL, a restart without persistence) and
+                # told a client "0" was all there is: the first entry's predecessor (its own id - 1) is not 0, so
+                # events that client never got may have existed. Without a promise there is nobody to tell.
                 self._append_locked(_gap_entry(self._last_id, event_id, now, self._batches))
+            self._origin_promised = False
             self._append_locked(_sequenced(event_id, prev_id, name, data, body, now, self._batches))
             self._trim_room_locked()
             self._last_id = event_id
@@ -942,7 +949,10 @@ class Bouncer:
         if wanted is None:
             return None  # not one of our ids
         if oldest == head:  # nothing retained: fine only if the client has seen the very last id
-            return head if wanted == self._last_id else None
+            if wanted != self._last_id:
+                return None
+            self._origin_promised = self._origin_promised or not self._has_events
+            return head
         if wanted == self.ring.held(oldest).prev_id:
             return oldest
         low, high = oldest, head  # the first pos whose id is >= wanted

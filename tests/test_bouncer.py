@@ -222,6 +222,25 @@ class BouncerTest(unittest.TestCase):
         self.assertIsNotNone(bouncer.subscribe(None, "7").reset)  # an id inside the gap is not one we hold
         self.assertEqual([e.id for e in bouncer.history()], [1, 2, 10])
 
+    def test_a_client_told_0_was_everything_at_an_empty_instance_is_reset_when_the_first_entry_shows_a_past(self):
+        """An instance joins a stream Redis emptied (FLUSHALL) and a client says Last-Event-ID 0: there is nothing
+        to replay, so it is honoured. The next entry, the first of the emptied stream, names its own id - 1 as its
+        predecessor: acknowledged events before it may be gone, and that client must be reset, not go on as if it
+        had seen everything (found by the fault-injection model test, redis-aof seed 1)."""
+        bouncer = Bouncer(history_size=10, queue_size=4, first_id=1)
+        replay = bouncer.subscribe(None, "0")
+        self.assertIsNone(replay.reset)
+        bouncer.ingest(500, "message", "after the flush", prev_id=499)
+        events = FeedReader().feed(bouncer.collect(bouncer.ring, replay.subscriber.cursor, bouncer.head, None)[0])
+        self.assertEqual([e.type for e in events], ["sseserver.reset", "message"])
+        self.assertEqual(json.loads(events[0].data), {"last_event_id": "0", "oldest_id": "500"})
+        # Without such a promise the first entry is just the first: a stream that gave no id gets no notice.
+        quiet = Bouncer(history_size=10, queue_size=4, first_id=1)
+        live = quiet.subscribe(None, None).subscriber
+        quiet.ingest(500, "message", "first", prev_id=499)
+        events = FeedReader().feed(quiet.collect(quiet.ring, live.cursor, quiet.head, None)[0])
+        self.assertEqual([e.type for e in events], ["message"])
+
     def test_a_loss_the_predecessors_cannot_show_resets_every_earlier_cursor_and_the_resets_cursor_is_valid(self):
         """A forced gap (the stream's writer changed, an own id never came back) and a stream that went back (a
         flush: the next entry's predecessor is below the last id here). Once the events before the spot are
