@@ -152,20 +152,20 @@ class DaemonProcess:
         return [int(match.group(1)) for line in list(self.lines) if (match := UPGRADED.search(line))]
 
     def follow(self, pid: int, timeout: float) -> int | None:
-        """The serving process handed over to `pid`: once the old one has exited, follow the new one. Returns the
-        old process's exit code: the real one for the process we started, 0 for an earlier successor that is gone
-        (its status is not ours to read), None if it still runs after `timeout` (then nothing changes). Never
-        under strace: the wrapper's pid would be the one to wait for (the chaos plan upgrades those lifetimes
-        only in file modes, where the daemon refuses)."""
-        if self.successor:
-            code = 0 if self._gone(timeout) else None
-        else:
-            code = self.wait(timeout)
-        if code is not None:
-            self.pid = pid
-            self.successor = True
-            self.followed_at = len(self.lines)
-        return code
+        """The serving process handed over to `pid` (it logged so after the commit): follow the new one at once,
+        so `alive()` never says no in between, then wait until the old one has exited. Returns the old process's
+        exit code: the real one for the process we started, 0 for an earlier successor that is gone (its status
+        is not ours to read), None if it still runs after `timeout`. Never under strace: the wrapper's pid would
+        be the one to wait for (the chaos plan upgrades those lifetimes only in file modes, where the daemon
+        refuses)."""
+        old, was_successor = self.pid, self.successor
+        self.pid, self.successor, self.followed_at = pid, True, len(self.lines)
+        if was_successor:
+            return 0 if self._gone(old, timeout) else None
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
     def signal(self, signum: int) -> None:
         try:
@@ -181,15 +181,16 @@ class DaemonProcess:
                 return self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 return None
-        if not self._gone(timeout):
+        if not self._gone(self.pid, timeout):
             return None
         if self._pump is not None:
             self._pump.join(IO_TIMEOUT)  # the pipe closes with its last holder: every line is in
         return 0 if any(line.endswith(STOPPED) for line in self.lines[self.followed_at :]) else -1
 
-    def _gone(self, timeout: float) -> bool:
+    @staticmethod
+    def _gone(pid: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while alive(self.pid):
+        while alive(pid):
             if time.monotonic() > deadline:
                 return False
             time.sleep(POLL)
