@@ -194,6 +194,7 @@ class Watch:
         self.replay_target = None  # the newest matching id its replay must reach
         self.why = why  # how it was opened, for messages
         self.token = None  # the subscribe token it presented (an upgrade's new process checks it again)
+        self.all_names = False  # no ?event= names: its filter is its token's scope, or everything
         self.retries = 0  # `retry:` blocks: the one at its start, and a farewell only when its daemon stops
         self.stalled = False
         self.was_stalled = False
@@ -826,6 +827,7 @@ class Chaos:
             f"{why}{' stalled' if stalled else ''}",
         )
         watch.from_stream = from_stream
+        watch.all_names = not names
         if tokens:
             watch.token = SCOPED_TOKEN if scoped else SUBSCRIBE_TOKEN
         must = domain.must()
@@ -1250,6 +1252,15 @@ class Chaos:
             refused_streams = [w for w in self.watches if w.daemon is daemon and w.open() and w.token is None]
         for watch in refused_streams:
             watch.end_expected = "upgrade"
+        if hands_over and not self.config["tokens"]:
+            # The new process decides each stream's filter again, as for its reconnect (README): a stream that
+            # asked for no names under a scoped token, now that no token is required, gets every name from the
+            # hand-over on. The model keeps one filter per stream, so such a stream's client leaves first.
+            for watch in self.watches:
+                if watch.daemon is daemon and watch.open() and watch.token == SCOPED_TOKEN and watch.all_names:
+                    watch.closed_by = "fin"
+                    self.reader.close(watch.stream, "fin")
+                    self.count("streams left before an upgrade widens their filter")
         old_pid, upgrades, refusals = daemon.pid, len(daemon.successors()), daemon.count("still serving")
         outcome: dict[str, int | None] = {}
 
