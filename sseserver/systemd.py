@@ -30,17 +30,29 @@ def _address(environ: Mapping[str, str]) -> str | None:
     return address
 
 
+# How long notify() waits for room in systemd's queue (net.unix.max_dgram_qlen datagrams; it fills while
+# systemd is busy) for a message systemd acts on: READY=1, STOPPING=1, RELOADING=1, MAINPID=. Bounded so that a
+# stop is never held past its own deadlines by systemd; STATUS= and WATCHDOG=1 alone never wait (a lost one is
+# replaced by the next, and the control loop must not stall on them).
+NOTIFY_WAIT = 1.0
+_WORTH_WAITING = ("READY=1", "STOPPING=1", "RELOADING=1", "MAINPID=")
+
+
 def notify(message: str, environ=os.environ) -> bool:
-    """Send one sd_notify datagram (e.g. "READY=1"). True if it was sent."""
+    """Send one sd_notify datagram (e.g. "READY=1"). True if it was sent; False (never blocking longer than
+    NOTIFY_WAIT) when systemd's queue stayed full."""
     address = _address(environ)
     if address is None:
         return False
+    lines = message.split("\n")
+    wait = NOTIFY_WAIT if any(line.startswith(_WORTH_WAITING) for line in lines) else 0.0
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(wait)  # 0: non-blocking; a connected datagram socket waits for room in the peer's queue
             sock.connect(address)
-            sock.sendall(message.encode("utf-8"))
+            sock.send(message.encode("utf-8"))
         return True
-    except OSError:
+    except OSError:  # TimeoutError and BlockingIOError among them
         return False
 
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -101,6 +102,30 @@ class NotifyTest(unittest.TestCase):
         self.assertFalse(systemd.notify("READY=1", environ={}))
         self.assertFalse(systemd.notify("READY=1", environ={"NOTIFY_SOCKET": "/nonexistent/socket"}))
         self.assertFalse(systemd.notify("READY=1", environ={"NOTIFY_SOCKET": "relative"}))
+
+    def test_notify_gives_up_on_a_full_queue_at_once_or_after_a_bounded_wait(self):
+        """systemd busy: its notify socket's queue (net.unix.max_dgram_qlen) is full. notify() blocked until it
+        read again, so SIGTERM hung in STOPPING=1 far past shutdown_timeout. Now STATUS= and WATCHDOG=1 are
+        dropped at once, and READY=1, STOPPING=1 (MAINPID=, RELOADING=1) wait at most NOTIFY_WAIT."""
+        notify = NotifySocket()
+        self.addCleanup(notify.close)
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(filler.close)
+        filler.setblocking(False)
+        with self.assertRaises(BlockingIOError):
+            while True:
+                filler.sendto(b"STATUS=filler", notify.address)
+        environ = {"NOTIFY_SOCKET": notify.address}
+        for message, longest in [("STATUS=x", 0.5), ("WATCHDOG=1", 0.5), ("STOPPING=1", systemd.NOTIFY_WAIT + 1.0)]:
+            results: list[bool] = []
+            started = time.monotonic()
+            sender = threading.Thread(target=lambda: results.append(systemd.notify(message, environ)), daemon=True)
+            sender.start()
+            sender.join(IO_TIMEOUT)  # a thread, so that a blocking send fails the test instead of hanging it
+            self.assertEqual(results, [False], f"{message} blocked on a full queue")
+            self.assertLess(time.monotonic() - started, longest, message)
+        notify.sock.recv(4096)  # room for one: the next one that matters gets through
+        self.assertTrue(systemd.notify("READY=1", environ))
 
     def test_listen_fds_for_another_process_are_ignored(self):
         self.assertEqual(systemd.listen_sockets({"LISTEN_FDS": "1", "LISTEN_PID": "1"}), [])
