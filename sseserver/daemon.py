@@ -55,6 +55,10 @@ RETIRE_TIMEOUT = 1.0
 # How often the accept loop looks whether it is asked to stop (socketserver's poll_interval): an upgrade in place
 # waits that long, on average half of it, before the hand-over can begin. 20 wake-ups a second cost nothing.
 ACCEPT_POLL = 0.05
+# While names a start was passed may still be in systemd's fd store: how often the control loop asks again to
+# remove them, and how long each attempt may wait for systemd (the loop does nothing else meanwhile).
+STALE_RETRY = 1.0
+STALE_RETRY_TIMEOUT = 0.5
 
 
 class Mailbox:
@@ -164,6 +168,9 @@ class Daemon:
         self.ready = threading.Event()  # set once listening (tests wait on it)
         self._accept_thread: threading.Thread | None = None
         self._drain_thread: threading.Thread | None = None
+        # Names a start was passed from the fd store whose removal systemd has not confirmed yet: the control loop
+        # asks again, and no stop stores anything while some are left (its names could be taken for theirs).
+        self._stale: tuple[str, ...] = ()
 
     # -- methods for the caller --------------------------------------------------------------------------------
 
@@ -253,7 +260,7 @@ class Daemon:
         tick = min(watchdog, 5.0) if watchdog else 5.0
         next_watchdog = time.monotonic()
         while True:
-            command = self.events.get(tick)
+            command = self.events.get(min(tick, STALE_RETRY) if self._stale else tick)
             if command is Command.STOP:
                 if self._drain_thread is not None:
                     log.warning("second stop signal: exiting now without waiting for streams")
@@ -276,6 +283,8 @@ class Daemon:
                 next_watchdog = time.monotonic() + watchdog
             if self._drain_thread is None:
                 systemd.notify(f"STATUS={server.status()}", self.environ)
+                if self._stale:
+                    self._remove_stale(time.monotonic() + STALE_RETRY_TIMEOUT)
 
     def _begin_stop(self, server: SSEServer) -> None:
         """Shutdown, in order: (1) tell systemd and make /health say 503; (2) stop the accept loop and close the
@@ -368,6 +377,8 @@ class Daemon:
             return "history_file is set (the file stays locked by this process; restart instead)"
         if self.config.redis_url:
             return "redis_url is set (the Redis follower's position is not handed over yet; restart instead)"
+        if self._stale:  # the next process would not know them, and could store its own next to them
+            return "names passed at start may still be in systemd's fd store (it has not confirmed removing them)"
         return None
 
     def _upgrade_failed(self, server: SSEServer, why: str) -> bool:
@@ -414,10 +425,15 @@ class Daemon:
         if self.config.history_file or self.config.redis_url:
             log.info("stopping without the fd store: history_file or redis_url is set (its streams drain instead)")
             return False
+        if self._stale and not self._remove_stale(time.monotonic() + self.config.upgrade_timeout):
+            # Stored next to names from before, ours could be taken for theirs (and theirs for ours).
+            log.error("fd store not used, ending the streams instead: names from the previous start may still be there")
+            return False
+        log.info("stopping: storing %d stream(s) in systemd's fd store", server.subscriber_count())
+        systemd.notify("STOPPING=1", self.environ)  # may wait for systemd (NOTIFY_WAIT): not the store's time
         started = time.monotonic()
         deadline = started + self.config.upgrade_timeout
-        log.info("stopping: storing %d stream(s) in systemd's fd store", server.subscriber_count())
-        systemd.notify("STOPPING=1", self.environ)
+        state: handover.State | None = None
         try:
             state = server.handover_state(deadline) if server.pause(deadline) else None
             if state is None:
@@ -427,7 +443,13 @@ class Daemon:
                 return self._store_failed(server, why)
             blob = handover.encode(state)
             fdstore.store(state, blob, self.environ, deadline)
-        except Exception as exc:  # OSError from the store, or a bug: the streams must still end cleanly
+        except fdstore.StoreFailed as failed:
+            log.debug("fd store failed", exc_info=True)
+            if not failed.taken_back:
+                self._store_lost(server, state, str(failed))
+                return True  # every stream has ended; nothing is left to drain
+            return self._store_failed(server, str(failed))
+        except Exception as exc:  # a bug before anything was sent: the streams must still end cleanly
             log.debug("fd store failed", exc_info=True)
             return self._store_failed(server, f"{type(exc).__name__}: {exc}")
         took = time.monotonic() - started
@@ -436,31 +458,66 @@ class Daemon:
         return True
 
     def _store_failed(self, server: SSEServer, why: str) -> bool:
+        """Nothing of the stop is in the store (never sent, or systemd confirmed taking it back)."""
         server.resume()  # the writers go on, so that the drain ends every stream with a `retry:`
         log.error("fd store not used, ending the streams instead: %s", why)
         return False
+
+    def _store_lost(self, server: SSEServer, state: handover.State | None, why: str) -> None:
+        """systemd did not confirm taking back what a failed store sent: it may still hold the streams, and may
+        still store the state (its messages can sit in systemd's queue after we exit), which lists each stream's
+        unsent bytes for the next start to send. So no byte may be written to any stream again, and nothing
+        published here either (the state's id sequence must stay the last word): every stream gets a FIN
+        without a byte (its client reconnects with Last-Event-ID), the writers let go, and we exit."""
+        assert state is not None  # StoreFailed comes from store(), which needs one
+        fdstore.shut_down([stream.fd for stream in state.streams])
+        server.release(time.monotonic() + RETIRE_TIMEOUT)  # stays paused: publishes get 503, streams no writes
+        log.error(
+            "fd store failed and systemd did not confirm taking it back: ended %d stream(s) without writing, which"
+            " reconnect: %s",
+            len(state.streams),
+            why,
+        )
+
+    def _remove_stale(self, deadline: float) -> bool:
+        """Ask systemd again to remove the names this start was passed. True once it confirmed."""
+        if fdstore.empty(self._stale, self.environ, deadline):
+            log.info("restart: systemd removed the %d name(s) passed at start from its fd store", len(self._stale))
+            self._stale = ()
+        return not self._stale
 
     def _restore(self, passed: fdstore.Passed) -> tuple[handover.State | None, list[socket.socket], int]:
         """At start: the listener (a socket unit's, else the one a stop stored) and the state to adopt, with each
         stream's fd as passed to us; and the state's size. The store is emptied before anything is adopted (see
         fdstore.py); what is not adopted is closed, a stream with a FIN so that its client reconnects."""
-        for fd in (*passed.listeners, *passed.listen, *passed.states, *passed.stream_fds(), *passed.unknown):
+        every = (*passed.listeners, *passed.listen, *passed.states, *passed.claims, *passed.stream_fds())
+        for fd in (*every, *passed.unknown):
             os.set_inheritable(fd, False)
+        # First of all: whatever happens next, the state passed here is never current again (see fdstore.claim()).
+        current = fdstore.claim(passed.claims)
         listeners = list(passed.listeners) or list(passed.listen[:1])
         # A stored listener next to a socket unit's is that same socket (or one the unit replaced): not ours to use.
-        fdstore.close([*(fd for fd in passed.listen if fd not in listeners), *passed.unknown])
+        fdstore.close([*(fd for fd in passed.listen if fd not in listeners), *passed.claims, *passed.unknown])
         inherited = [socket.socket(fileno=fd) for fd in listeners]
         if not passed.stored:
             return None, inherited, 0
         blobs = [handover.read_fd(fd) for fd in passed.states]
         fdstore.close(passed.states)
         emptied = fdstore.empty(passed.stored, self.environ, time.monotonic() + self.config.upgrade_timeout)
+        if not emptied:
+            self._stale = passed.stored  # the control loop asks again until systemd confirms
         state: handover.State | None = None
         why = None
         if not blobs:
             why = "no state was stored with them"
         elif len(blobs) > 1:
             why = f"{len(blobs)} states were stored, and which one is current cannot be told"
+        elif not current:
+            why = (
+                "the state was taken by an earlier start already, which could not remove it from the fd store"
+                if passed.claims
+                else "no claim was stored with the state"
+            )
         elif not emptied:
             why = "systemd did not confirm removing them from its fd store (after a crash they could be adopted twice)"
         elif self.config.history_file or self.config.redis_url:

@@ -44,7 +44,11 @@ class FakeSystemd:
     """systemd's side of sd_notify with descriptors, on a thread: FDSTORE=1 keeps the descriptors under their
     FDNAME in arrival order, FDSTOREREMOVE=1 closes every one of that name, BARRIER=1's descriptor is closed (which
     is the answer), and every message is recorded. The store is a dict by name, so that removing thousands of
-    names one by one (the benchmark) costs what it costs systemd, not a scan of the store each."""
+    names one by one (the benchmark) costs what it costs systemd, not a scan of the store each.
+
+    stop_reading() plays a busy systemd (a daemon-reload, its n^2 compares of a big store): nothing is read, so
+    the socket's queue (net.unix.max_dgram_qlen messages) fills, and fill_queue() fills it at once. `hold_barriers`
+    barriers are not answered (their descriptor is kept open) though everything else is handled."""
 
     def __init__(self):
         self._dir = tempfile.mkdtemp(prefix="sseserver-fdstore-")
@@ -55,12 +59,18 @@ class FakeSystemd:
         self.store: dict[str, list[int]] = {}
         self.messages: list[str] = []
         self.changed = threading.Condition()
+        self.reading = threading.Event()
+        self.reading.set()
+        self.hold_barriers = 0
+        self._held: list[int] = []
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="test-systemd", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._closed.is_set():
+            if not self.reading.wait(RECEIVE_POLL):
+                continue
             try:
                 data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(253 * 4))
             except TimeoutError:
@@ -80,9 +90,29 @@ class FakeSystemd:
                     fds = array.array("i")
                 elif fields.get("FDSTOREREMOVE") == "1":
                     fds.extend(self.store.pop(fields.get("FDNAME", ""), []))
+                elif fields.get("BARRIER") == "1" and self.hold_barriers:
+                    self.hold_barriers -= 1
+                    self._held.extend(fds)
+                    fds = array.array("i")
                 for fd in fds:  # a barrier's, or removed ones
                     os.close(fd)
                 self.changed.notify_all()
+
+    def stop_reading(self) -> None:
+        self.reading.clear()
+
+    def start_reading(self) -> None:
+        self.reading.set()
+
+    def fill_queue(self) -> None:
+        """While not reading: fill the socket's queue, so that a daemon's next message waits for room."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+            filler.setblocking(False)
+            try:
+                while True:
+                    filler.sendto(b"STATUS=filler", self.address)
+            except BlockingIOError:
+                pass
 
     def names(self) -> list[str]:
         """One entry per stored descriptor, in the order they were stored."""
@@ -110,7 +140,7 @@ class FakeSystemd:
         self._closed.set()
         self._thread.join(IO_TIMEOUT)
         self.sock.close()
-        for fd, _ in self.passed():
+        for fd in [fd for fd, _ in self.passed()] + self._held:
             os.close(fd)
         self.store.clear()
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -139,9 +169,9 @@ class RestartTest(unittest.TestCase):
         assert_exit(process, 0)
         names = self.systemd.names()
         self.assertEqual(names[0], fdstore.LISTEN)
-        self.assertEqual(names[-1], fdstore.STATE)  # last: a store without it holds no hand-over
-        self.assertEqual(len(names), streams + 2)
-        self.assertTrue(all(re.fullmatch(r"sse-\d+", name) for name in names[1:-1]))
+        self.assertEqual(names[-2:], [fdstore.CLAIM, fdstore.STATE])  # the state last: without it no hand-over
+        self.assertEqual(len(names), streams + 3)
+        self.assertTrue(all(re.fullmatch(r"sse-\d+", name) for name in names[1:-2]))
         self.assertEqual(self.systemd.messages[-1], "BARRIER=1")  # it waited for systemd before exiting
         return names
 
@@ -317,7 +347,7 @@ class RestartTest(unittest.TestCase):
         self.addCleanup(shutil.rmtree, tmp, True)
         cases = [
             ("no FDSTORE", {"NOTIFY_SOCKET": self.systemd.address}, (), None),
-            ("too small", {**self.env, "FDSTORE": "2"}, (), "the fd store holds 2 descriptors, 3 needed"),
+            ("too small", {**self.env, "FDSTORE": "2"}, (), "the fd store holds 2 descriptors, 4 needed"),
             ("history_file", self.env, ("-c", write_config(tmp, history_file=f"{tmp}/h.log")), "history_file"),
         ]
         for case, env, args, why in cases:
@@ -333,6 +363,101 @@ class RestartTest(unittest.TestCase):
                 if why:
                     self.assertIn(why, log_of(process))
 
+    def quick_config(self) -> str:
+        """A config whose fd-store waits (upgrade_timeout) are short, for tests where systemd does not answer."""
+        tmp = tempfile.mkdtemp(prefix="sseserver-fdstore-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        return write_config(tmp, upgrade_timeout=1)
+
+    def test_a_store_systemd_may_still_hold_ends_every_stream_without_a_byte(self):
+        """systemd stops reading while a stop stores: the store times out and so does taking it back. Its
+        messages may still be handled after this process is gone, the state with each stream's unsent bytes
+        among them, so the stop writes nothing more to any stream (it resumed and drained: the next process then
+        sent the same bytes again, duplicates and half an event): a FIN each, no `retry:`, and it exits 0."""
+        path = self.quick_config()
+        with daemon_process("--port", "0", "-c", path, env=self.env) as (first, port):
+            streams = StreamSet(self, port, 3)
+            wait_for_subscribers(port, 3)
+            before = publish(port, "before")
+            streams.assert_received_exactly(self, [(before, "before")])
+            self.systemd.stop_reading()  # the store's messages queue up (as many as fit), unanswered
+            os.kill(first.pid, signal.SIGTERM)
+            assert_exit(first, 0)
+            self.assertTrue(streams.reader.wait(lambda: all(s.ended for s in streams.streams), IO_TIMEOUT))
+            with streams.reader.lock:
+                for stream in streams.streams:
+                    self.assertEqual(StreamSet.events(stream), [(before, "before")])
+                    self.assertIsInstance(stream.items[-1], ssereader.Event)  # nothing after it: no `retry:`
+            self.assertIn("systemd did not confirm taking it back: ended 3 stream(s) without writing", log_of(first))
+
+    def stored_then_busy(self, path: str) -> int:
+        """A stop stores 2 streams, then systemd stops reading with its queue full: the next start's removes
+        cannot even be sent. Returns the port."""
+        with daemon_process("--port", "0", "-c", path, env=self.env) as (first, port):
+            StreamSet(self, port, 2)
+            wait_for_subscribers(port, 2)
+            self.stop_into_store(first, 2)
+        self.systemd.stop_reading()
+        self.systemd.fill_queue()
+        return port
+
+    def test_names_systemd_did_not_confirm_removing_at_start_are_removed_while_serving(self):
+        """systemd busy while the next start empties the store. It serves anyway (ending the stored streams),
+        and asks again from its control loop until systemd confirms, so that the old state does not sit in the
+        store, to be adopted by a later start, while this process serves."""
+        path = self.quick_config()
+        port = self.stored_then_busy(path)
+        with self.next_start(args=("-c", path)) as (second, _):
+            self.assertIn("systemd did not confirm removing them", log_of(second))
+            self.assertEqual(len(self.systemd.names()), 5)  # still there
+            self.systemd.start_reading()
+            self.systemd.wait_for(lambda: not self.systemd.store, "the names to be removed")
+            StreamSet(self, port, 1)
+            wait_for_subscribers(port, 1)
+            self.stop_into_store(second, 1)  # and the next stop stores as usual
+        self.assertIn("systemd removed the 5 name(s) passed at start", log_of(second))
+
+    def test_a_stop_while_names_from_the_start_may_still_be_stored_drains_instead(self):
+        """Stored next to the previous start's names, a stop's own could be taken for theirs: it drains."""
+        path = self.quick_config()
+        port = self.stored_then_busy(path)
+        with self.next_start(args=("-c", path)) as (second, _):
+            streams = StreamSet(self, port, 1)
+            wait_for_subscribers(port, 1)
+            os.kill(second.pid, signal.SIGTERM)
+            assert_exit(second, 0)
+            self.assertTrue(streams.reader.wait(lambda: streams.streams[0].ended, IO_TIMEOUT))
+            with streams.reader.lock:
+                self.assertTrue(any(isinstance(i, ssereader.Retry) for i in streams.streams[0].items))
+        self.assertIn("names from the previous start may still be there", log_of(second))
+        self.systemd.start_reading()
+
+    def test_a_state_a_start_took_is_never_adopted_again_when_its_removal_was_lost(self):
+        """The next start's removes lost (systemd busy, then that process crashed): a later start is passed the
+        old state again. Adopting it would take the ids back and skip what the crashed process acknowledged; the
+        claim stored with the state, which the first start marked, says it is stale."""
+        with daemon_process("--port", "0", env=self.env) as (first, port):
+            streams = StreamSet(self, port, 3)
+            wait_for_subscribers(port, 3)
+            before = publish(port, "before")
+            self.stop_into_store(first, 3)
+            lost = [(os.dup(fd), name) for fd, name in self.systemd.passed()]  # as if the removes never arrived
+            self.addCleanup(fdstore.close, [fd for fd, _ in lost])
+            with self.next_start() as (second, _):
+                self.started(second)
+                acknowledged = publish(port, "acknowledged")
+                streams.assert_received_exactly(self, [(before, "before"), (acknowledged, "acknowledged")])
+                second.kill()
+                second.wait(IO_TIMEOUT)
+            with self.next_start(fds=lost) as (third, _):
+                self.assertNotIn("adopted from systemd's fd store", log_of(third))
+                self.assertIn(
+                    "restart: ending 3 stored stream(s), which reconnect: the state was taken by an earlier start",
+                    log_of(third),
+                )
+                self.assertTrue(streams.reader.wait(lambda: all(s.ended for s in streams.streams), IO_TIMEOUT))
+                self.assertGreater(publish(port, "later"), acknowledged)
+
 
 class ProtocolTest(unittest.TestCase):
     def test_passed_descriptors_sort_into_roles_by_name(self):
@@ -340,13 +465,14 @@ class ProtocolTest(unittest.TestCase):
             ([], fdstore.Passed()),
             ([(3, "unknown")], fdstore.Passed(listeners=(3,))),
             (
-                [(3, "sseserver.socket"), (4, "sse-listen"), (5, "sse-17"), (6, "sse-state")],
+                [(3, "sseserver.socket"), (4, "sse-listen"), (5, "sse-17"), (6, "sse-claim"), (7, "sse-state")],
                 fdstore.Passed(
                     listeners=(3,),
                     listen=(4,),
-                    states=(6,),
+                    states=(7,),
+                    claims=(6,),
                     streams=((17, 5),),
-                    stored=("sse-listen", "sse-17", "sse-state"),
+                    stored=("sse-listen", "sse-17", "sse-claim", "sse-state"),
                 ),
             ),
             (
@@ -399,8 +525,8 @@ class ProtocolTest(unittest.TestCase):
                 os.close(fd)
 
     def test_a_store_too_small_or_with_names_the_next_start_could_not_be_run_with_is_refused(self):
-        self.assertIsNone(fdstore.refusal(small_state(3, range(10, 20)), 12))
-        self.assertIn("holds 11 descriptors, 12 needed", fdstore.refusal(small_state(3, range(10, 20)), 11))
+        self.assertIsNone(fdstore.refusal(small_state(3, range(10, 20)), 13))
+        self.assertIn("holds 12 descriptors, 13 needed", fdstore.refusal(small_state(3, range(10, 20)), 12))
         self.assertIsNone(fdstore.refusal(small_state(3, range(10_000, 22_000)), 65538))  # 12,000 streams fit
         self.assertIn("LISTEN_FDNAMES would be", fdstore.refusal(small_state(3, range(10_000, 23_000)), 65538))
         # The limit is the kernel's: at it (with the room left for a socket unit's names) a program still runs.
@@ -409,9 +535,10 @@ class ProtocolTest(unittest.TestCase):
         with self.assertRaises(OSError):
             subprocess.run(["true"], env={"LISTEN_FDNAMES": fits["LISTEN_FDNAMES"] + "x"})
 
-    def test_a_store_systemd_does_not_confirm_is_taken_back_state_first(self):
-        """No answer to BARRIER=1 (here: nobody reads the socket): store() raises by its deadline, after asking
-        systemd to drop what it sent, the state first, so that the drain's FINs reach the clients."""
+    def test_a_store_systemd_does_not_confirm_is_taken_back_state_first_and_reported_unconfirmed(self):
+        """No answer to BARRIER=1 (here: nobody reads the socket): store() gives up by its deadline, after asking
+        systemd to drop what it sent, the state first, and says that systemd did not confirm that either: the
+        messages may still be handled after the stopping process is gone."""
         tmp = tempfile.mkdtemp(prefix="sseserver-fdstore-")
         self.addCleanup(shutil.rmtree, tmp, True)
         mute = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -422,11 +549,13 @@ class ProtocolTest(unittest.TestCase):
             self.addCleanup(sock.close)
         state = small_state(listener.fileno(), [stream.fileno()])
         started = time.monotonic()
-        with self.assertRaises(TimeoutError):
+        with self.assertRaises(fdstore.StoreFailed) as failed:
             fdstore.store(state, handover.encode(state), {"NOTIFY_SOCKET": f"{tmp}/notify"}, started + 0.5)
+        self.assertFalse(failed.exception.taken_back)
+        self.assertIn("TimeoutError", str(failed.exception))
         mute.settimeout(IO_TIMEOUT)
         received = []
-        while len(received) < 7:
+        while len(received) < 10:
             data, ancillary, _, _ = mute.recvmsg(4096, socket.CMSG_SPACE(4))
             for _, _, payload in ancillary:
                 os.close(int.from_bytes(payload[:4], "little"))
@@ -437,13 +566,32 @@ class ProtocolTest(unittest.TestCase):
             [
                 "FDSTORE=1\nFDNAME=sse-listen",
                 f"FDSTORE=1\nFDNAME={name}",
+                "FDSTORE=1\nFDNAME=sse-claim",
                 "FDSTORE=1\nFDNAME=sse-state",
                 "BARRIER=1",
                 "FDSTOREREMOVE=1\nFDNAME=sse-state",
+                "FDSTOREREMOVE=1\nFDNAME=sse-claim",
                 f"FDSTOREREMOVE=1\nFDNAME={name}",
                 "FDSTOREREMOVE=1\nFDNAME=sse-listen",
+                "BARRIER=1",
             ],
         )
+
+    def test_a_take_back_systemd_confirms_is_reported_taken_back_and_leaves_nothing_stored(self):
+        """systemd handles the store but answers its barrier too late: the take-back's own barrier, answered,
+        proves that every message before it was handled, the removes included."""
+        fake = FakeSystemd()
+        self.addCleanup(fake.close)
+        fake.hold_barriers = 1
+        listener, (stream, peer) = listening_socket(), socket.socketpair()
+        for sock in (listener, stream, peer):
+            self.addCleanup(sock.close)
+        state = small_state(listener.fileno(), [stream.fileno()])
+        with self.assertRaises(fdstore.StoreFailed) as failed:
+            fdstore.store(state, handover.encode(state), {"NOTIFY_SOCKET": fake.address}, time.monotonic() + 0.5)
+        self.assertTrue(failed.exception.taken_back)
+        self.assertEqual(fake.names(), [])
+        self.assertEqual(fake.messages[-1], "BARRIER=1")
 
 
 if __name__ == "__main__":
