@@ -527,7 +527,11 @@ class Daemon:
                 state = handover.decode(blobs[0])
             except handover.HandoverError as exc:
                 why = str(exc)
-        unclaimed = dict(passed.streams)  # fd in the stopping process -> fd here
+        # fd in the stopping process -> fd here. Two sockets under one name: which one the state describes cannot
+        # be told, so neither is adopted.
+        named = collections.Counter(old for old, _ in passed.streams)
+        unclaimed = {old: fd for old, fd in passed.streams if named[old] == 1}
+        ambiguous = [fd for old, fd in passed.streams if named[old] > 1]
         if state is not None:
             kept = tuple(
                 dataclasses.replace(stream, fd=unclaimed.pop(stream.fd))
@@ -540,7 +544,9 @@ class Daemon:
             log.error("restart: ending %d stored stream(s), which reconnect: %s", len(unclaimed), why)
         elif unclaimed:
             log.warning("restart: ending %d stored stream(s) the state does not describe", len(unclaimed))
-        for fd in unclaimed.values():
+        if ambiguous:
+            log.warning("restart: ending %d stored stream(s) that share a name with another", len(ambiguous))
+        for fd in (*unclaimed.values(), *ambiguous):
             fdstore.hang_up(fd)
         return state, inherited, sum(len(blob) for blob in blobs)
 

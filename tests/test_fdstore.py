@@ -458,6 +458,24 @@ class RestartTest(unittest.TestCase):
                 self.assertTrue(streams.reader.wait(lambda: all(s.ended for s in streams.streams), IO_TIMEOUT))
                 self.assertGreater(publish(port, "later"), acknowledged)
 
+    def test_two_stored_streams_under_one_name_are_both_ended(self):
+        """Which of the two the state describes cannot be told: neither is adopted, both get a FIN (one of them
+        leaked: neither adopted nor ended), and the other streams are adopted."""
+        with daemon_process("--port", "0", env=self.env) as (first, port):
+            streams = StreamSet(self, port, 3)
+            wait_for_subscribers(port, 3)
+            names = self.stop_into_store(first, 3)
+            passed = [(fd, names[1] if name == names[2] else name) for fd, name in self.systemd.passed()]
+            with self.next_start(fds=passed) as (second, _):
+                ended = lambda: sum(s.ended for s in streams.streams) == 2  # noqa: E731
+                self.assertTrue(streams.reader.wait(ended, IO_TIMEOUT))
+                self.assertIn("restart: ending 2 stored stream(s) that share a name with another", log_of(second))
+                kept = [s for s in streams.streams if not s.ended]
+                after = publish(port, "after")
+                streams.reader.wait(lambda: StreamSet.events(kept[0]), IO_TIMEOUT)
+                with streams.reader.lock:
+                    self.assertEqual(StreamSet.events(kept[0]), [(after, "after")])
+
 
 class ProtocolTest(unittest.TestCase):
     def test_passed_descriptors_sort_into_roles_by_name(self):
