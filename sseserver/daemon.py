@@ -499,6 +499,8 @@ class Daemon:
         # A stored listener next to a socket unit's is that same socket (or one the unit replaced): not ours to use.
         fdstore.close([*(fd for fd in passed.listen if fd not in listeners), *passed.claims, *passed.unknown])
         inherited = [socket.socket(fileno=fd) for fd in listeners]
+        if inherited and not passed.listeners:
+            self._warn_if_moved(inherited[0])
         if not passed.stored:
             return None, inherited, 0
         blobs = [handover.read_fd(fd) for fd in passed.states]
@@ -549,6 +551,25 @@ class Daemon:
         for fd in (*unclaimed.values(), *ambiguous):
             fdstore.hang_up(fd)
         return state, inherited, sum(len(blob) for blob in blobs)
+
+    def _warn_if_moved(self, listener: socket.socket) -> None:
+        """The stored listener is served as it is: a host or port changed in the config since it was bound takes
+        a start without it to apply (systemd empties the store when the service stops). Say so once."""
+        host, port = listener.getsockname()[:2]
+        wanted_port = self.config.port
+        try:
+            wanted_hosts = {info[4][0] for info in socket.getaddrinfo(self.config.host, None, listener.family)}
+        except OSError:
+            wanted_hosts = set()
+        if (wanted_port and wanted_port != port) or host not in wanted_hosts:
+            log.warning(
+                "restart: serving the listening socket from systemd's fd store on %s port %d; the configured %s"
+                " port %d applies once the service is stopped and started (a restart keeps the stored socket)",
+                host,
+                port,
+                self.config.host,
+                wanted_port,
+            )
 
     def _adopt_stored(self, server: SSEServer, state: handover.State, size: int, started: float) -> bool:
         """Take over the streams a stop left in the fd store (already emptied: nothing is written before). The time

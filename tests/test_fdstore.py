@@ -476,6 +476,17 @@ class RestartTest(unittest.TestCase):
                 with streams.reader.lock:
                     self.assertEqual(StreamSet.events(kept[0]), [(after, "after")])
 
+    def test_a_port_changed_for_a_restart_that_serves_the_stored_listener_is_logged(self):
+        with daemon_process("--port", "0", env=self.env) as (first, port):
+            StreamSet(self, port, 1)
+            wait_for_subscribers(port, 1)
+            self.stop_into_store(first, 1)
+            with self.next_start(args=("--port", "1")) as (second, second_port):
+                self.started(second)
+                self.assertEqual(second_port, port)
+                (line,) = [line for line in second.log_lines if "serving the listening socket from" in line]
+                self.assertIn(f"port {port}; the configured 127.0.0.1 port 1 applies once", line)
+
 
 class ProtocolTest(unittest.TestCase):
     def test_passed_descriptors_sort_into_roles_by_name(self):
