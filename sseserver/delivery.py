@@ -23,6 +23,10 @@ Why this design (measured with ../shared/tools/sseload on the 2-core machine, nu
   as one publish: it arrives at once, so a socket that was momentarily full when it came is no sign of a slow
   reader (the bouncer keeps the ring's room for it). It reconnects with Last-Event-ID and catches up from
   history. A fast subscriber is never dropped.
+- The first writer also hosts guests: keep-alive publisher connections parked there between requests
+  (publisher_loop.py), in an epoll of their own that the selector watches as one fd. Their publishes are answered
+  and swept on this thread, with no other thread woken; while they keep coming, sweeps are SWEEP_HOLD apart so
+  each carries all of them, and a long sweep serves the guests every GUEST_LOOK streams.
 - The selector also watches every stream for EVENT_READ, so a client that closes is forgotten at once; TCP
   keepalive and TCP_USER_TIMEOUT (set by Delivery.add()) turn a half-open peer into a socket error within about
   two heartbeat intervals, because each heartbeat is data that must be acknowledged.
