@@ -33,10 +33,13 @@ are, they must still be gap-free.
 Faults are real: SIGHUP with a rewritten config, SIGTERM and kill -9 restarts (also in the middle of a publish
 burst), SIGUSR2 upgrades in place (also in a burst, and with the new process killed -9 before it can take over:
 in memory mode the lifetime goes on in the new pid with every stream open, its history and its ids; with a history
-file or Redis the daemon refuses once and serves on), a full disk (the history file lives on a small tmpfs in a
-private mount namespace held by a `TmpfsHolder`, filled through /proc/PID/root), fsync and write errors (strace -e
-inject on the history file's path), Redis restarts with and without persistence, FLUSHALL, a cut or black-holed
-link (tests/tcpproxy.py), and a second instance joining late.
+file or Redis the daemon refuses once and serves on), `systemctl restart` through systemd's fd store (a lifetime
+may run under the test's systemd, tests/fakesystemd.py, with $FDSTORE: in memory mode its SIGTERM stores the
+streams and the next process started with them continues the lifetime, as after an upgrade; with a history file
+or Redis the stop refuses the store in one line and drains as always), a full disk (the history file lives on a
+small tmpfs in a private mount namespace held by a `TmpfsHolder`, filled through /proc/PID/root), fsync and write
+errors (strace -e inject on the history file's path), Redis restarts with and without persistence, FLUSHALL, a
+cut or black-holed link (tests/tcpproxy.py), and a second instance joining late.
 
 Synchronisation is on observable events only: log lines, /health polled until a deadline, stream reads with a
 deadline. All timeouts are the named constants below.
@@ -57,10 +60,12 @@ import threading
 import time
 from urllib.parse import urlencode
 
+from sseserver import fdstore
 from tests.chaosenv import (
     IO_TIMEOUT,
     POLL,
     REDIS_TIMEOUT,
+    STORED,
     DaemonProcess,
     KeepAlive,
     NoAnswer,
@@ -72,6 +77,7 @@ from tests.chaosenv import (
     http,
     render_config,
 )
+from tests.fakesystemd import STORE_SIZE, FakeSystemd
 from tests.chaosmodel import (
     ABSENT,
     ACKED,
@@ -102,6 +108,11 @@ QUIESCE_TIMEOUT = 20.0  # fds and threads back at their baseline
 BURST_TIMEOUT = 30.0  # a concurrent publish burst
 REDIS_COMMAND_TIMEOUT = 5.0  # sseserver.cluster.COMMAND_TIMEOUT: how long one publish may wait for Redis
 UPGRADE_TIMEOUT = 30.0  # SIGUSR2 to the old process's exit (the daemon gives up at its upgrade_timeout, 10 s)
+# -- what the daemon logs about its fd store (sseserver/daemon.py) --------------------------------------------------
+STORE_REFUSED = "stopping without the fd store: history_file or redis_url is set"
+STORE_NOT_USED = "fd store not used"  # a stop that could not store drains: its streams would end
+ADOPTED = "restart: adopted "
+NOT_ADOPTED = "restart: ending "  # stored streams the next start ends instead of adopting
 PROGRESS_EVERY = 1000  # steps between progress lines in a long run
 
 # -- the daemon's configuration under test ------------------------------------------------------------------------
@@ -152,7 +163,8 @@ class Instance:
         self.wrapper = "plain"
         self.keepalive: KeepAlive | None = None
         self.stopping = False
-        self.upgrading = False  # SIGUSR2 sent, hand-over not over: a publish may get 503 or lose its answer
+        self.handing_over = False  # SIGUSR2 or a stop into the fd store, not over: a publish may get 503 (or no answer)
+        self.fdstore = False  # this lifetime runs under the test's systemd, with an fd store ($FDSTORE)
         self.caught_up = True  # Redis mode: its follower has read the stream since this lifetime started
 
     @property
@@ -234,8 +246,9 @@ class Faults:
     """Every fault a run can inject, what is active right now, and how often each kind was injected.
 
     Owns the machinery: the tmpfs holder (file modes: the history file lives on a disk the test fills), the
-    redis-server and the TCP proxy between it and the daemons (Redis modes), and the strace wrappers that make a
-    daemon lifetime's fsync or write calls on the history file fail. The runner decides when; this class does it
+    redis-server and the TCP proxy between it and the daemons (Redis modes), the strace wrappers that make a
+    daemon lifetime's fsync or write calls on the history file fail, and the test's systemd (every mode: the
+    notify socket and fd store of the lifetimes that run with one). The runner decides when; this class does it
     and remembers, so `store_fault()` can say whether a 503 is explained."""
 
     def __init__(self, mode: str, workdir: str):
@@ -248,11 +261,13 @@ class Faults:
         self.disk_full = False
         self.redis_down = False
         self.link = None  # "reset" or "blackhole" while the link to Redis is cut
+        self.systemd: FakeSystemd | None = None  # the notify socket and fd store of lifetimes run "under systemd"
 
     def injected(self, kind: str) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
 
     def start(self) -> None:
+        self.systemd = FakeSystemd()
         if self.mode.startswith("file"):
             self.holder = TmpfsHolder(os.path.join(self.workdir, "disk"), TMPFS_SIZE)
             self.holder.start()
@@ -262,6 +277,8 @@ class Faults:
             self.proxy = TcpProxy(self.redis.socket).start()
 
     def stop(self, keep_disk: bool = False) -> None:
+        if self.systemd:
+            self.systemd.close()
         if self.proxy:
             self.proxy.stop()
         if self.redis:
@@ -272,6 +289,15 @@ class Faults:
                 with contextlib.suppress(OSError):
                     shutil.copytree(self.holder.path(""), kept, ignore=shutil.ignore_patterns("filler"))
             self.holder.stop()
+
+    def systemd_env(self) -> dict:
+        """What systemd (254 and later) gives a service whose unit sets FileDescriptorStoreMax=."""
+        return {"NOTIFY_SOCKET": self.systemd.address, "FDSTORE": str(STORE_SIZE)}
+
+    def empty_store(self) -> None:
+        """`systemctl stop`: systemd closes what the service left in its fd store."""
+        for name in set(self.systemd.names()):
+            self.systemd.replace(name, [])
 
     @property
     def redis_unreachable(self) -> bool:
@@ -506,11 +532,14 @@ class Chaos:
             handle.write(render_config(values))
         os.replace(temp, self.config_path)  # a reload never reads half a file
 
-    def start_instance(self, inst: Instance, wrapper: str, when: str = "1+") -> None:
+    def start_instance(self, inst: Instance, wrapper: str, when: str = "1+", store: bool = True) -> None:
+        """A new lifetime. `store`: it runs under the test's systemd with an fd store (NOTIFY_SOCKET, FDSTORE), as
+        the shipped unit does; never under strace (a restart through the store starts the next process itself)."""
         inst.lifetime += 1
         inst.wrapper = wrapper
         inst.stopping = False
         inst.keepalive = None
+        inst.fdstore = store and wrapper == "plain"
         label = f"instance {inst.slot} lifetime {inst.lifetime}"
         inst.daemon = DaemonProcess(
             label,
@@ -518,6 +547,7 @@ class Chaos:
             self.log_path,
             self.faults.wrapper(wrapper, when),
             self.faults.proxy.port if self.faults.proxy else None,
+            env=self.faults.systemd_env() if inst.fdstore else None,
         )
         inst.history_sizes = {self.config["history_size"]}
         inst.start_history_size = self.config["history_size"]
@@ -639,7 +669,7 @@ class Chaos:
         publish = self.model.begin(tag, name, body, inst.name)
         oversize = len(body) > LIMIT
         stopping = inst.stopping
-        upgrading = inst.upgrading
+        handing_over = inst.handing_over
         try:
             if keepalive is not None:
                 response = keepalive.request(target, body, self.headers_for_publish())
@@ -647,8 +677,8 @@ class Chaos:
                 response = http(inst.daemon.port, "POST", target, body, self.headers_for_publish())
         except NoAnswer as exc:
             self.model.fail(publish, maybe=exc.sent)
-            if upgrading or inst.upgrading:
-                self.count("publishes unanswered during an upgrade")
+            if handing_over or inst.handing_over:
+                self.count("publishes unanswered during a hand-over")
             elif not (stopping or self.store_fault(inst) or not inst.daemon.alive() or inst.stopping):
                 self.violate("publish got no answer", f"{inst.name}: {exc}")
             return
@@ -674,8 +704,8 @@ class Chaos:
         if status in (503, MAYBE_STORED_STATUS) and (stopping or inst.stopping or self.store_fault(inst)):
             self.count(f"publish {status} under a fault")
             return
-        if status == 503 and (upgrading or inst.upgrading):
-            self.count("publish 503 during an upgrade")  # not published: it must never appear (REFUSED)
+        if status == 503 and (handing_over or inst.handing_over):
+            self.count("publish 503 during a hand-over")  # not published: it must never appear (REFUSED)
             return
         self.violate(
             "unexpected publish status",
@@ -734,6 +764,14 @@ class Chaos:
                 self.violate("burst hung", f"a publisher thread did not finish within {allowed}s")
         done.set()
         self.count("publishes", sum(len(p) for p in payloads))
+
+    def in_burst(self, inst: Instance, burst, fault: str, action) -> None:
+        """`action()` in the middle of `burst` (a plan's list of payload lists), or alone when there is none."""
+        if burst:
+            self.fault(f"{fault} during a publish burst")
+            self.run_burst(inst, burst, during=action)
+        else:
+            action()
 
     def do_burst(self, instance: float, payloads: list) -> None:
         inst = self.pick_instance(instance)
@@ -938,21 +976,29 @@ class Chaos:
                 inst.history_sizes = {history_size}
         self.raise_floors()
 
-    def do_restart(self, instance: float, how: str, burst, wrapper: str, when: str = "1+") -> None:
+    def do_restart(self, instance: float, how: str, burst, wrapper: str, when: str = "1+", store: bool = True) -> None:
+        """kill -9 or SIGTERM, then a new lifetime (`store`: under systemd with an fd store). SIGTERM to a memory-mode
+        lifetime with an fd store is `systemctl restart`: the lifetime goes on (restart_through_store)."""
         inst = self.pick_instance(instance)
         if inst is None:
             inst = self.instances[0]  # it died: bring it back
             if inst.daemon is not None and inst.daemon.alive():
                 return
-            self.start_instance(inst, wrapper, when)
+            self.start_instance(inst, wrapper, when, store)
+            return
+        if how == "term" and inst.fdstore and self.mode == "memory":
+            self.restart_through_store(inst, burst)
             return
         self.stop_instance(inst, how, burst)
-        self.start_instance(inst, wrapper, when)
+        self.start_instance(inst, wrapper, when, store)
 
     def stop_instance(self, inst: Instance, how: str, burst=None) -> None:
         """SIGTERM (every stream gets everything acknowledged, then `retry:` and an end; exit 0) or kill -9."""
         daemon = inst.daemon
         self.fault("SIGTERM restart" if how == "term" else "kill -9 restart")
+        refusals = daemon.count(STORE_REFUSED)
+        if how == "term" and inst.fdstore and self.mode != "memory":
+            self.fault("SIGTERM with an fd store (refused: state on disk/Redis)")
         for watch in self.watches:
             if watch.daemon is daemon and watch.end_expected is None:
                 watch.end_expected = "stop" if how == "term" else "kill"
@@ -961,11 +1007,7 @@ class Chaos:
             inst.stopping = True
             daemon.signal(signal.SIGTERM if how == "term" else signal.SIGKILL)
 
-        if burst:
-            self.fault(f"{'SIGTERM' if how == 'term' else 'kill -9'} during a publish burst")
-            self.run_burst(inst, burst, during=stop)
-        else:
-            stop()
+        self.in_burst(inst, burst, "SIGTERM" if how == "term" else "kill -9", stop)
         code = daemon.wait(SHUTDOWN_TIMEOUT + IO_TIMEOUT)
         if code is None:
             self.violate(
@@ -979,8 +1021,28 @@ class Chaos:
             self.violate(kind, f"{inst.name} exited {code} after SIGTERM: {daemon.lines[-5:]}")
         if how == "term":
             daemon.kill()  # reaps strace and the log pump
+            if inst.fdstore and self.mode == "memory":
+                # Only the end of the run stops a memory-mode lifetime with a store this way (no client is left):
+                # `systemctl stop`, and systemd closes what it stored.
+                self.faults.empty_store()
+            elif inst.fdstore and code == 0:
+                self.check_store_refused(inst, daemon.count(STORE_REFUSED) - refusals)
             self.check_graceful_ends(inst, daemon)
         self.gone(inst)
+
+    def check_store_refused(self, inst: Instance, lines: int) -> None:
+        """With history_file or redis_url the stop drains as without a store, one line says why, and nothing of
+        it is left in the store."""
+        stored = self.faults.systemd.names()
+        if lines != 1 or stored:
+            self.violate(
+                "fd store refusal",
+                f"{inst.name}: SIGTERM with an fd store and the state on disk/Redis logged {lines} "
+                f"'{STORE_REFUSED}' line(s) (expected 1) and left {stored} in the store",
+            )
+            self.faults.empty_store()
+        else:
+            self.count("stops that refused the fd store")
 
     def check_graceful_ends(self, inst: Instance, daemon: DaemonProcess) -> None:
         """After SIGTERM: each stream that was being read has every acknowledged matching event (in Redis mode:
@@ -1247,25 +1309,12 @@ class Chaos:
             if hands_over
             else "SIGUSR2 upgrade (refused: state on disk/Redis)"
         )
-        refused_streams = []
-        if hands_over and self.config["tokens"]:
-            refused_streams = [w for w in self.watches if w.daemon is daemon and w.open() and w.token is None]
-        for watch in refused_streams:
-            watch.end_expected = "upgrade"
-        if hands_over and not self.config["tokens"]:
-            # The new process decides each stream's filter again, as for its reconnect (README): a stream that
-            # asked for no names under a scoped token, now that no token is required, gets every name from the
-            # hand-over on. The model keeps one filter per stream, so such a stream's client leaves first.
-            for watch in self.watches:
-                if watch.daemon is daemon and watch.open() and watch.token == SCOPED_TOKEN and watch.all_names:
-                    watch.closed_by = "fin"
-                    self.reader.close(watch.stream, "fin")
-                    self.count("streams left before an upgrade widens their filter")
+        refused_streams = self.before_hand_over(inst) if hands_over else []
         old_pid, upgrades, refusals = daemon.pid, len(daemon.successors()), daemon.count("still serving")
         outcome: dict[str, int | None] = {}
 
         def upgrade() -> None:
-            inst.upgrading = hands_over
+            inst.handing_over = hands_over
             daemon.signal(signal.SIGUSR2)
             if kill:
                 outcome["killed"] = child = daemon.new_process(UPGRADE_TIMEOUT)
@@ -1282,13 +1331,9 @@ class Chaos:
             if len(successors) > upgrades:
                 outcome["pid"] = successors[upgrades]
                 outcome["code"] = daemon.follow(successors[upgrades], UPGRADE_TIMEOUT)
-            inst.upgrading = False
+            inst.handing_over = False
 
-        if burst:
-            self.fault("SIGUSR2 during a publish burst")
-            self.run_burst(inst, burst, during=upgrade)
-        else:
-            upgrade()
+        self.in_burst(inst, burst, "SIGUSR2", upgrade)
         failures = [line for line in daemon.lines if "still serving" in line][refusals:]
         if "pid" not in outcome:
             # A refusal is right when the daemon cannot hand over, or the test killed the new process.
@@ -1314,6 +1359,32 @@ class Chaos:
         if not daemon.alive():
             self.violate("upgrade", f"{inst.name}: pid {new_pid} took over and is gone: {daemon.lines[-5:]}")
             return
+        self.after_hand_over(inst, refused_streams, "replay-across-upgrade")
+
+    def before_hand_over(self, inst: Instance) -> list[Watch]:
+        """Before an upgrade in place or a restart through the fd store (memory mode): the next process judges each
+        stream it adopts by the config as for its reconnect (README). Returns the streams it must end: opened
+        without a token while tokens are required now."""
+        daemon = inst.daemon
+        refused_streams = []
+        if self.config["tokens"]:
+            refused_streams = [w for w in self.watches if w.daemon is daemon and w.open() and w.token is None]
+        for watch in refused_streams:
+            watch.end_expected = "upgrade"
+        if not self.config["tokens"]:
+            # A stream that asked for no names under a scoped token, now that no token is required, gets every
+            # name from the hand-over on. The model keeps one filter per stream, so such a stream's client leaves
+            # first.
+            for watch in self.watches:
+                if watch.daemon is daemon and watch.open() and watch.token == SCOPED_TOKEN and watch.all_names:
+                    watch.closed_by = "fin"
+                    self.reader.close(watch.stream, "fin")
+                    self.count("streams left before a hand-over widens their filter")
+        return refused_streams
+
+    def after_hand_over(self, inst: Instance, refused_streams: list[Watch], why: str) -> None:
+        """The next process serves the same lifetime: the streams it had to end did end, and a replay from before
+        the hand-over, asked for after it, is exact (the checks after the step)."""
         for watch in refused_streams:
             if watch.stalled:  # a stream nobody reads shows no end: read it to see that it ended
                 watch.stalled = False
@@ -1321,16 +1392,84 @@ class Chaos:
         self.reader.wait(lambda: all(w.stream.ended for w in refused_streams), IO_TIMEOUT)
         for watch in refused_streams:
             if watch.stream.ended:
-                self.count("streams ended at an upgrade (no token, tokens required now)")
+                self.count("streams ended at a hand-over (no token, tokens required now)")
             else:
                 self.violate(
-                    "stream kept at upgrade",
-                    f"{watch.describe()} presented no token and tokens are required now, but pid {new_pid} "
-                    f"did not end it within {IO_TIMEOUT}s",
+                    "stream kept at hand-over",
+                    f"{watch.describe()} presented no token and tokens are required now, but pid "
+                    f"{inst.daemon.pid} did not end it within {IO_TIMEOUT}s",
                 )
         must = inst.domain.must()
         if must:
-            self.subscribe(inst, None, "replay-across-upgrade", str(must[0]), False, False, False, False)
+            self.subscribe(inst, None, why, str(must[0]), False, False, False, False)
+
+    def restart_through_store(self, inst: Instance, burst) -> None:
+        """`systemctl restart` of a memory-mode lifetime with an fd store, maybe in the middle of a publish burst
+        (README, "Restarts without disconnects"): SIGTERM, and the daemon stores its listener, every stream, a
+        claim and its state in the test's systemd and exits 0; then the next process starts with the stored
+        descriptors (LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID), empties the store before it says READY=1, and adopts
+        everything. For the model the lifetime goes on, as after an upgrade in place: every stream stays open
+        and gets every acknowledged event exactly once, in order, with no reset and no second `retry:`; ids and
+        replay continue; a publish during the stop may get 503 (not published) or lose its answer (maybe), and
+        one that reaches the listening socket while no process runs waits there for the next one."""
+        daemon, systemd = inst.daemon, self.faults.systemd
+        self.fault("SIGTERM restart through systemd's fd store")
+        refused_streams = self.before_hand_over(inst)
+        port, baseline, lines = daemon.port, daemon.baseline, len(daemon.lines)
+        outcome: dict[str, object] = {}
+
+        def restart() -> None:
+            inst.handing_over = True
+            try:
+                daemon.signal(signal.SIGTERM)
+                outcome["code"] = code = daemon.wait(UPGRADE_TIMEOUT)
+                if code != 0:
+                    return
+                outcome["stored"] = systemd.names()
+                mark = len(systemd.messages)
+                daemon.start(systemd.passed())
+                ready = lambda: any(m.startswith("READY=1") for m in systemd.messages[mark:])  # noqa: E731
+                with contextlib.suppress(AssertionError):
+                    systemd.wait_for(ready, "READY=1")
+                outcome["ready"] = ready()
+                outcome["left"] = systemd.names()  # READY=1 comes after the store was emptied
+            finally:
+                inst.handing_over = False
+
+        self.in_burst(inst, burst, "fd-store restart", restart)
+        code = outcome.get("code")
+        stop_lines = daemon.lines[lines:]
+        if code != 0:
+            self.violate(
+                "fd store restart",
+                f"{inst.name}: "
+                + (f"exited {code}" if code is not None else f"still running {UPGRADE_TIMEOUT}s")
+                + f" after SIGTERM with an fd store: {stop_lines[-5:]}",
+            )
+            self.gone(inst)
+            self.faults.empty_store()
+            self.start_instance(inst, "plain")
+            return
+        daemon.baseline = baseline  # the lifetime's, as after an upgrade in place (the next process adopted streams)
+        stored, problems = outcome["stored"], []
+        if not any(STORED in line for line in stop_lines) or any(STORE_NOT_USED in line for line in stop_lines):
+            problems.append("the stop did not store its streams")
+        if stored[:1] != [fdstore.LISTEN] or stored[-2:] != [fdstore.CLAIM, fdstore.STATE]:
+            problems.append(f"stored {stored[:3]}...{stored[-3:]}, not the listener first and the claim and state last")
+        if daemon.port != port:
+            problems.append(f"the next process listens on {daemon.port}, not on the stored listener's port {port}")
+        if not outcome["ready"]:
+            problems.append("the next process did not say READY=1")
+        if outcome["left"]:
+            problems.append(f"the store still holds {outcome['left'][:5]} after the next start")
+        if not any(ADOPTED in line for line in daemon.lines[lines:]):
+            problems.append("the next process adopted nothing")
+        problems += [line for line in daemon.lines[lines:] if NOT_ADOPTED in line]
+        if problems:
+            self.violate("fd store restart", f"{inst.name}: " + "; ".join(problems) + f"; log: {stop_lines[-3:]}")
+        self.count("restarts through the fd store")
+        self.raise_floors()
+        self.after_hand_over(inst, refused_streams, "replay-across-fd-store-restart")
 
     def upgrade_refused(self, inst: Instance, old_pid: int, failures: list[str], expected: bool) -> None:
         """No new process took over: the old one must say why once, and serve on as before."""

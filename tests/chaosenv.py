@@ -1,8 +1,9 @@
 """The world the chaos test's daemons run in: the processes, the small disk, Redis, and an HTTP client.
 
 Owns: `DaemonProcess` (one `python3 -m sseserver` lifetime, maybe wrapped in nsenter and strace; its log, port,
-real pid (after an upgrade in place, the process that took over), and fd/thread counts), `TmpfsHolder` (a private
-mount namespace with a tmpfs the test can fill),
+real pid (after an upgrade in place, the process that took over; after a restart through systemd's fd store, the
+next process, started with the stored descriptors), and fd/thread counts), `TmpfsHolder` (a private mount
+namespace with a tmpfs the test can fill),
 `RedisServer` (a throwaway redis-server and a minimal RESP client of our own), and one-shot and keep-alive HTTP
 requests that tell "no answer, maybe acted on" (`NoAnswer.sent`) from "never sent".
 Must not know: the plan, the model, what the daemon should answer.
@@ -21,7 +22,7 @@ import sys
 import threading
 import time
 
-from tests.support import alive, children
+from tests.support import PASS_FDS, alive, children
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 30.0  # a daemon's "listening on" line (strace slows the start)
@@ -30,6 +31,7 @@ REDIS_TIMEOUT = 30.0  # redis-server answering PING; a daemon's follower reconne
 POLL = 0.02  # the sleep inside every polling loop that has a deadline
 UPGRADED = re.compile(r"upgraded in place: pid (\d+) took over")  # the old process's last line (sseserver/daemon.py)
 STOPPED = " info stopped"  # the daemon's last line before a clean exit 0 (after SIGTERM's drain)
+STORED = " info stopped, streams kept in systemd's fd store: "  # its last line after SIGTERM stored the streams
 
 
 # =================================================================================================================
@@ -57,10 +59,24 @@ class DaemonProcess:
     An upgrade in place (SIGUSR2) continues the lifetime in another process: `follow()` moves `pid` to it, and
     every later signal, wait and /proc count is the new process's. It inherited the old one's stderr, so the log
     pump reads on; the port is the same socket. It is not our child (its parent, the old process, exits), so
-    `alive()` and `wait()` read /proc: a zombie nobody reaped yet counts as gone."""
+    `alive()` and `wait()` read /proc: a zombie nobody reaped yet counts as gone.
 
-    def __init__(self, label: str, config_path: str, log_path: str, wrapper: list[str], redis_port: int | None):
+    A restart through systemd's fd store continues it too: once the process that stored its streams has exited,
+    `start(fds)` starts the next one with the stored descriptors (as systemd does, through tests/support.py's
+    trampoline), our child again; its log goes on in the same `lines`. `env`: added to every start's environment
+    (NOTIFY_SOCKET and FDSTORE of the test's systemd)."""
+
+    def __init__(
+        self,
+        label: str,
+        config_path: str,
+        log_path: str,
+        wrapper: list[str],
+        redis_port: int | None,
+        env: dict | None = None,
+    ):
         self.label = label
+        self.env = dict(env or {})
         self.config_path = config_path
         self.log_path = log_path
         self.wrapper = wrapper
@@ -77,10 +93,26 @@ class DaemonProcess:
         self._listening = threading.Event()
         self._pump = None
 
-    def start(self) -> None:
+    def start(self, fds: list[tuple[int, str]] | tuple = ()) -> None:
+        """Start the process and wait for its `listening on` line. `fds`: (fd, name) pairs it gets at 3, 4, ...
+        with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (its own pid), as systemd passes its fd store."""
         argv = self.wrapper + [sys.executable, "-m", "sseserver", "-c", self.config_path]
+        env = {**clean_env(), **self.env}
+        if fds:
+            assert not self.wrapper, "the trampoline execs the daemon itself: no wrapper in between"
+            argv = [sys.executable, "-c", PASS_FDS, *(str(fd) for fd, _ in fds), "--", *argv]
+            env["LISTEN_FDNAMES"] = ":".join(name for _, name in fds)
+        if self._pump is not None:  # the process before (its stderr closed when it exited): every line is in
+            self._pump.join(IO_TIMEOUT)
+        self.port, self.successor = None, False
+        self._listening.clear()
         self.process = subprocess.Popen(
-            argv, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            pass_fds=tuple(fd for fd, _ in fds),
         )
         self._pump = threading.Thread(target=self._read_log, name="chaos-log", daemon=True)
         self._pump.start()
@@ -185,7 +217,8 @@ class DaemonProcess:
             return None
         if self._pump is not None:
             self._pump.join(IO_TIMEOUT)  # the pipe closes with its last holder: every line is in
-        return 0 if any(line.endswith(STOPPED) for line in self.lines[self.followed_at :]) else -1
+        lines = self.lines[self.followed_at :]
+        return 0 if any(line.endswith(STOPPED) or STORED in line for line in lines) else -1
 
     @staticmethod
     def _gone(pid: int, timeout: float) -> bool:

@@ -201,6 +201,9 @@ class Planner:
             args["wrapper"] = rng.choice(("fsync", "write"))
             args["when"] = rng.choice(("1+", "2+", "1+2", "3+"))
             self.traced = rng.randint(3, 8)
+        # The new lifetime runs under systemd with an fd store (never under strace): its SIGTERM is then a
+        # `systemctl restart` through the store in memory mode, and a refused store (a drain) otherwise.
+        args["store"] = rng.random() < 0.6
         return Op("restart", args)
 
     def op_upgrade(self) -> Op:

@@ -1,7 +1,8 @@
 """systemd's side of the fd store, played by a test: a notify socket on a thread that keeps the descriptors a
 stopping daemon sends with FDSTORE=1, drops them on FDSTOREREMOVE=1 and answers BARRIER=1. tests/test_fdstore.py
-checks the protocol with it and tests/fdstore_bench.py measures with it; the next daemon gets `passed()` at fds
-3, 4, ... with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (tests/support.py's trampoline), as systemd does.
+checks the protocol with it, tests/fdstore_bench.py measures with it, and tests/chaos.py serves a whole
+fault-injection run with one; the next daemon gets `passed()` at fds 3, 4, ... with LISTEN_FDS, LISTEN_FDNAMES
+and LISTEN_PID (tests/support.py's trampoline), as systemd does.
 Must not know: what a daemon does with the descriptors, or what a test expects.
 """
 
