@@ -143,10 +143,9 @@ class Handler(BaseHTTPRequestHandler):
         self.started = time.monotonic()
         self.current_request: Request | None = None  # the Request being answered, for the access log
         # The publisher loop (publisher_loop.py): `parkable` after a request that may be followed by more of its
-        # kind there, `parked` while the connection waits in the loop, `inline` while the loop's thread answers
-        # a request, and `unsent`, what of that answer the socket could not take at once.
+        # kind there, `inline` while the loop's thread answers a request, `unsent`, what of that answer the
+        # socket could not take at once, and `idle_since`, the end of its last request there.
         self.parkable = False
-        self.parked = False
         self.inline = False
         self.unsent = b""
         self.idle_since = 0.0
@@ -172,7 +171,7 @@ class Handler(BaseHTTPRequestHandler):
     def _serve_on_thread(self, first: bool) -> bool:
         """The connection loop on this thread. True when the connection was parked: from that moment it is the
         publisher loop's (which may already have given it to another thread), and this thread must not touch
-        it, not even to read `self.parked`."""
+        it."""
         parked = False
         try:
             if self.unsent:  # the rest of an answer the writer's thread could not send at once
@@ -233,20 +232,19 @@ class Handler(BaseHTTPRequestHandler):
         if peeked is None:
             return Inline.RESUME
         head, head_size = peeked
-        try:
+        try:  # a bad head or body length is answered by the thread, which says what is wrong
             request = parse_head(head, config.max_header_bytes)
+            length = body_length(request, config.max_message_bytes)
         except HTTPError:
             return Inline.RESUME
         headers = request.headers
-        length = headers.get("content-length", "")
         if (
             request.path != "/publish"
             or request.method not in ("POST", "PUT")
-            or "transfer-encoding" in headers
+            or length is None  # chunked
             or "expect" in headers
             or "idempotency-key" in headers
-            or not (length.isascii() and length.isdigit() and len(length) <= 18)
-            or len(reader.buffer) - head_size < int(length)
+            or len(reader.buffer) - head_size < length
         ):
             return Inline.RESUME
         reader.consume(head_size)

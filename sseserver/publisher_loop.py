@@ -38,8 +38,6 @@ if TYPE_CHECKING:  # server.py imports this module
     from .handler import Handler
     from .server import SSEServer
 
-RECV_SIZE = 65536
-
 
 class PublisherLoop:
     """Methods for the server: park(handler) -> bool, stop() (no more parking), parked_count()."""
@@ -48,7 +46,9 @@ class PublisherLoop:
         self._server = server
         self._writer = writer
         writer.guest_tick = self._close_idle
-        self._parked: dict[Handler, Guest] = {}  # changed under _lock; only the writer's thread serves them
+        # The parked connections (changed under _lock; only the writer's thread serves them): a handler is
+        # parked exactly while it is a key here.
+        self._parked: dict[Handler, Guest] = {}
         self._lock = threading.Lock()
         self._stopping = False
 
@@ -66,7 +66,6 @@ class PublisherLoop:
             sock = handler.connection
             parked = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
             handler.connection = handler.reader.sock = parked
-            handler.parked = True
             handler.idle_since = time.monotonic()
             guest = Guest(parked, functools.partial(self._serve, handler), functools.partial(self._evicted, handler))
             self._parked[handler] = guest
@@ -85,18 +84,14 @@ class PublisherLoop:
     def _serve(self, handler: "Handler") -> None:
         """Read what arrived and answer the publishes among it; a thread gets the connection at the first request
         that is not one."""
-        if not handler.parked:
+        if handler not in self._parked:
             return  # given to a thread earlier in the same batch of readiness
-        try:
-            chunk = handler.connection.recv(RECV_SIZE, socket.MSG_DONTWAIT)
-        except BlockingIOError:
+        arrived = handler.reader.read_available()
+        if arrived is None:
             return
-        except OSError:
-            chunk = b""
-        if not chunk:
+        if not arrived:
             self._close(handler)  # the publisher hung up between requests, as keep-alive clients do
             return
-        handler.reader.buffer += chunk
         while handler.reader.buffer:
             outcome = handler.serve_inline()
             if outcome is Inline.CLOSE:
@@ -111,7 +106,7 @@ class PublisherLoop:
         """The writer ends (a stop, or the end of an upgrade in place): a publish that already arrived is still
         answered (503 while stopping or paused, never a silent close), then the connection is closed."""
         self._serve(handler)
-        if handler.parked:
+        if handler in self._parked:
             self._close(handler)
 
     def _close_idle(self, now: float) -> None:
@@ -124,7 +119,6 @@ class PublisherLoop:
     def _unpark(self, handler: "Handler") -> None:
         with self._lock:
             guest = self._parked.pop(handler, None)
-            handler.parked = False
         if guest is not None:
             self._writer.unhost(guest)
 

@@ -160,6 +160,18 @@ class RequestReader:
             raise ClientGone
         self.buffer += chunk
 
+    def read_available(self) -> bool | None:
+        """Take what has arrived into the buffer without waiting (the publisher loop's read): True when something
+        came, None when nothing had, False when the client closed or the connection failed."""
+        try:
+            chunk = self.sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return False
+        self.buffer += chunk
+        return bool(chunk)
+
     def read_head(self, first_byte_timeout: float, request_timeout: float, max_head: int) -> bytes | None:
         """The next request's head, or None when the client closed (or went quiet) between requests. The
         request deadline starts with the request's first byte, so an idle keep-alive connection is governed by

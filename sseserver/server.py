@@ -318,15 +318,8 @@ class SSEServer(ThreadingHTTPServer):
         """After the accept loop has stopped: let in-flight requests finish, end every stream with a jittered
         `retry:`, wait for all of it until `deadline` (time.monotonic()), then force what is left. True when
         nothing had to be forced."""
-        self.stopping = True
-        self.bouncer.wake_waiters()  # held GET /history long polls answer now
-        # 1. Idle keep-alive connections would wait for a next request that must not come: close them now
-        #    (the parked publishers' among them). Busy ones finish their request (a publish is answered) and then
-        #    close, seeing `stopping`.
-        self.publishers.stop()
-        self._close_connections(idle_only=True)
-        with self._idle:
-            self._idle.wait_for(lambda: not self._busy_connections(), max(0.0, deadline - time.monotonic()))
+        # 1. The requests: answered, or closed when idle.
+        self._finish_requests(deadline)
         # 2. With Redis, an event answered 200 here reaches this instance's streams only once the follower reads
         #    it back from the shared stream: wait for that (bounded by the deadline, and not while the link is down).
         if self.cluster is not None and not self.cluster.wait_confirmed(time.monotonic()):
@@ -424,6 +417,13 @@ class SSEServer(ThreadingHTTPServer):
         has them), and the requests still open here are answered (stopping: 503 to publishes, `Connection:
         close`) or closed when idle, until `deadline`."""
         self.delivery.release()
+        self._finish_requests(deadline)
+
+    def _finish_requests(self, deadline: float) -> None:
+        """Stopping: held GET /history long polls answer now; idle keep-alive connections (the parked
+        publishers' among them) would wait for a next request that must not come, so they are closed; busy ones
+        finish their request (a publish is answered) and then close, seeing `stopping`. Waits for those until
+        `deadline`."""
         self.stopping = True
         self.bouncer.wake_waiters()
         self.publishers.stop()
